@@ -1,0 +1,122 @@
+"""The VAE as a pair of Pyro programs: the model p(z) p(x|z) and the guide q(z|x).
+
+This is the one place that samples the latent site ``"z"`` and observes the data site ``"x"``.
+Prior, likelihood and guide are chosen by spec (see ``priors.py``, ``likelihoods.py``,
+``guides.py``); the Pyro code below is the same for all of them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from torch import nn
+
+from pyro_vae.guides import build_guide
+from pyro_vae.likelihoods import build_likelihood
+from pyro_vae.networks import Decoder
+from pyro_vae.priors import build_prior
+
+
+def _kl_scale(beta: float | torch.Tensor):
+    """``poutine.scale`` on the latent site for KL warm-up; nothing at all at beta = 1."""
+    if isinstance(beta, (int, float)) and beta == 1:
+        return contextlib.nullcontext()
+    return poutine.scale(scale=beta)
+
+
+class VAE(nn.Module):
+    """Variational autoencoder with Pyro ``model`` and ``guide``.
+
+    Args:
+        x_dim: size of a flattened observation (784 for MNIST).
+        z_dim: size of the latent code.
+        hidden_dims: hidden widths of the encoder; the decoder mirrors them.
+            ``(400,)`` is Pyro's tutorial net, ``(200, 200)`` the IWAE paper's.
+        activation: nonlinearity between layers (``"softplus"``, ``"tanh"``, ...).
+        prior, likelihood, guide: specs (``"vamp(components=500)"``, a TOML-style table) or
+            already built modules.
+
+    The module's device decides where everything runs: ``vae.to("cuda")`` and feed CUDA tensors.
+    """
+
+    def __init__(
+        self,
+        x_dim: int = 784,
+        z_dim: int = 10,
+        hidden_dims: Sequence[int] = (400,),
+        activation: str = "softplus",
+        prior="normal",
+        likelihood="bernoulli",
+        guide="normal",
+    ) -> None:
+        super().__init__()
+        self.x_dim, self.z_dim = x_dim, z_dim
+        self.hidden_dims, self.activation = tuple(hidden_dims), activation
+        self.likelihood = build_likelihood(likelihood, x_dim=x_dim)
+        self.encoder = build_guide(guide, x_dim=x_dim, z_dim=z_dim, hidden_dims=hidden_dims, activation=activation)
+        self.decoder = Decoder(z_dim, self.likelihood.out_dim, hidden_dims, activation)
+        self.prior = build_prior(prior, z_dim=z_dim, x_dim=x_dim)
+
+    # -- Pyro programs ------------------------------------------------------------------
+    def model(self, x: torch.Tensor, beta: float | torch.Tensor = 1.0) -> torch.Tensor:
+        """p(z) p(x|z) over a batch; ``beta`` scales the latent site (KL warm-up)."""
+        pyro.module("decoder", self.decoder)
+        pyro.module("likelihood", self.likelihood)
+        pyro.module("prior", self.prior)
+        x = x.reshape(x.shape[0], -1)
+        with pyro.plate("data", x.shape[0]):
+            with _kl_scale(beta):
+                z = pyro.sample("z", self.prior(self.encoder))
+            pyro.sample("x", self.likelihood(self.decoder(z)), obs=self.likelihood.prepare(x))
+        return z
+
+    def guide(self, x: torch.Tensor, beta: float | torch.Tensor = 1.0) -> torch.Tensor:
+        """q(z|x) over a batch, amortized by the encoder."""
+        pyro.module("encoder", self.encoder)
+        x = x.reshape(x.shape[0], -1)
+        with pyro.plate("data", x.shape[0]):
+            with _kl_scale(beta):
+                return pyro.sample("z", self.encoder(x))
+
+    # -- plain-torch conveniences ---------------------------------------------------------
+    def posterior(self, x: torch.Tensor) -> dist.Distribution:
+        """q(z|x) as a distribution (batch shape ``(batch,)``)."""
+        return self.encoder(x.reshape(x.shape[0], -1))
+
+    def prior_distribution(self) -> dist.Distribution:
+        """p(z)."""
+        return self.prior(self.encoder)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loc, scale) of a diagonal-Gaussian q(z|x)."""
+        return self.encoder.gaussian_params(x.reshape(x.shape[0], -1))
+
+    def decode(self, z: torch.Tensor) -> dist.Distribution:
+        """p(x|z)."""
+        return self.likelihood(self.decoder(z))
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor, sample_z: bool = False) -> torch.Tensor:
+        """E[x|z] at the posterior mean of z (or at a sample of q(z|x)), in data units."""
+        q = self.posterior(x)
+        z = q.sample() if sample_z else _posterior_mean(q)
+        return self.likelihood.mean(self.decoder(z))
+
+    @torch.no_grad()
+    def sample(self, num: int) -> torch.Tensor:
+        """E[x|z] for ``num`` draws z ~ p(z), shape ``(num, x_dim)``."""
+        z = self.prior_distribution().sample((num,))
+        return self.likelihood.mean(self.decoder(z))
+
+
+def _posterior_mean(q: dist.Distribution) -> torch.Tensor:
+    """The mean of q, or (for flows, whose mean has no closed form) the mean of a few draws."""
+    try:
+        return q.mean
+    except NotImplementedError:
+        return q.rsample((64,)).mean(0)

@@ -1,0 +1,93 @@
+"""Encoder and decoder networks: plain torch, no Pyro.
+
+Both are multilayer perceptrons with configurable widths, depth and activation:
+
+- Pyro's VAE tutorial: ``hidden_dims=(400,)``, ``activation="softplus"``, ``z_dim=50``;
+- the IWAE paper (Burda et al. 2015, one stochastic layer): ``hidden_dims=(200, 200)``,
+  ``activation="tanh"``, ``z_dim=50``.
+
+The encoder maps x to the location and a positive scale of a diagonal Gaussian (plus, for
+richer guides, extra outputs); the decoder maps z to the likelihood's parameters. The
+decoder mirrors the encoder's hidden widths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pyro_vae.specs import closest
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "softplus": nn.Softplus,
+    "tanh": nn.Tanh,
+    "relu": nn.ReLU,
+    "elu": nn.ELU,
+    "gelu": nn.GELU,
+    "silu": nn.SiLU,
+    "leaky_relu": nn.LeakyReLU,
+}
+
+# Floor on the encoder's scale: keeps log q finite when a unit collapses (1e-4 nats of
+# reconstruction are far below anything reported).
+MIN_SCALE = 1e-4
+
+
+def activation(name: str) -> nn.Module:
+    """An activation module by name; an unknown name lists the valid ones."""
+    if name not in ACTIVATIONS:
+        raise ValueError(
+            f"unknown activation {name!r}{closest(name, ACTIVATIONS)}; valid: {', '.join(sorted(ACTIVATIONS))}"
+        )
+    return ACTIVATIONS[name]()
+
+
+def mlp(in_dim: int, hidden_dims: Sequence[int], out_dim: int, act: str = "softplus") -> nn.Sequential:
+    """Linear layers of widths ``in_dim -> *hidden_dims -> out_dim`` with ``act`` between them."""
+    dims = [in_dim, *hidden_dims]
+    layers: list[nn.Module] = []
+    for a, b in zip(dims[:-1], dims[1:]):
+        layers += [nn.Linear(a, b), activation(act)]
+    layers.append(nn.Linear(dims[-1], out_dim))
+    return nn.Sequential(*layers)
+
+
+class GaussianEncoder(nn.Module):
+    """x -> (loc, scale, extra) of a diagonal Gaussian q(z|x) = N(loc, diag(scale^2)).
+
+    ``scale = softplus(raw) + MIN_SCALE`` is positive. ``extra_dim`` further outputs (e.g. the
+    low-rank factor or an IAF context) are returned as ``extra`` (shape ``(..., 0)`` by default).
+    """
+
+    def __init__(
+        self,
+        x_dim: int,
+        z_dim: int,
+        hidden_dims: Sequence[int] = (400,),
+        activation: str = "softplus",
+        extra_dim: int = 0,
+    ) -> None:
+        super().__init__()
+        self.z_dim, self.extra_dim = z_dim, extra_dim
+        self.net = mlp(x_dim, hidden_dims, 2 * z_dim + extra_dim, activation)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        out = self.net(x)
+        loc, raw_scale, extra = out.split([self.z_dim, self.z_dim, self.extra_dim], dim=-1)
+        return loc, F.softplus(raw_scale) + MIN_SCALE, extra
+
+
+class Decoder(nn.Module):
+    """z -> the likelihood's parameters, shape ``(..., out_dim)`` (e.g. Bernoulli logits)."""
+
+    def __init__(
+        self, z_dim: int, out_dim: int, hidden_dims: Sequence[int] = (400,), activation: str = "softplus"
+    ) -> None:
+        super().__init__()
+        self.net = mlp(z_dim, list(reversed(hidden_dims)), out_dim, activation)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)

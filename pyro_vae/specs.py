@@ -1,0 +1,95 @@
+"""Spec strings: ``name`` or ``name(key=value, ...)`` with Python literal values.
+
+A spec names one entry of a registry (a prior, a likelihood, a guide, an estimator) and its
+keyword arguments. The same spec can be written three ways, all equivalent:
+
+- ``"vamp(components=500)"`` (a string, e.g. on the command line with ``--set``),
+- ``{"name": "vamp", "components": 500}`` (a TOML inline table),
+- ``("vamp", {"components": 500})`` (a parsed spec).
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+Spec = str | Mapping[str, Any] | tuple[str, Mapping[str, Any]]
+
+
+class SpecError(ValueError):
+    """A spec string that does not parse, or names something that does not exist."""
+
+
+def closest(name: str, valid: Iterable[str]) -> str:
+    """' (did you mean "x"?)' for the closest valid name, or '' when nothing is close."""
+    match = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.6)
+    return f' (did you mean "{match[0]}"?)' if match else ""
+
+
+def parse_spec(spec: Spec) -> tuple[str, dict[str, Any]]:
+    """Parse a spec into ``(name, kwargs)``.
+
+    >>> parse_spec("iwae(k=50)")
+    ('iwae', {'k': 50})
+    >>> parse_spec({"name": "mixture", "components": 10})
+    ('mixture', {'components': 10})
+    """
+    if isinstance(spec, tuple):
+        name, kwargs = spec
+        return str(name), dict(kwargs)
+    if isinstance(spec, Mapping):
+        kwargs = dict(spec)
+        if "name" not in kwargs:
+            raise SpecError(f"a spec table needs a 'name' key, got keys {sorted(kwargs)}")
+        return str(kwargs.pop("name")), kwargs
+    if not isinstance(spec, str):
+        raise SpecError(f"a spec must be a string or a table, got {type(spec).__name__}: {spec!r}")
+    text = spec.strip()
+    if not text:
+        raise SpecError("empty spec")
+    try:
+        node = ast.parse(text, mode="eval").body
+    except SyntaxError as err:
+        raise SpecError(f"cannot parse spec {spec!r}: expected name or name(key=value, ...)") from err
+    if isinstance(node, ast.Name):
+        return node.id, {}
+    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)) or node.args:
+        raise SpecError(
+            f"cannot parse spec {spec!r}: expected name or name(key=value, ...) with keyword arguments only"
+        )
+    kwargs: dict[str, Any] = {}
+    for keyword in node.keywords:
+        if keyword.arg is None:
+            raise SpecError(f"cannot parse spec {spec!r}: '**' is not allowed")
+        try:
+            kwargs[keyword.arg] = ast.literal_eval(keyword.value)
+        except ValueError as err:
+            raise SpecError(
+                f"in spec {spec!r}, the value of {keyword.arg!r} is not a Python literal "
+                "(numbers, strings in quotes, True/False/None, tuples and lists)"
+            ) from err
+    return node.func.id, kwargs
+
+
+def format_spec(name: str, kwargs: Mapping[str, Any]) -> str:
+    """Inverse of :func:`parse_spec` for strings: ``format_spec("iwae", {"k": 5}) == "iwae(k=5)"``."""
+    if not kwargs:
+        return name
+    return f"{name}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"
+
+
+def split_specs(text: str) -> list[str]:
+    """Split ``"trace,iwae(k=5),renyi(alpha=0.5, k=5)"`` at the commas outside parentheses."""
+    parts, depth, current = [], 0, []
+    for char in text:
+        if char == "," and depth == 0:
+            parts.append("".join(current).strip())
+            current = []
+            continue
+        depth += char == "("
+        depth -= char == ")"
+        current.append(char)
+    parts.append("".join(current).strip())
+    return [p for p in parts if p]

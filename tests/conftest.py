@@ -1,0 +1,39 @@
+"""Shared fixtures. Tests that need ../shared/data fail loudly under CI=true when it is missing."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyro
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _data_root() -> Path:
+    env = os.environ.get("PYRO_VAE_DATA")
+    return Path(env) if env else REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    """The shared data folder (``$PYRO_VAE_DATA`` or ``../shared/data``)."""
+    root = _data_root()
+    if not (root / "MNIST" / "raw").is_dir():
+        message = f"shared data not found at {root} (set PYRO_VAE_DATA or put shared/ beside the repo)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _fresh_pyro_state():
+    """Every test starts with an empty param store and a fixed seed."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    torch.set_default_dtype(torch.float32)
+    yield
+    pyro.clear_param_store()
