@@ -87,3 +87,25 @@ class BernoulliLikelihood(Likelihood):
 def build_likelihood(spec, x_dim: int) -> nn.Module:
     """Build a likelihood from a spec such as ``"bernoulli"`` or ``"gaussian(scale=0.1)"``."""
     return LIKELIHOODS.build(spec, x_dim=x_dim)
+
+
+@LIKELIHOODS.register("gaussian")
+class GaussianLikelihood(Likelihood):
+    """p(x|z) = prod_d N(x_d; mu_d(z), scale^2) with a fixed scale.
+
+    With a linear decoder this is the linear-Gaussian model (probabilistic PCA, Tipping &
+    Bishop 1999), whose log p(x) and posterior are exact: the tests' reference.
+    """
+
+    def __init__(self, x_dim: int, scale: float = 1.0) -> None:
+        super().__init__(x_dim)
+        if not scale > 0:
+            raise ValueError(f"scale must be positive, got {scale!r}")
+        self.register_buffer("scale", torch.tensor(float(scale)))
+
+    def forward(self, params: torch.Tensor) -> dist.Distribution:
+        return dist.Normal(params, self.scale).to_event(1)
+
+    def check(self, x: torch.Tensor, name: str = "data") -> None:
+        if x.dim() < 2 or x[0].numel() != self.x_dim:
+            raise ValueError(f"{name} has shape {tuple(x.shape)}, but this model expects (batch, {self.x_dim})")
