@@ -1,0 +1,443 @@
+"""Evaluation of a trained VAE: test ELBO, importance-sampled log-likelihood, bits/dim, active units.
+
+All numbers are in nats per example (bits/dim excepted) and always at beta = 1. The estimators
+evaluate the model's own distributions in plain torch -- ``vae.posterior(x)`` for q(z|x),
+``vae.prior_distribution()`` for p(z), ``vae.decode(z)`` with ``vae.likelihood.prepare(x)`` for
+p(x|z) -- so they work for every registered prior, guide and likelihood. The formulas, their
+standard errors and the references are written out in ``docs/evaluation.md``.
+
+- :func:`log_likelihood`: log p(x) ~ log (1/K) sum_k p(x, z_k) / q(z_k|x), z_k ~ q(z|x)
+  (Burda et al. 2015, "Importance Weighted Autoencoders", K = 5000), streamed over chunks of
+  samples so that memory does not grow with K.
+- :func:`log_likelihood_with_se`: the same plus its Monte Carlo standard error (delta method).
+- :func:`elbo`: the mean ELBO over a whole set.
+- :func:`active_units`: Burda et al.'s A_u = Cov_x(E_{q(z|x)}[u]) > 0.01.
+- :func:`kl_per_dimension`: E_x KL(q(z_j|x) || p(z_j)) for factorized pairs.
+- :func:`evaluate` / :func:`evaluate_run`: all of them on a dataset split / a run folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributions as tdist
+
+# Upper bound on the elements of the widest activation of one chunk, (chunk, batch, width):
+# 2**25 elements are 128 MiB in float32. The default chunk of samples is chosen so that the
+# decoder's largest layer (and the log-density of x, of the same size) stays under it.
+MEMORY_BUDGET = 2**25
+# Examples per batch when none is given: large enough to keep a GPU busy, small enough that a
+# chunk still holds several samples under MEMORY_BUDGET for 3072-pixel data.
+DEFAULT_BATCH_SIZE = 500
+# Burda et al. (2015): a unit is active when the variance over the data of its posterior mean exceeds 0.01.
+ACTIVE_THRESHOLD = 0.01
+# Draws for the posterior mean of guides without an analytic mean (flows): the Monte Carlo error
+# adds about Var_q / 1000 <= 1e-3 to a unit's variance, ten times below ACTIVE_THRESHOLD.
+MEAN_SAMPLES = 1000
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+def _device(vae) -> torch.device:
+    return next(vae.parameters()).device
+
+
+@contextlib.contextmanager
+def _evaluating(vae) -> Iterator[None]:
+    """Eval mode and no autograd for the duration; the module's previous mode is restored."""
+    was_training = vae.training
+    vae.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        vae.train(was_training)
+
+
+def _flat(vae, x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(x.shape[0], -1).to(_device(vae))
+
+
+def _batches(x: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    for start in range(0, x.shape[0], batch_size):
+        yield x[start : start + batch_size]
+
+
+def _width(vae) -> int:
+    """The widest per-sample activation of the decoder: its output, x itself or a hidden layer."""
+    return max(vae.likelihood.out_dim, vae.x_dim, *getattr(vae, "hidden_dims", ()), vae.z_dim)
+
+
+def default_chunk_size(vae, batch: int, budget: int | None = None) -> int:
+    """Samples per chunk so that a ``(chunk, batch, width)`` activation stays under ``budget`` elements.
+
+    ``budget`` defaults to ``MEMORY_BUDGET`` (2**25 elements, 128 MiB in float32); at least one sample.
+    """
+    return max(1, (budget or MEMORY_BUDGET) // (batch * _width(vae)))
+
+
+def _log_weights(vae, q: tdist.Distribution, x: torch.Tensor, k: int) -> torch.Tensor:
+    """log w = log p(z) + log p(x|z) - log q(z|x) for ``k`` draws z ~ q(z|x), shape ``(k, batch)``.
+
+    ``q`` is ``vae.posterior(x)``, built once per batch and reused across chunks. ``log_prob``
+    follows ``sample`` directly so that flows hit their transform cache instead of inverting.
+    """
+    z = q.sample((k,))
+    log_q = q.log_prob(z)
+    return vae.prior_distribution().log_prob(z) + vae.decode(z).log_prob(vae.likelihood.prepare(x)) - log_q
+
+
+def _progress(total: int, enabled: bool | None, desc: str):
+    """A tqdm bar when ``enabled`` (``None``: only on a terminal); otherwise a no-op."""
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    if not enabled:
+        return contextlib.nullcontext(None)
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="ex", leave=False)
+
+
+def _log_weight_moments(
+    vae,
+    x: torch.Tensor,
+    num_samples: int,
+    chunk_size: int | None,
+    batch_size: int | None,
+    progress: bool | None = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Streamed ``(logsumexp_k log w_k, logsumexp_k 2 log w_k)``, each of shape ``(batch,)``.
+
+    Per batch of examples, chunks of at most ``chunk_size`` samples are drawn, reduced with a
+    log-sum-exp and combined with ``logaddexp``; only one chunk's activations are alive at a
+    time, so peak memory is O(chunk * batch * width), not O(num_samples * batch * width).
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be at least 1, got {num_samples}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
+    x = _flat(vae, x)
+    batch_size = batch_size or min(x.shape[0], DEFAULT_BATCH_SIZE) or 1
+    lse1, lse2 = [], []
+    with _evaluating(vae), _progress(x.shape[0], progress, f"log p(x), K={num_samples}") as bar:
+        for xb in _batches(x, batch_size):
+            chunk = chunk_size or default_chunk_size(vae, xb.shape[0])
+            q = vae.posterior(xb)
+            s1 = torch.full((xb.shape[0],), -math.inf, dtype=x.dtype, device=x.device)
+            s2 = s1.clone()
+            for start in range(0, num_samples, chunk):
+                lw = _log_weights(vae, q, xb, min(chunk, num_samples - start))
+                s1 = torch.logaddexp(s1, lw.logsumexp(0))
+                s2 = torch.logaddexp(s2, (2 * lw).logsumexp(0))
+            lse1.append(s1)
+            lse2.append(s2)
+            if bar is not None:
+                bar.update(xb.shape[0])
+    return torch.cat(lse1), torch.cat(lse2)
+
+
+# -- log-likelihood ----------------------------------------------------------------------------------
+def log_likelihood(
+    vae,
+    x: torch.Tensor,
+    num_samples: int = 5000,
+    chunk_size: int | None = None,
+    batch_size: int | None = None,
+    progress: bool | None = False,
+) -> torch.Tensor:
+    """Importance-sampled log p(x) per example, shape ``(batch,)``, in nats.
+
+        log p(x) ~ logsumexp_k [log p(x, z_k) - log q(z_k|x)] - log K,   z_k ~ q(z|x),
+
+    the estimator of Burda et al. (2015) with K = ``num_samples`` (5000 in their Table 1). It is a
+    stochastic lower bound (E[log p-hat] <= log p(x)) that tightens as K grows, and exact for any K
+    when q(z|x) is the true posterior.
+
+    Args:
+        vae: a :class:`pyro_vae.VAE` (any prior, guide and likelihood).
+        x: data, shape ``(N, ...)``, flattened to ``(N, x_dim)`` and moved to the module's device.
+        num_samples: K, importance samples per example.
+        chunk_size: samples drawn at once. ``None`` picks the largest chunk whose
+            ``(chunk, batch, width)`` activation stays under ``MEMORY_BUDGET`` elements (width: the
+            decoder's widest layer). Memory grows with the chunk, never with ``num_samples``.
+        batch_size: examples evaluated at once (``None``: ``DEFAULT_BATCH_SIZE``).
+        progress: a tqdm bar over examples (``None``: only on a terminal).
+    """
+    lse1, _ = _log_weight_moments(vae, x, num_samples, chunk_size, batch_size, progress)
+    return lse1 - math.log(num_samples)
+
+
+def log_likelihood_with_se(
+    vae,
+    x: torch.Tensor,
+    num_samples: int = 5000,
+    chunk_size: int | None = None,
+    batch_size: int | None = None,
+    progress: bool | None = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log p-hat(x), se)``, each of shape ``(batch,)``: :func:`log_likelihood` and its standard error.
+
+    The standard error is the delta method on the mean of the weights w_k = p(x, z_k) / q(z_k|x):
+    ``se(log mean w) ~ sd(w) / (sqrt(K) mean(w))``, computed in log space from the streamed
+    sums of w and w^2 with the unbiased variance,
+
+        se^2 = (K m2 / m1^2 - 1) / (K - 1),   m1 = sum_k w_k,  m2 = sum_k w_k^2,
+
+    so nothing overflows. It is the Monte Carlo error of the estimate for a fixed x (zero when q is
+    the exact posterior), not the spread of log p(x) over examples; ``nan`` for K = 1. With heavy-
+    tailed weights the sample variance itself is unreliable and the SE is then optimistic.
+    """
+    lse1, lse2 = _log_weight_moments(vae, x, num_samples, chunk_size, batch_size, progress)
+    estimate = lse1 - math.log(num_samples)
+    if num_samples < 2:
+        return estimate, torch.full_like(estimate, math.nan)
+    # K m2 / m1^2 - 1 = expm1(log K + lse2 - 2 lse1) >= 0 up to rounding (Cauchy-Schwarz).
+    excess = torch.expm1(math.log(num_samples) + lse2 - 2 * lse1).clamp_min(0)
+    return estimate, (excess / (num_samples - 1)).sqrt()
+
+
+# -- ELBO --------------------------------------------------------------------------------------------
+def _has_closed_form(vae) -> bool:
+    from pyro_vae.closed_form import has_closed_form
+
+    return has_closed_form(vae)
+
+
+def elbo_per_example(
+    vae, x: torch.Tensor, batch_size: int = 1000, num_samples: int = 1, analytic_kl: bool = True
+) -> torch.Tensor:
+    """Per-example ELBO at beta = 1, shape ``(N,)``, in nats: see :func:`elbo`."""
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be at least 1, got {num_samples}")
+    x = _flat(vae, x)
+    out = []
+    with _evaluating(vae):
+        use_closed_form = analytic_kl and _has_closed_form(vae)
+        for xb in _batches(x, batch_size):
+            if use_closed_form:
+                from pyro_vae.closed_form import closed_form_elbo
+
+                out.append(closed_form_elbo(vae, xb, num_samples))
+            else:
+                out.append(_log_weights(vae, vae.posterior(xb), xb, num_samples).mean(0))
+    return torch.cat(out)
+
+
+def elbo(vae, x: torch.Tensor, batch_size: int = 1000, num_samples: int = 1, analytic_kl: bool = True) -> float:
+    """Mean ELBO per example over a whole set, at beta = 1, in nats (negative; higher is better).
+
+        ELBO(x) = E_q[log p(x|z)] - KL(q(z|x) || p(z)) = E_q[log p(x, z) - log q(z|x)].
+
+    With ``analytic_kl`` (the default) and a (guide, prior) pair that has a closed-form KL
+    (``pyro_vae.closed_form.CLOSED_FORM_KL``), the reconstruction term is a Monte Carlo average of
+    ``num_samples`` draws and the KL is exact: the same expectation, usually with lower variance.
+    Otherwise (or with ``analytic_kl=False``) it is the plain Monte Carlo ELBO, the mean of
+    ``num_samples`` log-weights, which works for every family. Both are unbiased for the same
+    number. (Near the exact posterior the log-weight is nearly constant and the plain Monte Carlo
+    ELBO is the one with less variance; over a test set of thousands the difference is negligible.)
+    """
+    return float(elbo_per_example(vae, x, batch_size, num_samples, analytic_kl).mean())
+
+
+# -- latent diagnostics ------------------------------------------------------------------------------
+def posterior_mean(q: tdist.Distribution, num_samples: int = MEAN_SAMPLES) -> torch.Tensor:
+    """E_q[z]: analytic where the distribution has it, else the mean of ``num_samples`` draws (flows)."""
+    try:
+        return q.mean
+    except NotImplementedError:
+        return q.sample((num_samples,)).mean(0)
+
+
+def active_units(
+    vae, x: torch.Tensor, threshold: float = ACTIVE_THRESHOLD, batch_size: int = 1000
+) -> tuple[int, torch.Tensor]:
+    """Burda et al. (2015), Section 5.2: ``(count, variances)`` of the active latent units.
+
+    A unit u is active when A_u = Cov_x(E_{q(z|x)}[u]) > ``threshold`` (0.01): the variance over
+    the data of the posterior mean of that dimension. A unit whose posterior mean does not depend
+    on x carries no information about x. ``variances`` has shape ``(z_dim,)`` (unbiased, over x).
+    """
+    x = _flat(vae, x)
+    if x.shape[0] < 2:
+        raise ValueError(f"active units need at least 2 examples to compute a variance, got {x.shape[0]}")
+    with _evaluating(vae):
+        means = torch.cat([posterior_mean(vae.posterior(xb)) for xb in _batches(x, batch_size)])
+    variances = means.double().var(dim=0).to(means.dtype)
+    return int((variances > threshold).sum()), variances
+
+
+def _factors(d: tdist.Distribution, z_dim: int) -> tdist.Distribution | None:
+    """The univariate factors of a distribution that factorizes over z's dimensions, else ``None``."""
+    if (
+        isinstance(d, tdist.Independent)
+        and d.reinterpreted_batch_ndims == 1
+        and d.base_dist.event_shape == ()
+        and d.base_dist.batch_shape[-1:] in (torch.Size([z_dim]), torch.Size([1]))
+    ):
+        return d.base_dist
+    return None
+
+
+def _mc_elementwise_kl(q: tdist.Distribution, p: tdist.Distribution, num_samples: int) -> torch.Tensor:
+    """E_q[log q(z) - log p(z)] elementwise, by ``num_samples`` draws; shape ``q.batch_shape``."""
+    z = q.sample((num_samples,))
+    return (q.log_prob(z) - p.log_prob(z)).mean(0)
+
+
+def kl_per_dimension(vae, x: torch.Tensor, batch_size: int = 1000, num_samples: int = 1000) -> torch.Tensor:
+    """Mean over the data of KL(q(z_j|x) || p(z_j)) for each latent dimension j, shape ``(z_dim,)``, nats.
+
+    Defined when q(z|x) and p(z) both factorize over dimensions (diagonal Gaussian guide with the
+    normal prior: ``KL_j = 1/2 (sigma_j^2 + mu_j^2 - 1 - log sigma_j^2)``, Kingma & Welling 2014,
+    Appendix B); the per-dimension terms then sum to the total KL. Each term is analytic where
+    torch registers a KL for the pair of univariate families, else a Monte Carlo average of
+    ``num_samples`` draws. For pairs that do not factorize (mixture or VampPrior priors, flow or
+    full-covariance guides) the KL has no per-dimension split and a ``ValueError`` says so.
+    """
+    x = _flat(vae, x)
+    total = None
+    with _evaluating(vae):
+        p = _factors(vae.prior_distribution(), vae.z_dim)
+        for xb in _batches(x, batch_size):
+            q_full = vae.posterior(xb)
+            q = _factors(q_full, vae.z_dim)
+            if p is None or q is None:
+                raise ValueError(
+                    f"KL per dimension needs a guide and a prior that factorize over z's dimensions; got "
+                    f"guide {getattr(vae.encoder, 'spec', type(vae.encoder).__name__)!r} "
+                    f"({type(q_full).__name__}) with prior {getattr(vae.prior, 'spec', type(vae.prior).__name__)!r} "
+                    f"({type(vae.prior_distribution()).__name__}); use the total KL instead"
+                )
+            try:
+                kl = tdist.kl_divergence(q, p)
+            except NotImplementedError:
+                kl = _mc_elementwise_kl(q, p, num_samples)
+            kl = kl.expand(xb.shape[0], vae.z_dim).sum(0)
+            total = kl if total is None else total + kl
+    return total / x.shape[0]
+
+
+# -- whole datasets and runs -------------------------------------------------------------------------
+def _is_binary(dataset, x: torch.Tensor) -> bool:
+    flag = getattr(dataset, "is_binary", None)
+    return bool(flag) if flag is not None else bool(((x == 0) | (x == 1)).all())
+
+
+def _likelihood_warning(vae, dataset, x: torch.Tensor) -> str | None:
+    name = getattr(vae.likelihood, "spec_name", None)
+    if name == "bernoulli" and not _is_binary(dataset, x):
+        return (
+            f"Bernoulli likelihood on non-binary data ({getattr(dataset, 'name', 'data')}): the ELBO and NLL "
+            "are cross-entropies, not a likelihood; use mnist-dynamic or mnist-static for likelihood numbers"
+        )
+    return None
+
+
+def evaluate(
+    vae,
+    dataset,
+    nll_samples: int = 5000,
+    batch_size: int | None = None,
+    split: str = "test",
+    progress: bool | None = False,
+    subset: int | None = None,
+    elbo_samples: int = 1,
+) -> dict[str, Any]:
+    """Every evaluation number of ``vae`` on one split of ``dataset``, as a JSON-ready dict.
+
+    Keys (``{split}`` is ``test`` by default, giving the public contract's names):
+
+    - ``{split}_elbo``: mean ELBO (nats, negative), see :func:`elbo`;
+    - ``{split}_nll``: mean of -log p-hat(x) with ``nll_samples`` importance samples (nats, positive);
+      ``None`` when ``nll_samples`` is 0 (skipped), as are the next three;
+    - ``{split}_nll_se``: Monte Carlo standard error of that mean, sqrt(sum_i se_i^2) / N: how far
+      the number may move with other importance samples of the same examples;
+    - ``{split}_nll_data_se``: sd_i(-log p-hat(x_i)) / sqrt(N): the sampling error of the mean over
+      examples as an estimate of the expected NLL of the data distribution (usually far larger);
+    - ``bits_per_dim``: NLL / (D ln 2);
+    - ``active_units`` (threshold 0.01), ``kl_per_dim`` (list, or ``None`` with ``kl_per_dim_error``
+      for pairs that do not factorize);
+    - ``num_examples``, ``x_dim``, ``split``, ``nll_samples``, ``data_variant`` (``dataset.name``),
+      ``seconds``, and ``warning`` (only when the numbers are not likelihoods: Bernoulli on grey levels).
+    """
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"unknown split {split!r}; valid splits: train, val, test")
+    x = getattr(dataset, split)
+    if x is None or x.shape[0] == 0:
+        raise ValueError(f"dataset {getattr(dataset, 'name', '?')!r} has no {split} examples")
+    if subset is not None:
+        x = x[:subset]
+    x = _flat(vae, x)
+    n, d = x.shape
+    start = time.perf_counter()
+    batch = batch_size or min(n, DEFAULT_BATCH_SIZE)
+    result: dict[str, Any] = {
+        "data_variant": getattr(dataset, "name", None),
+        "split": split,
+        "num_examples": n,
+        "x_dim": d,
+        f"{split}_elbo": elbo(vae, x, batch_size=batch, num_samples=elbo_samples),
+    }
+    warning = _likelihood_warning(vae, dataset, x)
+    result.update({f"{split}_nll": None, f"{split}_nll_se": None, f"{split}_nll_data_se": None, "bits_per_dim": None})
+    result["nll_samples"] = nll_samples
+    if nll_samples:
+        log_px, se = log_likelihood_with_se(vae, x, nll_samples, batch_size=batch, progress=progress)
+        nll = -log_px.double()
+        result[f"{split}_nll"] = float(nll.mean())
+        result[f"{split}_nll_se"] = float(se.double().square().sum().sqrt() / n) if nll_samples > 1 else None
+        result[f"{split}_nll_data_se"] = float(nll.std() / math.sqrt(n)) if n > 1 else None
+        result["bits_per_dim"] = bits_per_dim(result[f"{split}_nll"], d)
+    if n > 1:
+        count, variances = active_units(vae, x, batch_size=batch)
+        result["active_units"] = count
+        result["active_unit_variances"] = variances.tolist()
+    try:
+        result["kl_per_dim"] = kl_per_dimension(vae, x, batch_size=batch).tolist()
+    except ValueError as err:
+        result["kl_per_dim"] = None
+        result["kl_per_dim_error"] = str(err)
+    result["seconds"] = time.perf_counter() - start
+    if warning:
+        result["warning"] = warning
+    return result
+
+
+def bits_per_dim(nll: float, x_dim: int) -> float:
+    """NLL in nats per example -> bits per dimension: NLL / (D ln 2)."""
+    return nll / (x_dim * math.log(2))
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    nll_samples: int = 5000,
+    device: str = "auto",
+    data_dir: str | Path | None = None,
+    split: str = "test",
+    subset: int | None = None,
+    seed: int | None = 0,
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """:func:`evaluate` on a run folder's model and dataset (``pyro_vae.runs.load_run``).
+
+    ``seed`` (default 0) seeds torch and Pyro first so that two evaluations of one run give the
+    same numbers; ``None`` leaves the global RNG alone. ``subset`` keeps the first N examples.
+    """
+    from pyro_vae.runs import load_run  # train -> runs -> evaluate would otherwise be circular
+
+    if seed is not None:
+        import pyro
+
+        pyro.set_rng_seed(seed)
+    run = load_run(run_dir, device=device, data_dir=data_dir)
+    result = evaluate(run.vae, run.dataset, nll_samples=nll_samples, split=split, progress=progress, subset=subset)
+    result["run"] = str(run_dir)
+    return result
