@@ -1,15 +1,499 @@
-"""Training with SVI.
+"""Training with SVI: the run folder, checkpoints, metrics, warm-up, early stopping.
 
-``fit`` is the minimal loop of the core: Pyro's ``SVI`` with ``Trace_ELBO`` over mini-batches of
-an in-memory tensor, returning the ELBO per example for each epoch.
+:func:`train` trains the VAE a :class:`~pyro_vae.config.Config` describes and writes a run
+folder (see ``docs/training.md``):
+
+- ``config.toml`` (the resolved config), ``train.log`` (one line per epoch), ``metrics.jsonl``
+  (one JSON object per epoch: ``epoch, train_elbo, val_elbo, test_elbo, beta, lr, seconds, steps``);
+- ``checkpoint.pt`` after every epoch and ``best.pt`` at the best validation ELBO, written
+  atomically (``pyro_vae.checkpoint``); ``--resume`` continues from ``checkpoint.pt`` exactly;
+- at the end, ``evaluation.json`` (``pyro_vae.evaluate.evaluate`` on the best weights) and the
+  figures (``pyro_vae.plots.write_all_figures``).
+
+The objective is the estimator's loss (``pyro_vae.estimators``, by name; ``trace`` is Pyro's
+``Trace_ELBO``), minimized by one torch optimizer over ``vae.parameters()`` (``pyro_vae.optim``).
+KL warm-up (Bowman et al. 2016; Sønderby et al. 2016) multiplies the latent site's log-densities
+by beta via ``poutine.scale``, so the training bound is E_q[log p(x|z)] - beta KL(q || p); beta rises
+linearly per step to 1 over ``train.warmup_epochs``. Validation, test and final evaluation always
+use beta = 1.
+
+A step makes no host sync: losses are summed on the device, and the index of the first step whose
+loss is not finite is kept in a device tensor (``torch.where``); both are read once per epoch,
+together with the validation and test ELBOs.
+
+``fit`` is the minimal loop of the core: Pyro's ``SVI`` with ``Trace_ELBO`` over mini-batches of an
+in-memory tensor, returning the ELBO per example for each epoch.
 """
 
 from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import pyro
 import pyro.optim
 import torch
 from pyro.infer import SVI, Trace_ELBO
+
+from pyro_vae import checkpoint as ckpt
+from pyro_vae import estimators
+from pyro_vae.optim import OPTIMIZERS, SCHEDULES, build_optimizer, build_schedule
+from pyro_vae.runs import BEST, CHECKPOINT, CONFIG, METRICS, build_vae, load_dataset_for, resolve_device
+from pyro_vae.step import TrainStep
+
+# The config validates train.optimizer and train.lr_schedule against these.
+LR_SCHEDULES = SCHEDULES
+__all__ = ["LR_SCHEDULES", "OPTIMIZERS", "NonFiniteLossError", "TrainingError", "fit", "train", "warmup_beta"]
+
+LOG = "train.log"
+EVALUATION = "evaluation.json"
+
+# (epoch, generator) -> the epoch's training batches, device tensors (batch, x_dim).
+BatchSource = Callable[[int, torch.Generator], Iterable[torch.Tensor]]
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss, a run folder in the wrong state)."""
+
+
+class NonFiniteLossError(TrainingError):
+    """A step's loss was NaN or infinite; the message names the epoch and step."""
+
+    def __init__(self, message: str, epoch: int, step: int) -> None:
+        super().__init__(message)
+        self.epoch, self.step = epoch, step
+
+
+def warmup_beta(step: int, warmup_steps: int) -> float:
+    """KL weight of step ``step`` (0-based): ``min(1, (step + 1) / warmup_steps)``; 1 without warm-up.
+
+    It starts at ``1 / warmup_steps`` rather than 0 because ``poutine.scale`` needs a positive
+    scale; it reaches 1 at the last step of the warm-up and stays there.
+    """
+    if warmup_steps <= 0:
+        return 1.0
+    return min(1.0, (step + 1) / warmup_steps)
+
+
+@dataclass
+class Progress:
+    """Counters that a checkpoint carries: completed epochs and steps, early-stopping state."""
+
+    epoch: int = 0
+    step: int = 0
+    best_val_elbo: float | None = None
+    best_epoch: int = 0
+    bad_epochs: int = 0
+
+
+class _Reporter:
+    """A tqdm bar per epoch on a terminal, otherwise one plain line per epoch; ``train.log`` always."""
+
+    def __init__(self, out_dir: Path | None, bar: bool | None, is_main: bool) -> None:
+        self.is_main = is_main
+        self.bar = is_main and (sys.stderr.isatty() if bar is None else bar)
+        self.logger = logging.getLogger(f"pyro_vae.train.{id(self)}")
+        self.logger.setLevel(logging.INFO)
+        self.logger.propagate = False
+        self._tqdm = None
+        if is_main and out_dir is not None:
+            handler = logging.FileHandler(out_dir / LOG)
+            handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+            self.logger.addHandler(handler)
+
+    def start_epoch(self, epoch: int, epochs: int, steps: int, done: int = 0) -> None:
+        if self.bar:
+            from tqdm.auto import tqdm
+
+            self._tqdm = tqdm(total=steps, initial=done, desc=f"epoch {epoch}/{epochs}", leave=False, unit="step")
+
+    def advance(self) -> None:
+        if self._tqdm is not None:
+            self._tqdm.update(1)
+
+    def end_epoch(self) -> None:
+        if self._tqdm is not None:
+            self._tqdm.close()
+            self._tqdm = None
+
+    def line(self, text: str) -> None:
+        """A message for the terminal (above the bar) and for ``train.log``."""
+        if not self.is_main:
+            return
+        if self.bar:
+            from tqdm.auto import tqdm
+
+            tqdm.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
+        self.logger.info(text)
+
+    def close(self) -> None:
+        self.end_epoch()
+        for handler in list(self.logger.handlers):
+            handler.close()
+            self.logger.removeHandler(handler)
+
+
+def _sum_elbo(vae, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Sum over ``x`` of the one-sample ELBO at beta = 1, as a device scalar (no host read)."""
+    try:
+        from pyro_vae.evaluate import elbo_per_example
+    except ImportError:  # evaluate.py absent: the plain Monte Carlo ELBO from Pyro traces
+        with torch.no_grad():
+            return sum((estimators.log_weights(vae, xb, 1)[0].sum() for xb in x.split(batch_size)), x.new_zeros(()))
+    return elbo_per_example(vae, x, batch_size=batch_size).sum()
+
+
+def _default_batches(dataset, batch_size: int) -> BatchSource:
+    from pyro_vae.data import batches
+
+    return lambda epoch, generator: batches(dataset.train_epoch(epoch, generator), batch_size, generator)
+
+
+def _config_tools():
+    from pyro_vae import config as config_module
+
+    return config_module
+
+
+def train(
+    cfg,
+    out_dir: str | os.PathLike,
+    device: str | torch.device | None = None,
+    data_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    progress: bool | None = None,
+    *,
+    download: bool = False,
+    dataset=None,
+    batch_source: BatchSource | None = None,
+    is_main: bool = True,
+    reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> dict[str, Any]:
+    """Train the VAE that ``cfg`` describes and write the run folder ``out_dir``.
+
+    Args:
+        cfg: a :class:`pyro_vae.config.Config`.
+        out_dir: the run folder; it must not hold a checkpoint unless ``resume``.
+        device: ``"auto"``, ``"cpu"``, ``"cuda:1"``...; ``None`` takes ``cfg.train.device``.
+        data_dir: the data root (else ``$PYRO_VAE_DATA``, else ``~/.cache/pyro_vae/data``).
+        resume: continue from ``out_dir/checkpoint.pt``; ``cfg`` may extend ``train.epochs``,
+            but the model must be the one of the checkpoint.
+        progress: a tqdm bar (True), plain lines (False), or a bar only when stderr is a terminal (None).
+        download: let the dataset loader fetch missing files.
+        dataset: an already loaded dataset (else ``cfg.data`` is loaded on ``device``).
+        batch_source: ``(epoch, generator) -> batches`` replacing the default device-side
+            permutation (e.g. a rank's shard under torch.distributed).
+        is_main: whether this process writes files and prints (rank 0).
+        reduce_sum: applied to the epoch's device sums before the host read (an all-reduce).
+
+    Returns a dict: ``run_dir``, ``status`` (``"completed"``, ``"early_stopped"`` or
+    ``"interrupted"``), ``epoch``, ``step``, ``best_epoch``, ``best_val_elbo``, ``metrics`` (the
+    last epoch's record), ``evaluation`` (``evaluation.json``'s content, or ``None``).
+
+    Raises :class:`NonFiniteLossError` when a loss is NaN or infinite: ``checkpoint.pt`` then
+    still holds the last good epoch.
+    """
+    cfg_tools = _config_tools()
+    out_dir = Path(out_dir)
+    tcfg = cfg.train
+    device = resolve_device(device if device is not None else getattr(tcfg, "device", "auto"))
+    checkpoint_path = out_dir / CHECKPOINT
+    state = None
+    if resume:
+        state = ckpt.load_checkpoint(checkpoint_path)  # a clear error when there is nothing to resume
+        _check_same_model(state["config"], cfg_tools.config_to_dict(cfg), checkpoint_path)
+    elif checkpoint_path.exists():
+        raise TrainingError(
+            f"{out_dir} already holds a run ({CHECKPOINT}); continue it with --resume or choose another --out"
+        )
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        cfg_tools.save_config(cfg, out_dir / CONFIG)
+
+    # Seed first: weight initialization and everything after it is reproducible.
+    pyro.set_rng_seed(tcfg.seed)
+    # train() owns Pyro's global param store: pyro.module must register this VAE's tensors, not stale ones.
+    pyro.clear_param_store()
+    if dataset is None:
+        data_dir = data_dir if data_dir is not None else getattr(cfg.data, "data_dir", None)
+        dataset = load_dataset_for(cfg, device=device, data_dir=data_dir, download=download)
+    vae = build_vae(cfg.model, x_dim=dataset.x_dim).to(device)
+    vae.likelihood.check(dataset.train[:1024], name=f"{dataset.name} (train)")
+    estimator = estimators.get(tcfg.estimator)
+    optimizer = build_optimizer(getattr(tcfg, "optimizer", "adam"), vae.parameters(), lr=tcfg.lr)
+    schedule = build_schedule(getattr(tcfg, "lr_schedule", "constant"), epochs=tcfg.epochs)
+    step_fn = TrainStep(vae, estimator, optimizer, clip_norm=getattr(tcfg, "clip_norm", None))
+    generator = torch.Generator(device=dataset.train.device).manual_seed(tcfg.seed)
+    batch_source = batch_source or _default_batches(dataset, tcfg.batch_size)
+    steps_per_epoch = math.ceil(len(dataset.train) / tcfg.batch_size)
+    warmup_steps = round(float(getattr(tcfg, "warmup_epochs", 0) or 0) * steps_per_epoch)
+    patience = getattr(tcfg, "patience", None) or 0
+    eval_batch = getattr(tcfg, "eval_batch_size", 1000)
+    eval_every = getattr(tcfg, "eval_every", 1)
+    has_val = dataset.val is not None and len(dataset.val) > 0
+
+    progress_state = Progress()
+    if state is not None:
+        progress_state = _restore(state, vae, optimizer, generator)
+        if is_main:
+            _truncate_metrics(out_dir / METRICS, progress_state.epoch)
+    reporter = _Reporter(out_dir if is_main else None, progress, is_main)
+
+    def snapshot() -> dict[str, Any]:
+        params, names = ckpt.param_store_state()
+        return {
+            "model": vae.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "param_store": params,
+            "param_constraints": names,
+            "config": cfg_tools.config_to_dict(cfg),
+            "x_dim": dataset.x_dim,
+            "epoch": progress_state.epoch,
+            "step": progress_state.step,
+            "best_val_elbo": progress_state.best_val_elbo,
+            "best_epoch": progress_state.best_epoch,
+            "bad_epochs": progress_state.bad_epochs,
+            "rng": ckpt.rng_state(),
+            "data_generator": generator.get_state(),
+        }
+
+    if state is None and is_main:
+        # Epoch 0: a Ctrl-C during the first epoch still leaves a consistent state to resume from.
+        ckpt.save_checkpoint(snapshot(), checkpoint_path)
+    reporter.line(
+        f"{'resuming' if state else 'training'} {out_dir} on {device}: {dataset}; "
+        f"{sum(p.numel() for p in vae.parameters())} parameters; estimator {tcfg.estimator}"
+    )
+
+    status = "completed"
+    record: dict[str, Any] = {}
+    try:
+        # Distribution argument checks sync with the host on every step; the data were checked above,
+        # and a NaN is caught at the end of the epoch with its step named.
+        with pyro.validation_enabled(False):
+            while progress_state.epoch < tcfg.epochs:
+                if patience and progress_state.bad_epochs >= patience:
+                    status = "early_stopped"
+                    break
+                epoch = progress_state.epoch + 1
+                start = time.perf_counter()
+                lr = schedule.apply(optimizer, tcfg.lr, epoch - 1)
+                vae.train()
+                reporter.start_epoch(epoch, tcfg.epochs, steps_per_epoch)
+                loss_sum = torch.zeros((), device=device)
+                first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+                counter = torch.full((), progress_state.step, dtype=torch.int64, device=device)
+                seen, step, beta = 0, progress_state.step, 1.0
+                for x in batch_source(epoch, generator):
+                    beta = warmup_beta(step, warmup_steps)
+                    loss = step_fn(x, beta)
+                    loss_sum += loss
+                    first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), counter, first_bad)
+                    counter += 1
+                    seen += x.shape[0]
+                    step += 1
+                    reporter.advance()
+                reporter.end_epoch()
+                evaluated = epoch % eval_every == 0 or epoch == tcfg.epochs
+                zero = loss_sum.new_zeros((), dtype=torch.float64)
+                sums = [loss_sum.double(), first_bad.double(), zero, zero]
+                if evaluated:  # at beta = 1, whatever the warm-up
+                    sums[2] = _sum_elbo(vae, dataset.val, eval_batch).double() if has_val else zero
+                    sums[3] = _sum_elbo(vae, dataset.test, eval_batch).double()
+                host = torch.stack(sums)
+                if reduce_sum is not None:
+                    host = reduce_sum(host)
+                loss_total, bad, val_sum, test_sum = host.tolist()  # the epoch's one host read
+                if bad >= 0:
+                    bad = int(bad)
+                    raise NonFiniteLossError(
+                        f"non-finite loss at epoch {epoch}, step {bad - progress_state.step + 1} of the epoch "
+                        f"(global step {bad + 1}); {checkpoint_path} still holds epoch {progress_state.epoch}. "
+                        "Try a lower train.lr, train.clip_norm, or a longer train.warmup_epochs.",
+                        epoch=epoch,
+                        step=bad + 1,
+                    )
+                progress_state.epoch, progress_state.step = epoch, step
+                record = {
+                    "epoch": epoch,
+                    "train_elbo": -loss_total / seen,
+                    "val_elbo": val_sum / len(dataset.val) if evaluated and has_val else None,
+                    "test_elbo": test_sum / len(dataset.test) if evaluated else None,
+                    "beta": beta,
+                    "lr": lr,
+                    "seconds": time.perf_counter() - start,
+                    "steps": step,
+                }
+                improved = _update_early_stopping(progress_state, record, has_val)
+                if is_main:
+                    _write_epoch(out_dir, record, snapshot(), improved)
+                reporter.line(_format_record(record, tcfg.epochs))
+            else:
+                if patience and progress_state.bad_epochs >= patience:
+                    status = "early_stopped"
+    except KeyboardInterrupt:
+        reporter.end_epoch()
+        status = "interrupted"
+        reporter.line(
+            f"interrupted during epoch {progress_state.epoch + 1}; {checkpoint_path} holds epoch "
+            f"{progress_state.epoch} (step {progress_state.step}). Resume with: "
+            f"pyro-vae train --resume --out {out_dir}"
+        )
+    except BaseException:
+        reporter.close()
+        raise
+
+    if status == "early_stopped":
+        reporter.line(
+            f"early stopping: no better validation ELBO for {patience} epochs; "
+            f"best epoch {progress_state.best_epoch} ({progress_state.best_val_elbo:.2f})"
+        )
+    evaluation = None
+    if status != "interrupted" and is_main:
+        evaluation = _finish(cfg, vae, dataset, out_dir, reporter, plots=getattr(tcfg, "plots", True))
+    reporter.close()
+    return {
+        "run_dir": str(out_dir),
+        "status": status,
+        "epoch": progress_state.epoch,
+        "step": progress_state.step,
+        "best_epoch": progress_state.best_epoch,
+        "best_val_elbo": progress_state.best_val_elbo,
+        "metrics": record,
+        "evaluation": evaluation,
+    }
+
+
+def _restore(state: dict[str, Any], vae, optimizer, generator: torch.Generator) -> Progress:
+    """Load a checkpoint's weights, optimizer, param store and RNG states; return its counters."""
+    vae.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    ckpt.restore_param_store(state["param_store"], state["param_constraints"])
+    ckpt.set_rng_state(state["rng"])
+    generator.set_state(state["data_generator"].cpu())
+    return Progress(
+        epoch=int(state["epoch"]),
+        step=int(state["step"]),
+        best_val_elbo=state["best_val_elbo"],
+        best_epoch=int(state["best_epoch"]),
+        bad_epochs=int(state["bad_epochs"]),
+    )
+
+
+def _check_same_model(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+    """Resuming may change training settings, never the model or the data."""
+    where_not_what = {"data_dir", "download"}  # where the files are, not which data
+    for section in ("model", "data"):
+        old, new = saved.get(section, {}), current.get(section, {})
+        changed = sorted(k for k in (set(old) | set(new)) - where_not_what if old.get(k) != new.get(k))
+        if changed:
+            diffs = ", ".join(f"{section}.{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+            raise TrainingError(f"cannot resume {path} with a different {section}: {diffs}")
+
+
+def _update_early_stopping(progress: Progress, record: dict[str, Any], has_val: bool) -> bool:
+    """Track the best validation ELBO; True when this epoch is the new best.
+
+    Epochs without an evaluation (``train.eval_every``) do not count; without a validation set
+    there is no best epoch and ``best.pt`` is not written.
+    """
+    val = record["val_elbo"]
+    if not has_val or val is None:
+        return False
+    if progress.best_val_elbo is None or val > progress.best_val_elbo:
+        progress.best_val_elbo, progress.best_epoch, progress.bad_epochs = val, record["epoch"], 0
+        return True
+    progress.bad_epochs += 1
+    return False
+
+
+def _write_epoch(out_dir: Path, record: dict[str, Any], state: dict[str, Any], improved: bool) -> None:
+    """Metrics line, then best.pt, then checkpoint.pt: an interruption anywhere leaves a resumable folder.
+
+    ``checkpoint.pt`` is the commit point; on resume, metrics beyond its epoch are dropped and the
+    epoch is trained again (bitwise the same), so best.pt written ahead of it is harmless.
+    """
+    with open(out_dir / METRICS, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+    if improved:
+        ckpt.save_checkpoint(state, out_dir / BEST)
+    ckpt.save_checkpoint(state, out_dir / CHECKPOINT)
+
+
+def _truncate_metrics(path: Path, epoch: int) -> None:
+    """Drop metric lines of epochs the checkpoint does not hold (written before an interruption)."""
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line)["epoch"] <= epoch]
+    if len(kept) != len(lines):
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+def _format_record(record: dict[str, Any], epochs: int) -> str:
+    parts = [f"epoch {record['epoch']:>3}/{epochs}", f"train {record['train_elbo']:.2f}"]
+    parts += [f"{key} {record[f'{key}_elbo']:.2f}" for key in ("val", "test") if record[f"{key}_elbo"] is not None]
+    if record["beta"] < 1:
+        parts.append(f"beta {record['beta']:.3f}")
+    parts += [f"lr {record['lr']:.3g}", f"{record['seconds']:.1f}s"]
+    return "  ".join(parts)
+
+
+def _finish(cfg, vae, dataset, out_dir: Path, reporter: _Reporter, plots: bool = True) -> dict[str, Any] | None:
+    """Evaluation and figures on the best weights; failures are reported, never fatal to the run."""
+    best = out_dir / BEST
+    if best.is_file():
+        vae.load_state_dict(ckpt.load_checkpoint(best)["model"])
+    vae.eval()
+    evaluation = None
+    try:
+        from pyro_vae.evaluate import evaluate
+
+        nll_samples = _nll_samples(cfg)
+        evaluation = evaluate(vae, dataset, nll_samples=nll_samples)
+        evaluation["weights"] = best.name if best.is_file() else CHECKPOINT
+        (out_dir / EVALUATION).write_text(json.dumps(evaluation, indent=2) + "\n")
+        nll = evaluation.get("test_nll")
+        reporter.line(
+            f"test ELBO {evaluation['test_elbo']:.2f}"
+            + (
+                ""
+                if nll is None
+                else f", test NLL {nll:.2f} ± {evaluation.get('test_nll_se') or 0:.2f} (k={nll_samples})"
+            )
+            + f" -> {out_dir / EVALUATION}"
+        )
+    except Exception as err:  # the checkpoint is already safe; say what failed and how to redo it
+        reporter.line(
+            f"evaluation failed ({type(err).__name__}: {err}); redo it with: pyro-vae evaluate --run {out_dir}"
+        )
+    if not plots:
+        return evaluation
+    try:
+        from pyro_vae.plots import write_all_figures
+        from pyro_vae.runs import read_metrics
+
+        written = write_all_figures(vae, dataset, read_metrics(out_dir), out_dir)
+        if written:
+            reporter.line(f"figures: {', '.join(Path(p).name for p in written)}")
+    except Exception as err:
+        reporter.line(f"figures failed ({type(err).__name__}: {err}); redo them with: pyro-vae plot --run {out_dir}")
+    return evaluation
+
+
+def _nll_samples(cfg) -> int:
+    value = getattr(cfg.train, "nll_samples", None)
+    return 5000 if value is None else int(value)
 
 
 def fit(

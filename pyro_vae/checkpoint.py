@@ -1,0 +1,173 @@
+"""Training checkpoints: written atomically, loaded without ever running code.
+
+A checkpoint is a plain dictionary of tensors and plain Python values (no pickled objects):
+
+- ``model``, ``optimizer``: ``state_dict()`` of the VAE and of the torch optimizer (the
+  learning-rate schedule is a function of the epoch and has no state);
+- ``x_dim``: the data width the model was built for;
+- ``param_store``: Pyro's param store as ``{name: unconstrained tensor}`` plus
+  ``param_constraints`` ``{name: constraint name}`` (the store's own state holds constraint
+  objects, which only a full unpickler could rebuild);
+- ``config``: the resolved configuration as a plain dict;
+- ``epoch`` (completed epochs), ``step`` (completed optimizer steps), ``best_val_elbo``,
+  ``best_epoch``, ``bad_epochs`` (early-stopping counter);
+- ``rng``: the torch CPU (and CUDA) generator states, Python's ``random`` state and numpy's,
+  all as tensors and plain values; ``data_generator``: the state of the generator that draws
+  the dataset permutation (and dynamic binarization).
+
+Writing goes to a temporary file in the same folder, is flushed to disk (``fsync``) and then
+renamed over the old file (``os.replace`` is atomic on POSIX and Windows), so a crash or a
+Ctrl-C while writing leaves the previous checkpoint intact. Reading uses
+``torch.load(weights_only=True)``: a file that contains a pickled object (which could run
+arbitrary code when unpickled) is refused with :class:`CheckpointError`.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyro
+import torch
+from torch.distributions import constraints
+
+FORMAT = "pyro_vae.checkpoint"
+VERSION = 1
+
+# Constraint objects are not plain data; store them by the name they have in
+# torch.distributions.constraints (only parameter-free constraints can be restored this way).
+_CONSTRAINTS = {name: obj for name, obj in vars(constraints).items() if isinstance(obj, constraints.Constraint)}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read: missing, corrupt, unsafe (pickled objects) or foreign."""
+
+
+# -- RNG states ------------------------------------------------------------------------------
+def rng_state() -> dict[str, Any]:
+    """Every global random state Pyro draws from, as tensors and plain values."""
+    version, internal, gauss_next = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
+        "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss_next},
+        "numpy": {
+            "name": np_name,
+            "keys": torch.from_numpy(np_keys.astype(np.int64)),
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "cached": float(np_cached),
+        },
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore the states captured by :func:`rng_state`."""
+    torch.set_rng_state(state["torch"].cpu())
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
+    npy = state["numpy"]
+    keys = npy["keys"].numpy().astype(np.uint32)
+    np.random.set_state((npy["name"], keys, npy["pos"], npy["has_gauss"], npy["cached"]))
+
+
+# -- Pyro param store --------------------------------------------------------------------------
+def param_store_state() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The param store as ``({name: unconstrained tensor}, {name: constraint name})``."""
+    store = pyro.get_param_store()
+    state = store.get_state()
+    params = {name: value.detach().clone() for name, value in state["params"].items()}
+    names = {}
+    for name, constraint in state["constraints"].items():
+        found = next((key for key, obj in _CONSTRAINTS.items() if obj is constraint), None)
+        if found is None and isinstance(constraint, type(constraints.real)):
+            found = "real"
+        if found is None:
+            raise CheckpointError(
+                f"param {name!r} has constraint {constraint!r}, which a checkpoint cannot store "
+                f"(storable: {', '.join(sorted(_CONSTRAINTS))})"
+            )
+        names[name] = found
+    return params, names
+
+
+def restore_param_store(params: dict[str, torch.Tensor], names: dict[str, str], skip_modules: bool = True) -> None:
+    """Put saved params back into Pyro's param store.
+
+    Parameters of modules registered with ``pyro.module`` (names containing ``$$$``) are skipped
+    by default: the module's ``state_dict`` is their source of truth, and ``pyro.module``
+    registers the live tensors again at the next model call (the store must not hold copies
+    that the optimizer does not update).
+    """
+    store = pyro.get_param_store()
+    for name, value in params.items():
+        if skip_modules and "$$$" in name:
+            continue
+        constraint = _CONSTRAINTS[names.get(name, "real")]
+        unconstrained = value.detach().clone().requires_grad_()
+        store._params[name] = unconstrained
+        store._param_to_name[unconstrained] = name
+        store._constraints[name] = constraint
+
+
+# -- files -----------------------------------------------------------------------------------------
+def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write ``state`` to ``path`` atomically: temp file in the same folder, fsync, rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"format": FORMAT, "version": VERSION, **state}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable; not every platform can open a folder, so best effort."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint with ``torch.load(weights_only=True)``; refuse anything that is not plain data."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"refusing to load {path}: it contains objects other than tensors and plain values, "
+            f"and unpickling them could run code ({first})"
+        ) from err
+    except (RuntimeError, EOFError, OSError) as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a pyro_vae checkpoint (no format tag {FORMAT!r})")
+    if state.get("version") != VERSION:
+        raise CheckpointError(f"{path} has checkpoint version {state.get('version')}, this code reads {VERSION}")
+    return state

@@ -1,0 +1,360 @@
+"""The ``pyro-vae`` command: train, evaluate, sample, plot, compare.
+
+Each subcommand is one entry of :data:`SUBCOMMANDS` (its arguments and the function that runs
+it); each run function calls one function of the library. Mistakes in configs, specs, data
+or run folders print one clean message and exit with status 2; ``PYRO_VAE_DEBUG=1`` shows the
+traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130
+
+DESCRIPTION = """\
+Variational autoencoders on Pyro and PyTorch.
+
+examples:
+  pyro-vae train --config configs/mnist.toml
+  pyro-vae train --config configs/mnist.toml --set model.prior="mixture(components=10)" --out runs/mix
+  pyro-vae train --resume --out runs/mix --set train.epochs=40
+  pyro-vae evaluate --run runs/mix --nll-samples 5000 --json
+  pyro-vae sample --run runs/mix --num 64 --out samples.png
+  pyro-vae plot --run runs/mix
+  pyro-vae compare --run runs/mix --estimators "trace,meanfield,iwae(k=50)"
+
+Run "pyro-vae COMMAND --help" for a command's options. Docs: docs/training.md.
+"""
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    """One subcommand: its one-line help, a longer description, how to add its arguments, what it runs."""
+
+    help: str
+    description: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+# -- shared arguments -------------------------------------------------------------------------------
+def _run_dir_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", required=True, type=Path, metavar="DIR", help="a run folder written by train")
+    _device_data_args(parser)
+
+
+def _device_data_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N (default: auto)")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        metavar="DIR",
+        help="data root (default: $PYRO_VAE_DATA, else ~/.cache/pyro_vae/data)",
+    )
+
+
+# -- train ------------------------------------------------------------------------------------------------
+def _train_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, metavar="FILE", help="a TOML config (optional with --resume)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help='override a config key, e.g. --set train.epochs=5 --set model.prior="vamp(components=500)"',
+    )
+    parser.add_argument(
+        "--out", type=Path, metavar="DIR", help="run folder (default: runs/<config name>-<YYYYmmdd-HHMMSS>)"
+    )
+    _device_data_args(parser)
+    parser.add_argument("--seed", type=int, metavar="N", help="same as --set train.seed=N")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint.pt")
+    parser.add_argument("--download", action="store_true", help="download a missing dataset (never done otherwise)")
+    bar = parser.add_mutually_exclusive_group()
+    bar.add_argument("--progress", dest="progress", action="store_true", default=None, help="always show a bar")
+    bar.add_argument("--no-progress", dest="progress", action="store_false", help="plain lines, never a bar")
+
+
+def default_out_dir(config_path: Path | None, now: float | None = None) -> Path:
+    """``runs/<config stem>-<YYYYmmdd-HHMMSS>``."""
+    stem = config_path.stem if config_path is not None else "run"
+    return Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(now))}"
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from pyro_vae.config import load_config
+    from pyro_vae.train import NonFiniteLossError, train
+
+    overrides = list(args.overrides) + ([f"train.seed={args.seed}"] if args.seed is not None else [])
+    config_path = args.config
+    if args.resume:
+        if args.out is None:
+            raise _UsageError("--resume needs --out DIR, the run folder to continue")
+        if config_path is None:
+            config_path = args.out / "config.toml"
+            if not config_path.is_file():
+                raise _UsageError(f"nothing to resume: {config_path} does not exist")
+    elif config_path is None:
+        raise _UsageError("train needs --config FILE (or --resume --out DIR)")
+    cfg = load_config(config_path, overrides)
+    out = args.out or default_out_dir(args.config)
+    download = args.download or bool(getattr(cfg.data, "download", False))
+    device = args.device if args.device != "auto" or getattr(cfg.train, "device", None) is None else None
+    try:
+        result = train(
+            cfg,
+            out,
+            device=device,
+            data_dir=args.data_dir,
+            resume=args.resume,
+            progress=args.progress,
+            download=download,
+        )
+    except NonFiniteLossError as err:
+        print(f"pyro-vae train: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    if result["status"] == "interrupted":
+        return EXIT_INTERRUPTED
+    print(result["run_dir"])
+    return 0
+
+
+# -- evaluate -------------------------------------------------------------------------------------------
+CONTRACT_KEYS = ("test_elbo", "test_nll", "test_nll_se", "bits_per_dim", "num_examples")
+
+
+def _evaluate_args(parser: argparse.ArgumentParser) -> None:
+    _run_dir_args(parser)
+    parser.add_argument(
+        "--nll-samples",
+        type=_positive_or_zero,
+        default=5000,
+        metavar="K",
+        help="importance samples per example for the NLL; 0 skips it (default: 5000)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the full result as JSON")
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from pyro_vae.evaluate import evaluate_run
+
+    result = evaluate_run(args.run, nll_samples=args.nll_samples, device=args.device, data_dir=args.data_dir)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    for key in CONTRACT_KEYS:
+        value = result.get(key)
+        print(f"{key:>14}  {value:.4f}" if isinstance(value, float) else f"{key:>14}  {value}")
+    if result.get("warning"):
+        print(f"warning: {result['warning']}")
+    return 0
+
+
+# -- sample -------------------------------------------------------------------------------------------------
+def _sample_args(parser: argparse.ArgumentParser) -> None:
+    _run_dir_args(parser)
+    parser.add_argument("--num", type=_positive, default=64, metavar="N", help="how many samples (default: 64)")
+    parser.add_argument("--out", type=Path, required=True, metavar="FILE.png", help="where to write the image grid")
+    parser.add_argument("--seed", type=int, default=0, metavar="N", help="seed for the draws (default: 0)")
+
+
+def _run_sample(args: argparse.Namespace) -> int:
+    import pyro
+
+    from pyro_vae.plots import plot_samples
+    from pyro_vae.runs import load_run
+
+    run = load_run(args.run, device=args.device, data_dir=args.data_dir, load_data=False)
+    pyro.set_rng_seed(args.seed)
+    image_shape = _image_shape(run)
+    path = plot_samples(run.vae, image_shape, args.out, num=args.num)
+    print(path or args.out)
+    return 0
+
+
+def _image_shape(run) -> tuple[int, ...]:
+    """The run's image shape, from its dataset (loaded without touching the data files when possible)."""
+    from pyro_vae.runs import load_dataset_for
+
+    try:
+        return tuple(load_dataset_for(run.config, device="cpu").image_shape)
+    except (FileNotFoundError, ValueError):
+        side = math.isqrt(run.vae.x_dim)
+        if side * side != run.vae.x_dim:
+            raise
+        return (1, side, side)
+
+
+# -- plot -----------------------------------------------------------------------------------------------------
+def _plot_args(parser: argparse.ArgumentParser) -> None:
+    _run_dir_args(parser)
+
+
+def _run_plot(args: argparse.Namespace) -> int:
+    from pyro_vae.plots import write_all_figures
+    from pyro_vae.runs import load_run
+
+    run = load_run(args.run, device=args.device, data_dir=args.data_dir)
+    written = write_all_figures(run.vae, run.dataset, run.metrics, run.path)
+    for path in written or ():
+        print(path)
+    return 0
+
+
+# -- compare -------------------------------------------------------------------------------------------------
+def _compare_args(parser: argparse.ArgumentParser) -> None:
+    _run_dir_args(parser)
+    parser.add_argument(
+        "--estimators",
+        required=True,
+        metavar="SPECS",
+        help='comma-separated estimator specs, e.g. "trace,meanfield,closed_form,iwae(k=50)"',
+    )
+    parser.add_argument("--repeats", type=_positive, default=100, metavar="R", help="repeats (default: 100)")
+    parser.add_argument("--batch", type=_positive, default=None, metavar="B", help="test examples used")
+    parser.add_argument("--json", action="store_true", help="print the raw numbers as JSON")
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    from pyro_vae.compare import compare_run
+    from pyro_vae.specs import split_specs
+
+    specs = split_specs(args.estimators)
+    if not specs:
+        raise _UsageError("--estimators is empty; e.g. --estimators trace,meanfield")
+    kwargs: dict[str, Any] = {"estimators": specs, "repeats": args.repeats, "device": args.device}
+    if args.batch is not None:
+        kwargs["batch_size"] = args.batch
+    if args.data_dir is not None:
+        kwargs["data_dir"] = args.data_dir
+    result = compare_run(args.run, **kwargs)
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        table = result.get("table") if isinstance(result, dict) else None
+        print(table if table else json.dumps(result, indent=2, default=str))
+    return 0
+
+
+SUBCOMMANDS: dict[str, Subcommand] = {
+    "train": Subcommand(
+        "train a VAE and write a run folder",
+        "Train the VAE a TOML config describes. The run folder gets config.toml, metrics.jsonl, "
+        "checkpoint.pt (every epoch), best.pt, train.log, evaluation.json and figures.\n\n"
+        "examples:\n"
+        "  pyro-vae train --config configs/mnist.toml\n"
+        "  pyro-vae train --config configs/mnist.toml --set train.epochs=2 --set data.subset=1000 --out runs/quick\n"
+        "  pyro-vae train --resume --out runs/quick --set train.epochs=4",
+        _train_args,
+        _run_train,
+    ),
+    "evaluate": Subcommand(
+        "test ELBO, importance-sampled NLL, bits/dim of a run",
+        "Evaluate a run's best weights on its test set: ELBO, NLL with K importance samples and its "
+        "standard error, bits/dim, active units.\n\nexample:\n  pyro-vae evaluate --run runs/quick --json",
+        _evaluate_args,
+        _run_evaluate,
+    ),
+    "sample": Subcommand(
+        "draw images from a run's prior",
+        "Decode N draws z ~ p(z) of a run's model into an image grid.\n\n"
+        "example:\n  pyro-vae sample --run runs/quick --num 64 --out samples.png",
+        _sample_args,
+        _run_sample,
+    ),
+    "plot": Subcommand(
+        "write a run's figures again",
+        "Learning curves, reconstructions, samples, latent codes, interpolations, as PNG in the run "
+        "folder.\n\nexample:\n  pyro-vae plot --run runs/quick",
+        _plot_args,
+        _run_plot,
+    ),
+    "compare": Subcommand(
+        "compare bound and gradient estimators on a run's model",
+        "Bound mean and standard error, variance, gradient signal-to-noise and time per evaluation "
+        'for each estimator.\n\nexample:\n  pyro-vae compare --run runs/quick --estimators "trace,iwae(k=50)"',
+        _compare_args,
+        _run_compare,
+    ),
+}
+
+
+# -- argument types and errors -----------------------------------------------------------------------------
+class _UsageError(ValueError):
+    """A command line that cannot work (e.g. --resume without --out)."""
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _positive_or_zero(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``pyro-vae`` argument parser, one subparser per entry of :data:`SUBCOMMANDS`."""
+    parser = argparse.ArgumentParser(
+        prog="pyro-vae", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    from pyro_vae import __version__
+
+    parser.add_argument("--version", action="version", version=f"pyro-vae {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, command in SUBCOMMANDS.items():
+        child = sub.add_parser(
+            name,
+            help=command.help,
+            description=command.description,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        command.add_arguments(child)
+    return parser
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean a mistake in the input (config, spec, data, run folder), not a bug."""
+    from pyro_vae.train import TrainingError
+
+    return (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, TrainingError, ImportError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``pyro-vae`` and ``python -m pyro_vae``; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    command = SUBCOMMANDS[args.command]
+    try:
+        return command.run(args)
+    except _user_errors() as err:
+        if os.environ.get("PYRO_VAE_DEBUG"):
+            raise
+        message = str(err) or type(err).__name__
+        print(f"pyro-vae {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"pyro-vae {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

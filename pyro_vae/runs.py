@@ -1,0 +1,149 @@
+"""Run folders: build the model a config describes, pick the device, load a finished run.
+
+A run folder (written by ``pyro-vae train``, see ``docs/training.md``) holds ``config.toml``,
+``metrics.jsonl``, ``checkpoint.pt`` (the last completed epoch), ``best.pt`` (the best epoch on
+the validation ELBO), ``evaluation.json``, ``train.log`` and the figures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pyro_vae.checkpoint import CheckpointError, load_checkpoint
+from pyro_vae.model import VAE
+
+CHECKPOINT = "checkpoint.pt"
+BEST = "best.pt"
+CONFIG = "config.toml"
+METRICS = "metrics.jsonl"
+
+
+def _get(section: Any, key: str, default: Any = None) -> Any:
+    """A key of a config section that is either a dataclass or a plain dict."""
+    if isinstance(section, dict):
+        return section.get(key, default)
+    return getattr(section, key, default)
+
+
+def build_vae(model_cfg: Any, x_dim: int) -> VAE:
+    """The VAE that a ``[model]`` section (dataclass or dict) describes, for data of width ``x_dim``."""
+    return VAE(
+        x_dim=x_dim,
+        z_dim=_get(model_cfg, "z_dim", 10),
+        hidden_dims=tuple(_get(model_cfg, "hidden_dims", (400,))),
+        activation=_get(model_cfg, "activation", "softplus"),
+        prior=_get(model_cfg, "prior", "normal"),
+        likelihood=_get(model_cfg, "likelihood", "bernoulli"),
+        guide=_get(model_cfg, "guide", "normal"),
+    )
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``"auto"`` (CUDA when present, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; unavailable ones are errors."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"unknown device {str(device)!r}; use auto, cpu, cuda or cuda:N") from err
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r} requested, but CUDA is not available here (use --device cpu)")
+        count = torch.cuda.device_count()
+        if resolved.index is not None and resolved.index >= count:
+            raise ValueError(f"device {str(device)!r} requested, but only {count} CUDA device(s) exist")
+    return resolved
+
+
+@dataclass
+class Run:
+    """A loaded run: its config, the trained VAE (in eval mode), the dataset and the metrics."""
+
+    path: Path
+    config: Any
+    vae: VAE
+    dataset: Any
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    checkpoint: str = CHECKPOINT
+    epoch: int = 0
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The per-epoch records of ``metrics.jsonl`` (empty when the file does not exist)."""
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def load_dataset_for(config: Any, device: torch.device | str = "cpu", data_dir=None, download: bool = False):
+    """The dataset a config's ``[data]`` section names, on ``device``."""
+    from pyro_vae import data
+
+    section = config.data
+    return data.load_dataset(
+        section.name,
+        root=data_dir,
+        device=device,
+        subset=_get(section, "subset"),
+        val_size=_get(section, "val_size"),
+        seed=_get(config.train, "seed", 0),
+        download=download,
+    )
+
+
+def weights_path(run_dir: str | os.PathLike, which: str = "best") -> Path:
+    """``best.pt`` when ``which="best"`` and it exists, else ``checkpoint.pt``; ``which="last"`` forces the latter."""
+    run_dir = Path(run_dir)
+    if which not in ("best", "last"):
+        raise ValueError(f"which must be 'best' or 'last', got {which!r}")
+    if which == "best" and (run_dir / BEST).is_file():
+        return run_dir / BEST
+    return run_dir / CHECKPOINT
+
+
+def load_run(
+    run_dir: str | os.PathLike,
+    device: str | torch.device = "auto",
+    data_dir=None,
+    load_data: bool = True,
+    which: str = "best",
+) -> Run:
+    """Load a run folder: config, the VAE with its trained weights, the dataset and the metrics.
+
+    The weights are those of ``best.pt`` (best validation ELBO) when it exists, else of
+    ``checkpoint.pt`` (the last completed epoch); ``which="last"`` always takes ``checkpoint.pt``.
+    The x dimension is read from the checkpoint, so ``load_data=False`` needs no dataset.
+    """
+    from pyro_vae.config import config_from_dict
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run folder {run_dir} does not exist")
+    path = weights_path(run_dir, which)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint in {run_dir} (expected {CHECKPOINT}); has this run trained an epoch?")
+    state = load_checkpoint(path, map_location="cpu")
+    config = config_from_dict(state["config"])
+    device = resolve_device(device)
+    vae = build_vae(config.model, x_dim=int(state["x_dim"]))
+    vae.load_state_dict(state["model"])
+    vae.to(device).eval()
+    dataset = load_dataset_for(config, device=device, data_dir=data_dir) if load_data else None
+    return Run(
+        path=run_dir,
+        config=config,
+        vae=vae,
+        dataset=dataset,
+        metrics=read_metrics(run_dir),
+        device=device,
+        checkpoint=path.name,
+        epoch=int(state["epoch"]),
+    )
