@@ -1,0 +1,509 @@
+"""Data-parallel training with ``torch.distributed``, launched by ``torchrun``.
+
+Nothing here launches processes: ``torchrun`` (or any launcher that sets the ``env://``
+variables ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) starts one
+process per device, and :func:`session` turns that environment into a process group
+(NCCL on ``cuda:LOCAL_RANK``, gloo on CPU). Without those variables everything here is a no-op
+on a single process, so the training loop has one code path.
+
+The pieces, each standard PyTorch:
+
+- **Gradients.** :class:`LossModule` is an ``nn.Module`` whose ``forward(x, beta)`` returns an
+  estimator's loss (the pattern of Pyro's ``ELBOModule``, generalized to every estimator here,
+  including the plain-torch ``closed_form``). :func:`wrap` puts it in
+  ``torch.nn.parallel.DistributedDataParallel``, which all-reduces gradients during
+  ``backward``. DDP *averages* over ranks; the estimators' losses are *sums* over the batch, so
+  the loss's gradient is multiplied by the world size (:func:`scale_gradient`) and the averaged
+  gradient is exactly the gradient of the summed loss over the global batch, the same as one
+  process stepping on the union of the ranks' mini-batches.
+- **Data.** :func:`shard_indices` gives each rank a disjoint slice of one permutation that all
+  ranks draw from a shared seed and the epoch; ``batch_size`` is the *global* batch. Pyro's
+  ``plate(subsample_size=...)`` is deliberately not used: every rank would draw the same indices.
+- **Metrics.** :func:`all_reduce_sum` and :func:`gather_rows` make evaluation over sharded data
+  equal to a single-process evaluation.
+- **RNG.** Rank r draws its Monte Carlo noise from :func:`rank_seed` ``(seed, r)`` so ranks do not
+  share noise; :func:`gather_rng_states` / :func:`restore_rng_state` carry every rank's state
+  through a checkpoint.
+
+See docs/distributed.md for commands, batch and learning-rate semantics, and resume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyro.util
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+# Variables that torchrun (torch.distributed.run) sets in every worker.
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    """Where this process sits: ``rank`` of ``world_size`` processes, on ``device``."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    backend: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        """True when a process group with more than one rank is in use."""
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone writes files and prints."""
+        return self.rank == 0
+
+
+def launched_by_torchrun(env: Mapping[str, str] | None = None) -> bool:
+    """Whether ``torchrun`` started this process (its ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` are set)."""
+    env = os.environ if env is None else env
+    return all(name in env for name in TORCHRUN_ENV)
+
+
+def _env_int(env: Mapping[str, str], name: str) -> int:
+    value = env[name]
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer (set by torchrun)") from None
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def setup(device: str | torch.device | None = "auto", timeout_s: float = 1800.0) -> DistributedContext:
+    """Initialize the process group from torchrun's environment and return this rank's context.
+
+    ``device`` is the requested device (``"auto"``, ``"cpu"``, ``"cuda"``). Under torchrun a CUDA
+    device becomes ``cuda:LOCAL_RANK`` (one GPU per process) with the NCCL backend; a CPU device
+    uses gloo. Without torchrun's environment nothing is initialized and the context is the
+    single process on the resolved device. A process group that already exists (e.g. set up by
+    the caller) is reused and left for its owner to destroy.
+    """
+    resolved = _resolve_device(device)
+    if not launched_by_torchrun():
+        return DistributedContext(device=resolved)
+    env = os.environ
+    rank, world_size, local_rank = (_env_int(env, name) for name in TORCHRUN_ENV)
+    if resolved.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(
+                f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA device(s) are visible: "
+                "start at most one process per GPU (torchrun --nproc_per_node=<number of GPUs>)"
+            )
+        resolved = torch.device("cuda", local_rank)
+        torch.cuda.set_device(resolved)
+        backend = "nccl"
+    elif resolved.type == "cpu":
+        backend = "gloo"
+    else:
+        raise ValueError(f"distributed training supports cuda and cpu devices, not {resolved.type!r}")
+    if not dist.is_initialized():
+        kwargs: dict[str, Any] = {"timeout": datetime.timedelta(seconds=timeout_s)}
+        if backend == "nccl":
+            kwargs["device_id"] = resolved  # binds the communicator to this GPU eagerly
+        dist.init_process_group(backend=backend, init_method="env://", **kwargs)
+    return DistributedContext(rank, world_size, local_rank, resolved, dist.get_backend())
+
+
+def teardown() -> None:
+    """Destroy the process group (after a barrier, so no rank leaves while others still talk)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def session(device: str | torch.device | None = "auto") -> Iterator[DistributedContext]:
+    """``with session(device) as ctx:`` -- :func:`setup` on entry; on exit destroy the group it created.
+
+    On an exception the group is destroyed without a barrier (the other ranks may never reach it;
+    torchrun then stops them).
+    """
+    owned = launched_by_torchrun() and not dist.is_initialized()
+    ctx = setup(device)
+    try:
+        yield ctx
+    except BaseException:
+        if owned and dist.is_initialized():
+            dist.destroy_process_group()
+        raise
+    if owned:
+        teardown()
+
+
+def context() -> DistributedContext:
+    """The context of an already initialized process group (or of a single process)."""
+    if not dist.is_initialized():
+        return DistributedContext()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    backend = dist.get_backend()
+    device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
+    return DistributedContext(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
+
+
+def is_main() -> bool:
+    """True on rank 0 and in a single process: the one process that writes files and prints."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def get_rank() -> int:
+    """This process's rank (0 in a single process)."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    """The number of processes (1 in a single process)."""
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# -- data -------------------------------------------------------------------------------
+
+
+def per_rank_batch_size(batch_size: int, world_size: int) -> int:
+    """The per-rank share ``batch_size / world_size`` of the global ``batch_size``.
+
+    Raises ``ValueError`` unless it divides evenly: an uneven split would silently change the
+    global batch (and so the meaning of the learning rate).
+    """
+    if batch_size < 1:
+        raise ValueError(f"train.batch_size must be positive, got {batch_size}")
+    if batch_size % world_size:
+        lower = max(world_size, batch_size - batch_size % world_size)
+        raise ValueError(
+            f"train.batch_size={batch_size} is the global batch and must be divisible by the number of "
+            f"processes ({world_size}); use e.g. {lower} or {lower + world_size}"
+        )
+    return batch_size // world_size
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A 63-bit seed for epoch ``epoch`` of a run with ``seed``, the same on every rank."""
+    return int(np.random.SeedSequence([int(seed), int(epoch)]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The permutation of ``range(n)`` for ``epoch``: one CPU ``torch.Generator`` seeded from (seed, epoch).
+
+    Drawn on the CPU so that every rank, whatever its device, gets the same permutation.
+    """
+    generator = torch.Generator().manual_seed(epoch_seed(seed, epoch))
+    return torch.randperm(n, generator=generator)
+
+
+def shard_indices(
+    n: int, batch_size: int, seed: int, epoch: int, rank: int, world_size: int, device: torch.device | str = "cpu"
+) -> list[torch.Tensor]:
+    """This rank's mini-batches of example indices for one epoch.
+
+    All ranks draw the same permutation ``perm`` (:func:`epoch_permutation`); rank ``r`` takes
+    ``perm[r : m : world_size]`` with ``m = n - n % world_size`` and cuts it into batches of
+    ``batch_size / world_size``. Hence:
+
+    - the ranks' indices are disjoint, and each rank runs the same number of steps (DDP needs
+      every rank in every all-reduce);
+    - at step t the union of the ranks' batches is ``perm[t*B : (t+1)*B]`` with ``B = batch_size``,
+      i.e. the global batch a single process would take from the same permutation;
+    - ``n % world_size`` examples (at most ``world_size - 1``, different ones each epoch since the
+      permutation changes) sit out the epoch; the last batch may be smaller (the same on every rank).
+    """
+    local = per_rank_batch_size(batch_size, world_size)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
+    perm = epoch_permutation(n, seed, epoch)
+    mine = perm[rank : n - n % world_size : world_size].to(device)
+    return list(mine.split(local))
+
+
+def shard_batches(
+    x: torch.Tensor, batch_size: int, seed: int, epoch: int, ctx: DistributedContext | None = None
+) -> Iterator[torch.Tensor]:
+    """Mini-batches of the device-resident ``x`` for this rank (see :func:`shard_indices`)."""
+    ctx = ctx or context()
+    for index in shard_indices(len(x), batch_size, seed, epoch, ctx.rank, ctx.world_size, x.device):
+        yield x[index]
+
+
+def shard_rows(x: torch.Tensor, rank: int | None = None, world_size: int | None = None) -> torch.Tensor:
+    """This rank's contiguous block of the rows of ``x`` (blocks differ by at most one row); for evaluation."""
+    rank = get_rank() if rank is None else rank
+    world_size = get_world_size() if world_size is None else world_size
+    return torch.tensor_split(x, world_size)[rank]
+
+
+# -- gradients --------------------------------------------------------------------------
+
+
+class _ScaleGradient(torch.autograd.Function):
+    """Identity in the forward pass; multiplies the incoming gradient by ``factor``."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, factor: float) -> torch.Tensor:  # type: ignore[override]
+        ctx.factor = factor
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return grad * ctx.factor, None
+
+
+def scale_gradient(tensor: torch.Tensor, factor: float) -> torch.Tensor:
+    """``tensor`` unchanged, with its gradient multiplied by ``factor`` (exactly, for a power of two)."""
+    if factor == 1:
+        return tensor
+    return _ScaleGradient.apply(tensor, factor)
+
+
+class LossModule(nn.Module):
+    """``forward(x, beta) = estimator.loss(vae, x, beta)``: a training objective as an ``nn.Module``.
+
+    The same idea as Pyro's ``ELBOModule`` (``Trace_ELBO()(model, guide)``) -- a module whose
+    forward returns the loss, so ``DistributedDataParallel`` can wrap it -- but for any estimator
+    here, not only Pyro ELBO classes, and for the VAE's ``pyro.module``-registered networks.
+
+    With ``gradient_factor = world_size`` the returned value is still this rank's summed loss, while
+    its gradient is ``world_size`` times as large; DDP's average over ranks then equals the gradient
+    of the loss summed over the global batch.
+    """
+
+    def __init__(self, vae: nn.Module, estimator, gradient_factor: float = 1.0) -> None:
+        super().__init__()
+        self.vae = vae
+        self.estimator = estimator
+        self.gradient_factor = gradient_factor
+
+    def forward(self, x: torch.Tensor, beta: float | torch.Tensor = 1.0) -> torch.Tensor:
+        return scale_gradient(self.estimator.loss(self.vae, x, beta), self.gradient_factor)
+
+
+def unused_parameters(vae: nn.Module, estimator, x: torch.Tensor, beta: float = 1.0) -> list[str]:
+    """Names of trainable parameters of ``vae`` that get no gradient from ``estimator.loss`` on ``x``.
+
+    Some (estimator, prior, guide) combinations leave parameters out of the graph; DDP must then be
+    told (``find_unused_parameters=True``) or it waits forever for their gradients. The probe runs
+    the loss once on a few examples; its random draws are restored afterwards so training is unchanged.
+    """
+    named = [(name, p) for name, p in vae.named_parameters() if p.requires_grad]
+    state = pyro.util.get_rng_state()
+    cuda_state = torch.cuda.get_rng_state(x.device) if x.device.type == "cuda" else None
+    try:
+        loss = estimator.loss(vae, x, beta)
+        grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
+    finally:
+        pyro.util.set_rng_state(state)
+        if cuda_state is not None:
+            torch.cuda.set_rng_state(cuda_state, x.device)
+    return [name for (name, _), g in zip(named, grads, strict=True) if g is None]
+
+
+def wrap(
+    vae: nn.Module,
+    estimator,
+    ctx: DistributedContext | None = None,
+    probe: torch.Tensor | None = None,
+    find_unused_parameters: bool | None = None,
+) -> nn.Module:
+    """``DistributedDataParallel(LossModule(vae, estimator, world_size))`` for this rank.
+
+    DDP broadcasts rank 0's parameters and buffers on construction, so every rank starts from the
+    same model. ``find_unused_parameters`` defaults to a probe on ``probe`` (a few training examples):
+    True only when some parameter gets no gradient (it costs a graph traversal per step).
+    In a single process the bare ``LossModule`` is returned.
+    """
+    ctx = ctx or context()
+    if not ctx.enabled:
+        return LossModule(vae, estimator)
+    if find_unused_parameters is None:
+        find_unused_parameters = probe is not None and bool(unused_parameters(vae, estimator, probe))
+    device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    return DistributedDataParallel(
+        LossModule(vae, estimator, gradient_factor=ctx.world_size),
+        device_ids=device_ids,
+        find_unused_parameters=find_unused_parameters,
+    )
+
+
+class DistributedEstimator:
+    """An estimator whose ``loss`` runs through the DDP-wrapped :class:`LossModule`.
+
+    Drop-in for the training step (``TrainStep(vae, DistributedEstimator(...), optimizer)``):
+    ``loss(vae, x, beta)`` returns this rank's summed loss and its backward all-reduces the
+    gradients. Everything else (``bound``, ``log_weights``, ``spec``) is the wrapped estimator's.
+    """
+
+    def __init__(self, module: nn.Module, estimator) -> None:
+        self.module, self.estimator = module, estimator
+
+    def loss(self, vae, x: torch.Tensor, beta: float | torch.Tensor = 1.0) -> torch.Tensor:
+        return self.module(x, beta)
+
+    def __getattr__(self, name: str):
+        # Only called for attributes not found normally: delegate to the wrapped estimator.
+        return getattr(self.__dict__["estimator"], name)
+
+
+def distribute_estimator(
+    vae: nn.Module, estimator, ctx: DistributedContext | None = None, probe: torch.Tensor | None = None
+):
+    """The estimator to train with on this rank: ``estimator`` itself in a single process, else DDP-wrapped."""
+    ctx = ctx or context()
+    if not ctx.enabled:
+        return estimator
+    return DistributedEstimator(wrap(vae, estimator, ctx, probe=probe), estimator)
+
+
+# -- metrics ----------------------------------------------------------------------------
+
+
+def _collective_device(device: torch.device) -> torch.device:
+    """NCCL talks only to this rank's GPU; gloo to any device (CPU tensors are cheapest)."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def all_reduce_sum(*values: torch.Tensor | float) -> tuple[torch.Tensor, ...]:
+    """The sums over ranks of scalar ``values`` (one collective for all); unchanged in one process."""
+    tensors = [torch.as_tensor(v) for v in values]
+    device = _collective_device(tensors[0].device)
+    stacked = torch.stack([t.to(device=device, dtype=torch.float64).reshape(()) for t in tensors])
+    if dist.is_initialized():
+        dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
+    return tuple(stacked.unbind())
+
+
+def gather_rows(local: torch.Tensor, sizes: Sequence[int] | None = None) -> torch.Tensor:
+    """Concatenate every rank's ``local`` rows in rank order (the inverse of :func:`shard_rows`).
+
+    ``sizes`` (rows per rank) defaults to an all-gather of the row counts. Rows are padded to
+    the largest count for the collective and trimmed after.
+    """
+    if not dist.is_initialized():
+        return local
+    device = _collective_device(local.device)
+    local = local.to(device)
+    if sizes is None:
+        count = torch.tensor([len(local)], device=device)
+        counts = [torch.zeros_like(count) for _ in range(dist.get_world_size())]
+        dist.all_gather(counts, count)
+        sizes = [int(c) for c in counts]
+    longest = max(sizes)
+    padded = local.new_zeros((longest, *local.shape[1:]))
+    padded[: len(local)] = local
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)])
+
+
+def map_rows(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``fn(x)`` (per-row results) computed with each rank on its :func:`shard_rows` block, then gathered.
+
+    Every rank returns the full result in the original row order, so any statistic of it (a mean,
+    a standard error) is what a single process computes -- up to each rank's own random draws.
+    """
+    if not dist.is_initialized():
+        return fn(x)
+    sizes = [len(block) for block in torch.tensor_split(torch.empty(len(x), 0), get_world_size())]
+    return gather_rows(fn(shard_rows(x)), sizes)
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every rank (e.g. a run folder name or a stop decision)."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+# -- random number generators -----------------------------------------------------------
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """An independent 32-bit seed for the Monte Carlo noise of ``rank`` in a run with ``seed``."""
+    return int(np.random.SeedSequence([int(seed), 1 + int(rank)]).generate_state(1)[0])
+
+
+def seed_rank(seed: int, ctx: DistributedContext | None = None) -> None:
+    """Give this rank its own noise stream (``pyro.set_rng_seed(rank_seed(seed, rank))``) when distributed.
+
+    Identical streams on all ranks would pair example i of every rank's batch with the same
+    noise: not wrong in expectation, but correlated. A single process keeps its stream untouched.
+    """
+    ctx = ctx or context()
+    if ctx.enabled:
+        pyro.util.set_rng_seed(rank_seed(seed, ctx.rank))
+
+
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """This process's RNG state: Pyro's (torch CPU, random, numpy) plus the CUDA device's."""
+    state = pyro.util.get_rng_state()
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def gather_rng_states(device: torch.device | None = None) -> list[dict[str, Any]]:
+    """Every rank's :func:`rng_state`, in rank order, on every rank (for rank 0 to checkpoint)."""
+    state = rng_state(device)
+    if not dist.is_initialized():
+        return [state]
+    states: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return states
+
+
+def restore_rng_state(
+    states: Sequence[Mapping[str, Any]] | Mapping[str, Any] | None,
+    seed: int,
+    epoch: int,
+    ctx: DistributedContext | None = None,
+) -> None:
+    """Restore this rank's RNG state from a checkpoint's ``states``.
+
+    ``states`` is the list of :func:`gather_rng_states` (or one state of a single-process run).
+    When it holds one state per rank of the current world, each rank takes its own and the
+    resumed run continues exactly. Otherwise (different number of processes, or no states) every
+    rank is reseeded from (seed, epoch, rank): reproducible, but not the uninterrupted stream.
+    """
+    ctx = ctx or context()
+    if isinstance(states, Mapping):
+        states = [states]
+    if states and len(states) == ctx.world_size:
+        state = dict(states[ctx.rank])
+        cuda_state = state.pop("cuda", None)
+        pyro.util.set_rng_state(state)
+        if cuda_state is not None and ctx.device.type == "cuda":
+            torch.cuda.set_rng_state(cuda_state.cpu() if hasattr(cuda_state, "cpu") else cuda_state, ctx.device)
+        return
+    if states:
+        warnings.warn(
+            f"checkpoint holds RNG states of {len(states)} process(es) but {ctx.world_size} are running: "
+            "reseeding each rank from (seed, epoch, rank)",
+            stacklevel=2,
+        )
+    pyro.util.set_rng_seed(rank_seed(epoch_seed(seed, epoch), ctx.rank))

@@ -1,0 +1,398 @@
+"""Data-parallel training (pyro_vae.distributed): sharding, gradient averaging, reductions, RNG.
+
+Multi-process tests run two CPU processes with the gloo backend over loopback, set up exactly as
+torchrun sets them up (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_*``), so they exercise the
+same ``distributed.session`` path as ``torchrun -m pyro_vae train``. One spawn runs every
+scenario (importing torch and Pyro twice costs seconds); the tests below check its results.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pyro
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+from pyro_vae import distributed
+from pyro_vae.closed_form import closed_form_terms
+from pyro_vae.estimators import Estimator
+from pyro_vae.estimators import get as get_estimator
+from pyro_vae.model import VAE
+
+WORLD = 2
+X_DIM, Z_DIM, HIDDEN = 12, 3, (8,)
+GLOBAL_BATCH = 8
+SEED = 3
+LR = 0.05
+STOCHASTIC_ESTIMATORS = ("closed_form", "trace", "meanfield")
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago (bind to port 0 and let the OS choose)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class PosteriorMeanELBO(Estimator):
+    """A deterministic bound for exact comparisons: log p(x | z = mean of q) - KL(q || p), no noise."""
+
+    def loss(self, vae, x, beta=1.0):
+        loc, _ = vae.encode(x)
+        terms = closed_form_terms(vae, x)
+        log_px = vae.decode(loc).log_prob(vae.likelihood.prepare(x))
+        return -(log_px - beta * terms.kl).sum()
+
+
+def make_data(n: int = 40) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(123)
+    return torch.bernoulli(torch.full((n, X_DIM), 0.3, dtype=torch.float64), generator=generator)
+
+
+def make_vae(init_seed: int) -> VAE:
+    pyro.set_rng_seed(init_seed)
+    return VAE(x_dim=X_DIM, z_dim=Z_DIM, hidden_dims=HIDDEN).double()
+
+
+def params(vae: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in vae.named_parameters()}
+
+
+# -- the reference: one process, the same B examples, the same noise -------------------------------
+
+
+def reference_sgd_step(estimator, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """One SGD step of a single process on the global batch, with each rank's share of the noise.
+
+    The loss is the sum over the global batch; its rank-r part is computed after seeding the RNG as
+    rank r does, so the Monte Carlo noise matches the distributed step example by example.
+    """
+    vae = make_vae(init_seed=100)  # rank 0's initialization (DDP broadcasts it to every rank)
+    optimizer = torch.optim.SGD(vae.parameters(), lr=LR)
+    total, parts = 0.0, []
+    for rank in range(WORLD):
+        index = distributed.shard_indices(len(x), GLOBAL_BATCH, SEED, 0, rank, WORLD)[0]
+        pyro.set_rng_seed(distributed.rank_seed(SEED, rank))
+        part = estimator.loss(vae, x[index])
+        parts.append(part.item())
+        total = total + part
+    total.backward()
+    optimizer.step()
+    return params(vae), parts
+
+
+# -- the worker: one rank -----------------------------------------------------------------------
+
+
+def _one_step(ctx, estimator, x):
+    vae = make_vae(init_seed=100 + ctx.rank)  # different on each rank: DDP must broadcast rank 0's
+    train_estimator = distributed.distribute_estimator(vae, estimator, ctx, probe=x[:2])
+    optimizer = torch.optim.SGD(vae.parameters(), lr=LR)
+    index = distributed.shard_indices(len(x), GLOBAL_BATCH, SEED, 0, ctx.rank, ctx.world_size)[0]
+    distributed.seed_rank(SEED, ctx)
+    optimizer.zero_grad()
+    loss = train_estimator.loss(vae, x[index])
+    loss.backward()
+    optimizer.step()
+    return {"params": params(vae), "loss": loss.item(), "index": index}
+
+
+def _several_steps(ctx, x, steps_per_epoch_limit=None):
+    """Two epochs of Adam with clipping on this rank's shards, as the training loop does it."""
+    vae = make_vae(init_seed=200 + ctx.rank)
+    estimator = get_estimator("trace")
+    train_estimator = distributed.distribute_estimator(vae, estimator, ctx, probe=x[:2])
+    optimizer = torch.optim.Adam(vae.parameters(), lr=1e-2)
+    distributed.seed_rank(SEED, ctx)
+    seen, total, count = [], torch.zeros((), dtype=torch.float64), 0
+    for epoch in range(2):
+        for index in distributed.shard_indices(len(x), GLOBAL_BATCH, SEED, epoch, ctx.rank, ctx.world_size):
+            optimizer.zero_grad()
+            loss = train_estimator.loss(vae, x[index], 0.5)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), 5.0)
+            optimizer.step()
+            seen.append((epoch, index))
+            total, count = total + loss.detach(), count + len(index)
+    total, count = distributed.all_reduce_sum(total, count)
+    return {"params": params(vae), "batches": seen, "train_loss_per_example": (total / count).item()}
+
+
+def _unused_parameter(ctx, x):
+    """A parameter outside the loss's graph: the probe must switch on find_unused_parameters."""
+    vae = make_vae(init_seed=300)
+    vae.register_parameter("spare", nn.Parameter(torch.zeros(2, dtype=torch.float64)))
+    module = distributed.wrap(vae, PosteriorMeanELBO(), ctx, probe=x[:2])
+    optimizer = torch.optim.SGD(vae.parameters(), lr=LR)
+    for step in range(3):
+        optimizer.zero_grad()
+        index = distributed.shard_indices(len(x), GLOBAL_BATCH, SEED, step, ctx.rank, ctx.world_size)[0]
+        module(x[index]).backward()
+        optimizer.step()
+    return {"find_unused": module.find_unused_parameters, "params": params(vae)}
+
+
+def _reductions(ctx, x):
+    (total, count) = distributed.all_reduce_sum(torch.tensor(ctx.rank + 1.5), len(distributed.shard_rows(x[:7])))
+    rows = distributed.map_rows(lambda block: block.sum(-1) * (1 + block[:, 0]), x[:7])
+    distributed.seed_rank(SEED, ctx)
+    states = distributed.gather_rng_states()
+    distributed.restore_rng_state(states, SEED, epoch=1, ctx=ctx)
+    after_restore = torch.rand(3)
+    return {
+        "sum": total.item(),
+        "count": count.item(),
+        "rows": rows,
+        "states": states,
+        "after_restore": after_restore,
+        "out_dir_from_rank0": distributed.broadcast_object(f"run-of-rank-{ctx.rank}"),
+    }
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    torch.set_num_threads(1)
+    torch.set_default_dtype(torch.float64)  # exact comparisons: float64 leaves only summation-order noise
+    x = make_data()
+    with distributed.session("cpu") as ctx:
+        assert ctx.enabled and ctx.world_size == world and ctx.rank == rank and ctx.backend == "gloo"
+        assert distributed.is_main() == (rank == 0)
+        results = {
+            "one_step": {name: _one_step(ctx, get_estimator(name), x) for name in STOCHASTIC_ESTIMATORS},
+            "deterministic": _one_step(ctx, PosteriorMeanELBO(), x),
+            "several_steps": _several_steps(ctx, x),
+            "unused_parameter": _unused_parameter(ctx, x),
+            "reductions": _reductions(ctx, x),
+        }
+    assert not torch.distributed.is_initialized(), "session() must destroy the process group it created"
+    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    """Run every scenario on two gloo ranks; the list holds each rank's results."""
+    out_dir = tmp_path_factory.mktemp("ddp")
+    mp.spawn(_worker, args=(WORLD, free_port(), str(out_dir)), nprocs=WORLD, join=True)
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+@pytest.fixture
+def float64():
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(torch.float32)
+
+
+# -- gradient averaging -------------------------------------------------------------------------
+
+
+def assert_params_close(actual: dict, expected: dict, rtol: float = 1e-10, atol: float = 1e-12) -> None:
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=rtol, atol=atol, msg=name)
+
+
+def test_deterministic_step_of_two_ranks_equals_one_process_step_on_the_union(ranks, float64):
+    """No noise at all: one literal single-process call on the global batch is the reference."""
+    x = make_data()
+    vae = make_vae(init_seed=100)
+    optimizer = torch.optim.SGD(vae.parameters(), lr=LR)
+    index = torch.cat([ranks[r]["deterministic"]["index"] for r in range(WORLD)])
+    PosteriorMeanELBO().loss(vae, x[index]).backward()
+    optimizer.step()
+    expected = params(vae)
+    before = params(make_vae(init_seed=100))
+    moved = max((expected[k] - before[k]).abs().max().item() for k in expected)
+    assert moved > 1e-3, "the step must move the parameters, or the comparison shows nothing"
+    for r in range(WORLD):
+        assert_params_close(ranks[r]["deterministic"]["params"], expected)
+
+
+@pytest.mark.parametrize("name", STOCHASTIC_ESTIMATORS)
+def test_step_of_two_ranks_equals_one_process_step_with_the_same_noise(ranks, float64, name):
+    x = make_data()
+    expected, parts = reference_sgd_step(get_estimator(name), x)
+    for r in range(WORLD):
+        result = ranks[r]["one_step"][name]
+        # the value each rank returns is its own summed loss (the gradient factor leaves it alone)
+        assert result["loss"] == pytest.approx(parts[r], rel=1e-12)
+        assert_params_close(result["params"], expected)
+
+
+def test_loss_scale_matters_so_the_comparison_can_fail(float64):
+    """Without the world-size gradient factor DDP's average would be half the global gradient:
+    the step would differ from the reference by far more than the tolerance used above."""
+    x = make_data()
+    expected, _ = reference_sgd_step(PosteriorMeanELBO(), x)
+    vae = make_vae(init_seed=100)
+    optimizer = torch.optim.SGD(vae.parameters(), lr=LR)
+    for rank in range(WORLD):
+        index = distributed.shard_indices(len(x), GLOBAL_BATCH, SEED, 0, rank, WORLD)[0]
+        (PosteriorMeanELBO().loss(vae, x[index]) / WORLD).backward()  # DDP's mean without the factor
+    optimizer.step()
+    with pytest.raises(AssertionError):
+        assert_params_close(params(vae), expected)
+
+
+def test_ranks_hold_identical_parameters_after_several_steps(ranks):
+    """Different initial weights on each rank, different noise, disjoint data: after two epochs of
+    Adam with clipping the parameters are bitwise equal (DDP broadcast + all-reduced gradients)."""
+    first, second = ranks[0]["several_steps"]["params"], ranks[1]["several_steps"]["params"]
+    initial = params(make_vae(init_seed=200))
+    assert any(not torch.equal(first[k], initial[k]) for k in first), "training must change the weights"
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+    assert ranks[0]["several_steps"]["train_loss_per_example"] == ranks[1]["several_steps"]["train_loss_per_example"]
+
+
+def test_unused_parameters_are_detected_and_training_proceeds(ranks):
+    for r in range(WORLD):
+        assert ranks[r]["unused_parameter"]["find_unused"] is True
+    for name, value in ranks[0]["unused_parameter"]["params"].items():
+        assert torch.equal(value, ranks[1]["unused_parameter"]["params"][name]), name
+
+
+def test_probe_finds_no_unused_parameters_in_the_default_vae():
+    vae = VAE(x_dim=X_DIM, z_dim=Z_DIM, hidden_dims=HIDDEN)
+    x = make_data(4).float()
+    for name in (*STOCHASTIC_ESTIMATORS,):
+        assert distributed.unused_parameters(vae, get_estimator(name), x) == []
+
+
+def test_probe_leaves_the_random_stream_untouched():
+    vae = VAE(x_dim=X_DIM, z_dim=Z_DIM, hidden_dims=HIDDEN)
+    x = make_data(4).float()
+    pyro.set_rng_seed(7)
+    expected = torch.rand(5)
+    pyro.set_rng_seed(7)
+    distributed.unused_parameters(vae, get_estimator("trace"), x)
+    assert torch.equal(torch.rand(5), expected)
+
+
+# -- data sharding ------------------------------------------------------------------------------
+
+
+def test_the_ranks_minibatches_are_disjoint_within_each_epoch(ranks):
+    batches = [ranks[r]["several_steps"]["batches"] for r in range(WORLD)]
+    assert len(batches[0]) == len(batches[1]), "every rank runs the same number of steps"
+    for epoch in range(2):
+        mine = [torch.cat([index for e, index in batches[r] if e == epoch]) for r in range(WORLD)]
+        for indices in mine:
+            assert len(set(indices.tolist())) == len(indices), "no repeats within a rank"
+        assert not set(mine[0].tolist()) & set(mine[1].tolist())
+        assert len(mine[0]) + len(mine[1]) == 40
+
+
+@pytest.mark.parametrize(("n", "world", "batch"), [(40, 2, 8), (41, 2, 8), (103, 4, 12), (10, 3, 3), (7, 1, 3)])
+def test_shards_are_disjoint_equal_and_their_union_is_the_global_batch(n, world, batch):
+    shards = [distributed.shard_indices(n, batch, SEED, 5, r, world) for r in range(world)]
+    steps = {len(s) for s in shards}
+    assert len(steps) == 1, "equal number of steps on every rank"
+    everything = torch.cat([torch.cat(s) for s in shards])
+    assert len(set(everything.tolist())) == len(everything) == n - n % world
+    perm = distributed.epoch_permutation(n, SEED, 5)[: n - n % world]  # n % world examples sit out
+    for step in range(steps.pop()):
+        union = torch.cat([s[step] for s in shards])
+        assert sorted(union.tolist()) == sorted(perm[step * batch : (step + 1) * batch].tolist())
+        assert len({len(s[step]) for s in shards}) == 1, "equal batch sizes across ranks at each step"
+
+
+def test_every_epoch_draws_a_new_permutation_from_the_shared_seed():
+    a, b = distributed.epoch_permutation(100, SEED, 0), distributed.epoch_permutation(100, SEED, 1)
+    assert not torch.equal(a, b)
+    assert torch.equal(a, distributed.epoch_permutation(100, SEED, 0))
+    assert not torch.equal(a, distributed.epoch_permutation(100, SEED + 1, 0))
+
+
+def test_shard_batches_slices_the_device_resident_tensor():
+    x = torch.arange(20.0).unsqueeze(-1)
+    ctx = distributed.DistributedContext(rank=1, world_size=2)
+    batches = list(distributed.shard_batches(x, 4, SEED, 0, ctx))
+    expected = distributed.shard_indices(20, 4, SEED, 0, 1, 2)
+    assert [b.squeeze(-1).long().tolist() for b in batches] == [i.tolist() for i in expected]
+
+
+def test_a_global_batch_that_does_not_split_evenly_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"batch_size=10 .*divisible by the number of processes \(4\).*8 or 12"):
+        distributed.per_rank_batch_size(10, 4)
+    with pytest.raises(ValueError, match="positive"):
+        distributed.per_rank_batch_size(0, 2)
+
+
+# -- reductions, broadcast, RNG ----------------------------------------------------------------
+
+
+def test_sums_over_ranks(ranks):
+    for r in range(WORLD):
+        assert ranks[r]["reductions"]["sum"] == 1.5 + 2.5
+        assert ranks[r]["reductions"]["count"] == 7
+
+
+def test_rowwise_results_gathered_in_order_equal_the_single_process_result(ranks, float64):
+    x = make_data()[:7]
+    expected = x.sum(-1) * (1 + x[:, 0])
+    for r in range(WORLD):
+        assert torch.equal(ranks[r]["reductions"]["rows"], expected)
+
+
+def test_rank0_object_is_broadcast(ranks):
+    assert [ranks[r]["reductions"]["out_dir_from_rank0"] for r in range(WORLD)] == ["run-of-rank-0"] * WORLD
+
+
+def test_each_rank_has_its_own_noise_and_restores_its_own_state(ranks, float64):
+    states = ranks[0]["reductions"]["states"]
+    assert len(states) == WORLD
+    assert not torch.equal(states[0]["torch"], states[1]["torch"]), "ranks must not share noise"
+    for r in range(WORLD):
+        torch.set_rng_state(states[r]["torch"])
+        assert torch.equal(ranks[r]["reductions"]["after_restore"], torch.rand(3))
+
+
+def test_restore_with_another_world_size_reseeds_reproducibly():
+    ctx = distributed.DistributedContext(rank=0, world_size=1)
+    with pytest.warns(UserWarning, match="RNG states of 2 process"):
+        distributed.restore_rng_state([pyro.util.get_rng_state()] * 2, SEED, epoch=4, ctx=ctx)
+    first = torch.rand(3)
+    with pytest.warns(UserWarning):
+        distributed.restore_rng_state([pyro.util.get_rng_state()] * 2, SEED, epoch=4, ctx=ctx)
+    assert torch.equal(torch.rand(3), first)
+
+
+def test_single_process_is_a_no_op(monkeypatch):
+    for name in distributed.TORCHRUN_ENV:
+        monkeypatch.delenv(name, raising=False)
+    assert not distributed.launched_by_torchrun()
+    with distributed.session("cpu") as ctx:
+        assert not ctx.enabled and ctx.is_main and ctx.device == torch.device("cpu")
+        assert not torch.distributed.is_initialized()
+        vae = VAE(x_dim=X_DIM, z_dim=Z_DIM, hidden_dims=HIDDEN)
+        estimator = get_estimator("trace")
+        assert distributed.distribute_estimator(vae, estimator, ctx) is estimator
+        x = torch.rand(5, 2)
+        assert distributed.map_rows(lambda t: t * 2, x).equal(x * 2)
+        assert distributed.all_reduce_sum(torch.tensor(2.0), 3) == (2.0, 3.0)
+        assert distributed.broadcast_object("a") == "a"
+        states = distributed.gather_rng_states()
+        expected = torch.rand(2)
+        distributed.restore_rng_state(states, SEED, 0, ctx)
+        assert torch.equal(torch.rand(2), expected)
+
+
+def test_torchrun_environment_is_detected():
+    assert distributed.launched_by_torchrun({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"})
+    assert not distributed.launched_by_torchrun({"RANK": "0", "WORLD_SIZE": "2"})
+
+
+def test_gradient_factor_scales_the_gradient_only():
+    t = torch.tensor(3.0, requires_grad=True)
+    out = distributed.scale_gradient(t * t, 4.0)
+    assert out.item() == 9.0
+    out.backward()
+    assert t.grad.item() == 4.0 * 6.0
