@@ -463,7 +463,7 @@ def load_dataset(
         seed: seeds the per-epoch binarization of ``mnist-dynamic``.
         download: fetch missing files with torchvision (never done otherwise).
     """
-    spec_name, kwargs = parse_data_spec(name)
+    spec_name, kwargs = parse_spec(name)
     data_root = resolve_data_root(root)
     try:
         splits: Splits = DATASETS.build((spec_name, kwargs), root=data_root, download=download)
@@ -507,15 +507,6 @@ def load_dataset(
     if train_probs is not None:
         dataset.train = dataset.train_epoch(0)
     return dataset
-
-
-def parse_data_spec(name: Spec) -> tuple[str, dict]:
-    """Like :func:`pyro_vae.specs.parse_spec`, but names may contain hyphens (``mnist-dynamic``)."""
-    if not isinstance(name, str):
-        return parse_spec(name)
-    head, paren, rest = name.strip().partition("(")
-    _, kwargs = parse_spec(f"data{paren}{rest}")
-    return head.strip(), kwargs
 
 
 def _hold_out(splits: Splits, val_size: int | None, name: str):

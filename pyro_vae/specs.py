@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -49,6 +50,13 @@ def parse_spec(spec: Spec) -> tuple[str, dict[str, Any]]:
     text = spec.strip()
     if not text:
         raise SpecError("empty spec")
+    head, paren, rest = text.partition("(")
+    if "-" in head and re.fullmatch(r"[A-Za-z_][\w-]*", head.strip()):
+        # Hyphenated names (data variants such as "mnist-dynamic") are not Python names: parse the arguments alone.
+        try:
+            return head.strip(), parse_spec(f"_{paren}{rest}")[1]
+        except SpecError as err:
+            raise SpecError(f"in spec {spec!r}: {err}") from None
     try:
         node = ast.parse(text, mode="eval").body
     except SyntaxError as err:
