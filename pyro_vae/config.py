@@ -1,0 +1,459 @@
+"""Run configuration: dataclasses for the ``[model]``, ``[data]`` and ``[train]`` sections of a TOML file.
+
+A config is read with :func:`load_config` (TOML file, then ``--set section.key=value``
+overrides), checked field by field against the dataclass types, and written back with
+:func:`save_config` as the run folder's ``config.toml``; reading that file gives an equal config.
+
+Spec fields (``model.prior``, ``model.likelihood``, ``model.guide``, ``train.estimator``,
+``train.optimizer``, ``train.lr_schedule``, ``data.name``) hold a spec string
+``"name(key=value, ...)"`` or a TOML inline table ``{ name = "mixture", components = 10 }``; they
+stay as written and are built by the registries (see ``pyro_vae.specs``).
+
+This module is a leaf: it imports no model code. Checking spec *names* against the registries
+needs those registries, so it is a separate step, :func:`validate`, which imports them when
+called; :func:`load_config` calls it unless ``check_names=False``, so a typo in a prior's name
+fails before any data is loaded.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import re
+import sys
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+from pyro_vae.specs import SpecError, closest, format_spec, parse_spec
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+# A spec as it appears in a config: a string or a TOML table (see pyro_vae.specs). Spec fields
+# carry metadata {"spec": kind}, the registry that validate() checks their names against.
+SpecValue = str | dict[str, Any]
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema; the message names the key and what is valid."""
+
+
+@dataclass
+class ModelConfig:
+    """``[model]``: the VAE's shape and families (arguments of :class:`pyro_vae.model.VAE`)."""
+
+    z_dim: int = 50
+    hidden_dims: list[int] = field(default_factory=lambda: [400])
+    activation: str = "softplus"
+    prior: SpecValue = field(default="normal", metadata={"spec": "prior"})
+    likelihood: SpecValue = field(default="bernoulli", metadata={"spec": "likelihood"})
+    guide: SpecValue = field(default="normal", metadata={"spec": "guide"})
+
+
+@dataclass
+class DataConfig:
+    """``[data]``: which variant, how much of it and where it lives (see ``pyro_vae.data``)."""
+
+    name: SpecValue = field(default="mnist", metadata={"spec": "dataset"})
+    subset: int | None = None
+    val_size: int | None = None  # None: the variant's default (10k for MNIST); 0: no validation set
+    data_dir: str | None = None  # None: $PYRO_VAE_DATA, else ~/.cache/pyro_vae/data
+    download: bool = False
+
+
+@dataclass
+class TrainConfig:
+    """``[train]``: the optimization and what is measured along the way."""
+
+    epochs: int = 20
+    batch_size: int = 256
+    lr: float = 1e-3
+    estimator: SpecValue = field(default="trace", metadata={"spec": "estimator"})
+    seed: int = 0
+    warmup_epochs: int = 0  # KL warm-up: beta ramps linearly from 0 to 1 over these epochs
+    optimizer: SpecValue = field(default="adam", metadata={"spec": "optimizer"})
+    lr_schedule: SpecValue = field(default="constant", metadata={"spec": "lr_schedule"})
+    clip_norm: float | None = None  # gradient-norm clipping; None: off
+    patience: int | None = None  # early stopping on the validation ELBO; None: off
+    eval_every: int = 1  # epochs between evaluations on the validation and test sets
+    eval_batch_size: int = 1000
+    device: str = "auto"  # "auto": CUDA when available
+    nll_samples: int = 100  # importance samples for the final test NLL; 0 skips it
+    plots: bool = True
+
+
+@dataclass
+class Config:
+    """A whole run: ``[model]``, ``[data]`` and ``[train]``."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+
+# Lower bounds checked after typing.
+_MINIMA: dict[tuple[str, str], int] = {
+    ("model", "z_dim"): 1,
+    ("data", "subset"): 1,
+    ("data", "val_size"): 0,
+    ("train", "epochs"): 0,
+    ("train", "batch_size"): 1,
+    ("train", "warmup_epochs"): 0,
+    ("train", "patience"): 1,
+    ("train", "eval_every"): 1,
+    ("train", "eval_batch_size"): 1,
+    ("train", "nll_samples"): 0,
+    ("train", "seed"): 0,
+}
+_POSITIVE_FLOATS = {("train", "lr"), ("train", "clip_norm")}
+
+
+# ---------------------------------------------------------------------------------------------
+# Typing one value against a dataclass field
+
+
+def _fields(section: str) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(SECTIONS[section])}
+
+
+def _field_type(section: str, key: str) -> Any:
+    return typing.get_type_hints(SECTIONS[section])[key]
+
+
+def _optional_inner(tp: Any) -> Any | None:
+    """``int`` for ``int | None``; None when ``tp`` is not optional."""
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if type(None) in args and len(args) == 2:
+            return next(a for a in args if a is not type(None))
+    return None
+
+
+def _is_spec(section: str, key: str) -> bool:
+    return "spec" in _fields(section)[key].metadata
+
+
+def _type_name(tp: Any) -> str:
+    inner = _optional_inner(tp)
+    if inner is not None:
+        return f"{_type_name(inner)} or none"
+    if typing.get_origin(tp) is list:
+        return "a list of " + {int: "integers", float: "numbers", str: "strings"}.get(typing.get_args(tp)[0], "values")
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(section: str, key: str, value: Any) -> Any:
+    """``value`` as the type of ``section.key``, or a ConfigError saying what was expected."""
+    where = f"{section}.{key}"
+    if _is_spec(section, key):
+        if isinstance(value, str):
+            return value
+        if isinstance(value, Mapping):
+            try:
+                name, kwargs = parse_spec(value)
+            except SpecError as err:
+                raise ConfigError(f"{where}: {err}") from None
+            return {"name": name, **kwargs}
+        raise ConfigError(f'{where} must be a spec string like "name(key=value)" or a table, got {value!r}')
+    tp = _field_type(section, key)
+    inner = _optional_inner(tp)
+    if inner is not None:
+        return None if value is None else _coerce_plain(where, inner, value)
+    if value is None:
+        raise ConfigError(f"{where} cannot be none; expected {_type_name(tp)}")
+    return _coerce_plain(where, tp, value)
+
+
+def _coerce_plain(where: str, tp: Any, value: Any) -> Any:
+    if typing.get_origin(tp) is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be {_type_name(tp)}, e.g. [400] or [200, 200]; got {value!r}")
+        return [_coerce_plain(f"{where}[{i}]", typing.get_args(tp)[0], v) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - a field type this module does not know is a bug here
+        raise TypeError(f"{where}: unsupported field type {tp}")
+    raise ConfigError(f"{where} must be {_type_name(tp)}, got {value!r}")
+
+
+def _check_ranges(section: str, key: str, value: Any) -> None:
+    if value is None:
+        return
+    where = f"{section}.{key}"
+    minimum = _MINIMA.get((section, key))
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{where} must be at least {minimum}, got {value}")
+    if (section, key) in _POSITIVE_FLOATS and not (value > 0 and math.isfinite(value)):
+        raise ConfigError(f"{where} must be a positive number, got {value}")
+    if (section, key) == ("model", "hidden_dims") and any(h < 1 for h in value):
+        raise ConfigError(f"{where} must hold positive widths, got {value}")
+    if (section, key) == ("train", "device") and value != "auto":
+        import torch  # a leaf still: torch, not pyro_vae
+
+        try:
+            torch.device(value)
+        except (RuntimeError, ValueError) as err:
+            raise ConfigError(f'{where}: {value!r} is not a device ("auto", "cpu", "cuda", "cuda:1", ...)') from err
+
+
+def _unknown(what: str, name: str, valid: Iterable[str], where: str = "") -> ConfigError:
+    valid = list(valid)
+    return ConfigError(f"unknown {what} {name!r}{where}{closest(name, valid)}; valid {what}s: {', '.join(valid)}")
+
+
+def _check_key(section: str, key: str) -> None:
+    if section not in SECTIONS:
+        raise _unknown("section", section, SECTIONS)
+    if key not in _fields(section):
+        raise _unknown("key", key, _fields(section), where=f" in [{section}]")
+
+
+# ---------------------------------------------------------------------------------------------
+# Dicts <-> dataclasses
+
+
+def config_to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    """``{"model": {...}, "data": {...}, "train": {...}}`` with every key (None where unset); a deep copy."""
+    return {name: copy.deepcopy(dataclasses.asdict(getattr(cfg, name))) for name in SECTIONS}
+
+
+def config_from_dict(d: Mapping[str, Any], source: str = "config") -> Config:
+    """A checked :class:`Config` from nested dicts; missing keys take their defaults.
+
+    Unknown sections or keys, values of the wrong type and out-of-range values raise
+    :class:`ConfigError` naming ``source`` and the key.
+    """
+    sections: dict[str, Any] = {}
+    for section, values in d.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{source}: {_unknown('section', section, SECTIONS)}")
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"{source}: [{section}] must be a table of keys, got {values!r}")
+        typed = {}
+        for key, value in values.items():
+            try:
+                _check_key(section, key)
+                typed[key] = _coerce(section, key, value)
+                _check_ranges(section, key, typed[key])
+            except ConfigError as err:
+                raise ConfigError(f"{source}: {err}") from None
+        sections[section] = SECTIONS[section](**typed)
+    return Config(**sections)
+
+
+# ---------------------------------------------------------------------------------------------
+# Overrides: --set section.key=value
+
+
+def parse_override_value(section: str, key: str, text: str) -> Any:
+    """The typed value of ``--set section.key=text``.
+
+    ``text`` is read as a TOML value (``3``, ``1e-4``, ``true``, ``[200, 200]``,
+    ``{ name = "mixture", components = 10 }``, ``"quoted"``). String fields and spec fields also
+    take bare text (``softplus``, ``vamp(components=500)``), and ``none`` clears an optional field.
+    """
+    text = text.strip()
+    tp = _field_type(section, key)
+    if text.lower() in ("none", "null"):
+        if _optional_inner(tp) is None:
+            raise ConfigError(f"{section}.{key} cannot be none; expected {_type_name(tp)}")
+        return None
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        if (_optional_inner(tp) or tp) is str or _is_spec(section, key):
+            return text  # bare text: a spec string or a plain string
+        raise ConfigError(f"cannot read {text!r} as {_type_name(tp)}") from None
+    if _is_spec(section, key) and not isinstance(value, (str, dict)):
+        return text  # e.g. a bare number as a spec name: keep the text and let validation speak
+    return value
+
+
+def apply_overrides(cfg: Config, overrides: Iterable[str]) -> Config:
+    """A new config with ``["section.key=value", ...]`` applied in order (see :func:`parse_override_value`).
+
+    ``section.spec_field.arg=value`` changes one argument of a spec (``model.prior.components=20``)
+    and keeps the spec's form (string or table).
+    """
+    d = config_to_dict(cfg)
+    for item in overrides:
+        path, eq, text = item.partition("=")
+        parts = path.strip().split(".")
+        if not eq or len(parts) not in (2, 3) or not all(parts):
+            raise ConfigError(f"--set expects section.key=value (e.g. train.lr=1e-4), got {item!r}")
+        section, key = parts[0], parts[1]
+        try:
+            _check_key(section, key)
+            if len(parts) == 3:
+                if not _is_spec(section, key):
+                    raise ConfigError(f"{section}.{key} is not a spec, so it has no argument {parts[2]!r}")
+                value = _set_spec_argument(d[section][key], parts[2], text)
+            else:
+                value = parse_override_value(section, key, text)
+            d[section][key] = _coerce(section, key, value)
+            _check_ranges(section, key, d[section][key])
+        except (ConfigError, SpecError) as err:
+            raise ConfigError(f"--set {item}: {err}") from None
+    return config_from_dict(d, source="--set")
+
+
+def _set_spec_argument(spec: SpecValue, arg: str, text: str) -> SpecValue:
+    try:
+        value = tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()
+    if isinstance(spec, str):
+        name, kwargs = parse_spec(spec)
+        return format_spec(name, {**kwargs, arg: value})
+    return {**spec, arg: value}
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = (), check_names: bool = True) -> Config:
+    """The config in TOML file ``path`` (defaults when None) with ``overrides`` applied.
+
+    With ``check_names`` (the default) spec names and arguments are checked against the
+    registries (:func:`validate`).
+    """
+    if path is None:
+        cfg = Config()
+    else:
+        path = Path(path)
+        try:
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{path} is not valid TOML: {err}") from None
+        cfg = config_from_dict(raw, source=str(path))
+    cfg = apply_overrides(cfg, overrides)
+    if check_names:
+        validate(cfg)
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write ``cfg`` as TOML; :func:`load_config` on the file gives back an equal config."""
+    Path(path).write_text(dumps_config(cfg))
+
+
+def dumps_config(cfg: Config) -> str:
+    """``cfg`` as TOML text. Unset optional keys (None) are written as comments: TOML has no null."""
+    lines: list[str] = []
+    for section, values in config_to_dict(cfg).items():
+        if lines:
+            lines.append("")
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            if value is None:
+                lines.append(f"# {key} is not set")
+            else:
+                lines.append(f"{_toml_key(key)} = {toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def _toml_key(key: str) -> str:
+    return key if _BARE_KEY.match(key) else toml_value(key)
+
+
+def toml_value(value: Any) -> str:
+    """One TOML value: strings, integers, floats, booleans, lists and inline tables."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)  # shortest repr that reads back exactly, e.g. 0.001, 1e-05, 2.0
+    if isinstance(value, str):
+        # JSON string escapes are TOML basic-string escapes; DEL must be escaped in TOML too.
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        if not value:
+            return "{}"
+        return "{ " + ", ".join(f"{_toml_key(str(k))} = {toml_value(v)}" for k, v in value.items()) + " }"
+    if value is None:
+        raise ConfigError("TOML has no null: a spec argument of None cannot be written in a table; use a spec string")
+    raise ConfigError(f"cannot write {type(value).__name__} {value!r} as TOML")
+
+
+# ---------------------------------------------------------------------------------------------
+# Names against the registries
+
+
+def _registries() -> dict[str, tuple[Any, tuple[str, ...]]]:
+    """Each spec kind's registry and the arguments its builder passes itself (never set by a spec).
+
+    Imported here, not at the top, so that this module stays a leaf.
+    """
+    from pyro_vae import data, estimators, guides, likelihoods, optim, priors
+
+    return {
+        "prior": (priors.PRIORS, ("z_dim", "x_dim")),
+        "likelihood": (likelihoods.LIKELIHOODS, ("x_dim",)),
+        "guide": (guides.GUIDES, ("x_dim", "z_dim", "hidden_dims", "activation")),
+        "estimator": (estimators.ESTIMATORS, ()),
+        "dataset": (data.DATASETS, ("root", "download")),
+        "optimizer": (optim.OPTIMIZERS, ("params", "lr")),
+        "lr_schedule": (optim.SCHEDULES, ("epochs",)),
+    }
+
+
+def validate(cfg: Config) -> Config:
+    """Check every spec field's name and argument names against its registry; returns ``cfg``.
+
+    Raises :class:`ConfigError` listing the valid names or arguments and the closest match.
+    Values of spec arguments are checked when the object is built.
+    """
+    registries = _registries()
+    for section in SECTIONS:
+        for f in dataclasses.fields(SECTIONS[section]):
+            kind = f.metadata.get("spec")
+            if kind is None:
+                continue
+            registry, context = registries[kind]
+            value = getattr(getattr(cfg, section), f.name)
+            try:
+                name, kwargs = parse_spec(value)
+                valid = registry.user_keys(name, context)
+            except SpecError as err:
+                raise ConfigError(f"{section}.{f.name}: {err}") from None
+            for key in kwargs:
+                if key not in valid:
+                    raise ConfigError(
+                        f"{section}.{f.name}: {registry.kind} {name!r} has no argument {key!r}{closest(key, valid)}; "
+                        f"its arguments: {', '.join(valid) or 'none'}"
+                    )
+    return cfg
