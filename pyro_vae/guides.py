@@ -1,8 +1,21 @@
 """Guides q(z|x), by name.
 
 A guide is an ``nn.Module`` that owns the encoder network and returns, for a batch x, a Pyro
-distribution over z with event shape ``(z_dim,)``. The guide is registered in Pyro's guide
-with ``pyro.module("encoder", ...)``.
+distribution over z with batch shape ``x.shape[:-1]`` and event shape ``(z_dim,)``. The guide
+is registered in Pyro's guide with ``pyro.module("encoder", ...)``, which registers everything
+it owns (the encoder network, and a flow's layers).
+
+All guides here share one encoder, ``networks.GaussianEncoder``: x -> (loc, scale, extra), where
+``extra`` has ``extra_dim`` further outputs that a richer family reads (a low-rank covariance
+factor, an IAF context). A guide is its ``extra_dim`` and its ``distribution(loc, scale, extra)``.
+
+====================  ============================================================  =======================
+spec                  q(z|x)                                                        reference
+====================  ============================================================  =======================
+``normal``            N(mu, diag(sigma^2))                                          Kingma & Welling 2014
+``lowrank(rank=r)``   N(mu, F F^T + diag(sigma^2)), F of shape (z_dim, r)           Rezende et al. 2014
+``iaf(flows=n)``      z = f_n o ... o f_1(e), e ~ N(mu, diag(sigma^2)), f_i IAF(h)  Kingma et al. 2016
+====================  ============================================================  =======================
 """
 
 from __future__ import annotations
@@ -10,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import pyro.distributions as dist
+import pyro.distributions.transforms as T
 import torch
 from torch import nn
 
@@ -34,23 +48,119 @@ class Guide(nn.Module):
         raise ValueError(f"guide {getattr(self, 'spec', type(self).__name__)!r} is not a diagonal Gaussian")
 
 
+class EncoderGuide(Guide):
+    """A guide on ``GaussianEncoder``: subclasses set ``extra_dim`` and implement ``distribution``."""
+
+    def __init__(
+        self,
+        x_dim: int,
+        z_dim: int,
+        hidden_dims: Sequence[int] = (400,),
+        activation: str = "softplus",
+        extra_dim: int = 0,
+    ) -> None:
+        super().__init__(x_dim, z_dim)
+        self.net = GaussianEncoder(x_dim, z_dim, hidden_dims, activation, extra_dim=extra_dim)
+
+    def distribution(self, loc: torch.Tensor, scale: torch.Tensor, extra: torch.Tensor) -> dist.Distribution:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> dist.Distribution:
+        return self.distribution(*self.net(x))
+
+
 @GUIDES.register("normal")
-class DiagonalNormalGuide(Guide):
+class DiagonalNormalGuide(EncoderGuide):
     """q(z|x) = N(mu(x), diag(sigma(x)^2)), the amortized mean-field Gaussian (Kingma & Welling 2014)."""
 
     def __init__(
         self, x_dim: int, z_dim: int, hidden_dims: Sequence[int] = (400,), activation: str = "softplus"
     ) -> None:
-        super().__init__(x_dim, z_dim)
-        self.net = GaussianEncoder(x_dim, z_dim, hidden_dims, activation)
+        super().__init__(x_dim, z_dim, hidden_dims, activation)
 
     def gaussian_params(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         loc, scale, _ = self.net(x)
         return loc, scale
 
-    def forward(self, x: torch.Tensor) -> dist.Distribution:
-        loc, scale = self.gaussian_params(x)
+    def distribution(self, loc: torch.Tensor, scale: torch.Tensor, extra: torch.Tensor) -> dist.Distribution:
         return dist.Normal(loc, scale).to_event(1)
+
+
+@GUIDES.register("lowrank")
+class LowRankGuide(EncoderGuide):
+    """q(z|x) = N(mu(x), F(x) F(x)^T + diag(sigma(x)^2)) with F(x) of shape (z_dim, rank).
+
+    A full-covariance Gaussian with ``z_dim * rank`` extra encoder outputs instead of
+    ``z_dim^2`` (the rank-1 covariance of Rezende et al. 2014, "Stochastic backpropagation",
+    generalized), as ``LowRankMultivariateNormal``: density and sampling cost O(z_dim rank^2).
+    With rank 0 it would be the diagonal guide; it captures correlations between latents that a
+    mean-field guide cannot.
+    """
+
+    def __init__(
+        self,
+        x_dim: int,
+        z_dim: int,
+        hidden_dims: Sequence[int] = (400,),
+        activation: str = "softplus",
+        rank: int = 1,
+    ) -> None:
+        if int(rank) != rank or rank < 1:
+            raise ValueError(f"rank must be a positive integer, got {rank!r}")
+        self.rank = int(rank)
+        super().__init__(x_dim, z_dim, hidden_dims, activation, extra_dim=z_dim * self.rank)
+
+    def distribution(self, loc: torch.Tensor, scale: torch.Tensor, extra: torch.Tensor) -> dist.Distribution:
+        cov_factor = extra.reshape(*extra.shape[:-1], self.z_dim, self.rank)
+        return dist.LowRankMultivariateNormal(loc, cov_factor, scale.square())
+
+
+@GUIDES.register("iaf")
+class IAFGuide(EncoderGuide):
+    """Inverse autoregressive flow (Kingma et al. 2016, "Improved variational inference with IAF").
+
+        e ~ N(mu(x), diag(sigma(x)^2)),   z = f_n o ... o f_1(e),
+        f_i(y) = m_i(y, h) + s_i(y, h) * y,   log q(z|x) = log N(e) - sum_i sum_j log s_ij,
+
+    where m_i, s_i are autoregressive in y (MADE networks) and conditioned on a context h(x)
+    computed by the encoder (``context_dim`` extra outputs). Each f_i is Pyro's
+    ``ConditionalAffineAutoregressive`` (numerically stable sigmoid gate, as in the paper's
+    eq. 14, ``stable=True``); sampling and the log-density of the sample are one parallel pass
+    each (the sample's log-density is read from the transform's cache). The coordinates are
+    reversed between flows, as in the paper. ``hidden_dims`` are the MADE widths (Pyro's
+    default ``3 z_dim + 1`` when None).
+    """
+
+    def __init__(
+        self,
+        x_dim: int,
+        z_dim: int,
+        hidden_dims: Sequence[int] = (400,),
+        activation: str = "softplus",
+        flows: int = 2,
+        hidden: Sequence[int] | None = None,
+        context_dim: int | None = None,
+    ) -> None:
+        if int(flows) != flows or flows < 1:
+            raise ValueError(f"flows must be a positive integer, got {flows!r}")
+        if z_dim < 2:
+            raise ValueError(f"an autoregressive flow needs z_dim >= 2, got {z_dim}")
+        self.context_dim = int(context_dim) if context_dim is not None else 2 * z_dim
+        super().__init__(x_dim, z_dim, hidden_dims, activation, extra_dim=self.context_dim)
+        hidden = list(hidden) if hidden is not None else None
+        self.flows = nn.ModuleList(
+            T.conditional_affine_autoregressive(z_dim, self.context_dim, hidden_dims=hidden, stable=True)
+            for _ in range(int(flows))
+        )
+        self.register_buffer("reverse", torch.arange(z_dim - 1, -1, -1))
+
+    def distribution(self, loc: torch.Tensor, scale: torch.Tensor, extra: torch.Tensor) -> dist.Distribution:
+        transforms: list[T.Transform] = []
+        for i, flow in enumerate(self.flows):
+            if i > 0:
+                transforms.append(T.Permute(self.reverse))
+            transforms.append(flow.condition(extra))
+        return dist.TransformedDistribution(dist.Normal(loc, scale).to_event(1), transforms)
 
 
 def build_guide(spec, x_dim: int, z_dim: int, hidden_dims: Sequence[int], activation: str) -> nn.Module:
