@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import ClassVar
 
 import pyro.distributions as dist
 import torch
@@ -311,7 +312,7 @@ class DiscretizedLogisticMixture(TorchDistribution):
     shape ``(*batch, M)``; values have shape ``batch`` (one pixel each).
     """
 
-    arg_constraints = {
+    arg_constraints: ClassVar[dict] = {
         "logits": constraints.real_vector,
         "locs": constraints.real_vector,
         "log_scales": constraints.real_vector,
@@ -341,7 +342,8 @@ class DiscretizedLogisticMixture(TorchDistribution):
         log_mass = torch.where(at_zero, F.logsigmoid(upper), torch.where(at_one, F.logsigmoid(-lower), interior))
         return torch.logsumexp(torch.log_softmax(self.logits, -1) + log_mass, dim=-1)
 
-    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
+    def sample(self, sample_shape=()) -> torch.Tensor:
+        sample_shape = torch.Size(sample_shape)
         with torch.no_grad():
             shape = self._extended_shape(sample_shape)
             component = dist.Categorical(logits=self.logits).sample(sample_shape).unsqueeze(-1)
