@@ -1,0 +1,274 @@
+"""Figures of a trained VAE, as PNG files (matplotlib, Agg canvas, no pyplot state).
+
+A leaf module: it imports nothing else from pyro_vae. A ``vae`` is used by duck typing --
+``posterior(x)`` (q(z|x)), ``decoder(z)`` with ``likelihood.mean(params)`` (E[x|z] in data units),
+``sample(n)``, ``z_dim`` -- and data are tensors ``(N, D)`` with an ``image_shape`` ``(C, H, W)``
+(1x28x28 grey, 3x32x32 colour; ``None`` draws each example as a one-row strip).
+
+Figures (Kingma & Welling 2014 show the manifold and latent-space figures):
+
+- :func:`learning_curves`: train / validation / test ELBO against the epoch;
+- :func:`reconstructions`: inputs over their reconstructions E[x | z = E_q[z]];
+- :func:`sample_figure`: E[x|z] for z ~ p(z);
+- :func:`latent_codes`: the posterior means of the test set coloured by label (the first two
+  principal components when z_dim > 2);
+- :func:`manifold`: for z_dim = 2, E[x|z] on a grid of standard-normal quantiles;
+- :func:`interpolation`: decodings along straight lines between the codes of two test images;
+- :func:`write_all_figures`: all that apply, each isolated so one failure does not stop the others.
+
+Every figure is a ``matplotlib.figure.Figure`` drawn on its own Agg canvas, never registered with
+pyplot: nothing changes the user's backend and nothing is left open (it is freed with the object).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+# metrics.jsonl keys drawn by learning_curves, with their legend labels.
+CURVES = {"train_elbo": "train", "val_elbo": "validation", "test_elbo": "test"}
+DPI = 100
+# Points in the latent scatter: more only hide each other and slow the encoder.
+MAX_POINTS = 5000
+
+
+# -- drawing helpers -------------------------------------------------------------------------------
+def _figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=DPI)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", bbox_inches="tight")
+    return path
+
+
+def _param(vae) -> torch.Tensor:
+    return next(vae.parameters())
+
+
+def _decode_mean(vae, z: torch.Tensor) -> torch.Tensor:
+    """E[x|z] in data units ([0, 1]), shape ``(..., x_dim)``."""
+    return vae.likelihood.mean(vae.decoder(z))
+
+
+def _codes(vae, x: torch.Tensor) -> torch.Tensor:
+    """Posterior means E_q[z|x]; the average of 64 draws for guides without an analytic mean (flows)."""
+    q = vae.posterior(x.to(_param(vae).device))
+    try:
+        return q.mean
+    except NotImplementedError:
+        return q.sample((64,)).mean(0)
+
+
+def _images(x: torch.Tensor, image_shape: Sequence[int] | None) -> np.ndarray:
+    """Flattened examples ``(N, D)`` -> images ``(N, H, W, C)`` in [0, 1]."""
+    x = x.detach().reshape(x.shape[0], -1).float().cpu().clamp(0, 1)
+    c, h, w = tuple(image_shape) if image_shape is not None else (1, 1, x.shape[1])
+    if c * h * w != x.shape[1]:
+        raise ValueError(f"image_shape {tuple(image_shape)} has {c * h * w} values, but examples have {x.shape[1]}")
+    return x.reshape(-1, c, h, w).permute(0, 2, 3, 1).numpy()
+
+
+def _grid(images: np.ndarray, ncol: int, pad: int = 1) -> np.ndarray:
+    """Tile ``(N, H, W, C)`` images into rows of ``ncol`` with white padding."""
+    n, h, w, c = images.shape
+    nrow = math.ceil(n / ncol)
+    grid = np.ones((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), dtype=np.float32)
+    for i, image in enumerate(images):
+        r, col = divmod(i, ncol)
+        grid[pad + r * (h + pad) : (r + 1) * (h + pad), pad + col * (w + pad) : (col + 1) * (w + pad)] = image
+    return grid
+
+
+def _show(ax, grid: np.ndarray, title: str | None = None) -> None:
+    if grid.shape[-1] == 1:
+        ax.imshow(grid[..., 0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    else:
+        ax.imshow(grid, interpolation="nearest")
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title)
+
+
+def _image_figure(images: np.ndarray, ncol: int, path: str | Path, title: str | None = None) -> Path:
+    grid = _grid(images, ncol)
+    height, width = grid.shape[:2]
+    scale = 8 / max(width, height)  # inches per grid pixel: the longer side is 8 inches (800 pixels)
+    fig = _figure(max(2.0, width * scale), max(1.0, height * scale))
+    _show(fig.add_subplot(), grid, title)
+    return _save(fig, path)
+
+
+# -- figures ---------------------------------------------------------------------------------------------
+def learning_curves(metrics: Iterable[Mapping[str, Any]], path: str | Path) -> Path:
+    """Train / validation / test ELBO (nats per example) against the epoch, from ``metrics.jsonl`` records.
+
+    A key missing from some records (e.g. a test ELBO computed every few epochs) is drawn where
+    present; records without ``epoch`` are numbered from 1. ``ValueError`` when no curve has a point.
+    """
+    records = list(metrics)
+    fig = _figure(6, 4)
+    ax = fig.add_subplot()
+    drawn = 0
+    for key, label in CURVES.items():
+        points = [
+            (rec.get("epoch", i + 1), rec[key])
+            for i, rec in enumerate(records)
+            if isinstance(rec.get(key), (int, float)) and math.isfinite(rec[key])
+        ]
+        if points:
+            epochs, values = zip(*points, strict=True)
+            ax.plot(epochs, values, marker="o" if len(points) < 30 else None, markersize=3, label=label)
+            drawn += 1
+    if not drawn:
+        raise ValueError(f"no learning curve to draw: the metrics have none of {', '.join(CURVES)}")
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("ELBO (nats per example)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+@torch.no_grad()
+def reconstructions(vae, x: torch.Tensor, image_shape: Sequence[int] | None, path: str | Path, num: int = 10) -> Path:
+    """Inputs (top row) over their reconstructions E[x | z = E_q[z|x]] (bottom row), ``num`` of them."""
+    x = x[:num].to(_param(vae).device)
+    recon = _decode_mean(vae, _codes(vae, x))
+    images = _images(torch.cat([x.reshape(x.shape[0], -1), recon]), image_shape)
+    return _image_figure(images, x.shape[0], path, "inputs (top) and reconstructions (bottom)")
+
+
+@torch.no_grad()
+def sample_figure(vae, image_shape: Sequence[int] | None, num: int, path: str | Path) -> Path:
+    """E[x|z] for ``num`` draws z ~ p(z), in a square-ish grid (``pyro-vae sample``)."""
+    if num < 1:
+        raise ValueError(f"num must be at least 1, got {num}")
+    return _image_figure(_images(vae.sample(num), image_shape), math.ceil(math.sqrt(num)), path, "samples from p(z)")
+
+
+def _pca2(z: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
+    """The first two principal components of the codes, with axis labels giving their share of variance."""
+    centered = z - z.mean(0)
+    _, s, vh = torch.linalg.svd(centered, full_matrices=False)
+    share = s.square() / s.square().sum().clamp_min(1e-30)
+    return centered @ vh[:2].T, [f"PC{i + 1} ({100 * float(share[i]):.0f}% of variance)" for i in range(2)]
+
+
+@torch.no_grad()
+def latent_codes(vae, x: torch.Tensor, labels: torch.Tensor | None, path: str | Path) -> Path:
+    """The posterior means E_q[z|x] of up to ``MAX_POINTS`` examples, coloured by label.
+
+    z_dim = 2: the codes themselves; z_dim > 2: their first two principal components; z_dim = 1:
+    the code against the label (or the example index).
+    """
+    x = x[:MAX_POINTS]
+    z = _codes(vae, x).double().cpu()
+    y = labels[: x.shape[0]].cpu().numpy() if labels is not None else None
+    if z.shape[1] == 1:
+        coords = torch.stack([z[:, 0], torch.as_tensor(y if y is not None else np.arange(len(z)), dtype=z.dtype)], 1)
+        axes = ["z", "label" if y is not None else "example"]
+    elif z.shape[1] == 2:
+        coords, axes = z, ["z1", "z2"]
+    else:
+        coords, axes = _pca2(z)
+    coords = coords.numpy()
+    fig = _figure(6, 5)
+    ax = fig.add_subplot()
+    classes = np.unique(y) if y is not None else []
+    if y is None:
+        ax.scatter(coords[:, 0], coords[:, 1], s=4, alpha=0.6)
+    elif len(classes) <= 10:
+        for c in classes:
+            keep = y == c
+            ax.scatter(
+                coords[keep, 0], coords[keep, 1], s=4, alpha=0.6, label=str(c), color=f"C{list(classes).index(c)}"
+            )
+        ax.legend(title="label", markerscale=3, fontsize="small", loc="best")
+    else:
+        points = ax.scatter(coords[:, 0], coords[:, 1], c=y, s=4, alpha=0.6, cmap="viridis")
+        fig.colorbar(points, ax=ax, label="label")
+    ax.set_xlabel(axes[0])
+    ax.set_ylabel(axes[1])
+    ax.set_title(f"posterior means of {len(coords)} examples (z_dim = {z.shape[1]})")
+    return _save(fig, path)
+
+
+@torch.no_grad()
+def manifold(vae, image_shape: Sequence[int] | None, path: str | Path, n: int = 15) -> Path:
+    """E[x|z] on an ``n`` x ``n`` grid of standard-normal quantiles (5% to 95%) of a 2-D latent space.
+
+    Kingma & Welling (2014), Figure 4: the grid maps equal probability mass of N(0, I) to equal
+    spacing, so it covers where the standard-normal prior puts its mass.
+    """
+    if vae.z_dim != 2:
+        raise ValueError(f"the manifold figure needs z_dim = 2, this model has z_dim = {vae.z_dim}")
+    param = _param(vae)
+    q = torch.distributions.Normal(0.0, 1.0).icdf(torch.linspace(0.05, 0.95, n, dtype=torch.float64))
+    rows, cols = torch.meshgrid(q.flip(0), q, indexing="ij")  # z2 grows upwards, z1 to the right
+    z = torch.stack([cols.flatten(), rows.flatten()], -1).to(device=param.device, dtype=param.dtype)
+    return _image_figure(_images(_decode_mean(vae, z), image_shape), n, path, "E[x|z] over the 2-D latent space")
+
+
+@torch.no_grad()
+def interpolation(
+    vae, x: torch.Tensor, image_shape: Sequence[int] | None, path: str | Path, steps: int = 8, rows: int = 4
+) -> Path:
+    """Rows of decodings along z(t) = (1 - t) E_q[z|a] + t E_q[z|b], t in [0, 1], for pairs of examples (a, b).
+
+    Each row starts with input a and ends with input b; row i pairs example i with example
+    ``rows + i``.
+    """
+    rows = min(rows, x.shape[0] // 2)
+    if rows < 1:
+        raise ValueError(f"interpolation needs at least 2 examples, got {x.shape[0]}")
+    x = x[: 2 * rows].to(_param(vae).device).reshape(2 * rows, -1)
+    z = _codes(vae, x)
+    t = torch.linspace(0, 1, steps, dtype=z.dtype, device=z.device)[:, None, None]
+    path_z = (1 - t) * z[:rows] + t * z[rows:]  # (steps, rows, z_dim)
+    decoded = _decode_mean(vae, path_z).transpose(0, 1)  # (rows, steps, x_dim)
+    row_images = torch.cat([x[:rows, None], decoded.to(x.dtype), x[rows:, None]], 1)  # (rows, steps + 2, x_dim)
+    images = _images(row_images.reshape(-1, x.shape[1]), image_shape)
+    return _image_figure(images, steps + 2, path, "latent interpolation (ends: the inputs)")
+
+
+def write_all_figures(vae, dataset, metrics: Iterable[Mapping[str, Any]], out_dir: str | Path) -> list[Path]:
+    """Write every figure that applies into ``out_dir``; return the paths written.
+
+    Uses ``dataset.test``, ``dataset.test_labels`` (may be ``None``) and ``dataset.image_shape``.
+    Each figure is isolated: one that fails is reported as a ``RuntimeWarning`` naming it and the
+    error, and the others are still written.
+    """
+    out_dir = Path(out_dir)
+    x, labels = dataset.test, getattr(dataset, "test_labels", None)
+    shape = getattr(dataset, "image_shape", None)
+    metrics = list(metrics)
+    figures: dict[str, Callable[[Path], Path]] = {
+        "learning_curves.png": lambda p: learning_curves(metrics, p),
+        "reconstructions.png": lambda p: reconstructions(vae, x, shape, p),
+        "samples.png": lambda p: sample_figure(vae, shape, 64, p),
+        "latent_codes.png": lambda p: latent_codes(vae, x, labels, p),
+        "interpolation.png": lambda p: interpolation(vae, x, shape, p),
+    }
+    if vae.z_dim == 2:
+        figures["manifold.png"] = lambda p: manifold(vae, shape, p)
+    written = []
+    for name, draw in figures.items():
+        try:
+            written.append(draw(out_dir / name))
+        except Exception as err:  # one broken figure must not cost the others (or the run that asked)
+            warnings.warn(f"figure {name} not written: {type(err).__name__}: {err}", RuntimeWarning, stacklevel=2)
+    return written
