@@ -4,7 +4,7 @@ A checkpoint is a plain dictionary of tensors and plain Python values (no pickle
 
 - ``model``, ``optimizer``: ``state_dict()`` of the VAE and of the torch optimizer (the
   learning-rate schedule is a function of the epoch and has no state);
-- ``x_dim``: the data width the model was built for;
+- ``x_dim``, ``image_shape``: the data the model was built for (so a run can be sampled without its data);
 - ``param_store``: Pyro's param store as ``{name: unconstrained tensor}`` plus
   ``param_constraints`` ``{name: constraint name}`` (the store's own state holds constraint
   objects, which only a full unpickler could rebuild);
@@ -27,6 +27,8 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -156,14 +158,20 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is truncated or foreign
+        raise CheckpointError(f"cannot read checkpoint {path}: not a torch checkpoint (truncated or corrupt?)")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(
-            f"refusing to load {path}: it contains objects other than tensors and plain values, "
-            f"and unpickling them could run code ({first})"
-        ) from err
+        detail = re.search(r"WeightsUnpickler error: ?\s*(.+)", str(err))
+        detail_text = detail.group(1).strip() if detail else str(err).strip().splitlines()[-1]
+        if "Unsupported global" in detail_text:
+            name = re.search(r"GLOBAL (\S+)", detail_text)
+            raise CheckpointError(
+                f"refusing to load {path}: it contains a pickled object ({name.group(1) if name else detail_text}), "
+                "and unpickling it could run code; a checkpoint holds only tensors and plain values"
+            ) from err
+        raise CheckpointError(f"cannot read checkpoint {path}: {detail_text}") from err
     except (RuntimeError, EOFError, OSError) as err:
         raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
     if not isinstance(state, dict) or state.get("format") != FORMAT:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -128,7 +127,8 @@ def _run_train(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     if result["status"] == "interrupted":
         return EXIT_INTERRUPTED
-    print(result["run_dir"])
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 alone names the run folder
+        print(result["run_dir"])
     return 0
 
 
@@ -174,28 +174,13 @@ def _sample_args(parser: argparse.ArgumentParser) -> None:
 def _run_sample(args: argparse.Namespace) -> int:
     import pyro
 
-    from pyro_vae.plots import plot_samples
+    from pyro_vae.plots import sample_figure
     from pyro_vae.runs import load_run
 
     run = load_run(args.run, device=args.device, data_dir=args.data_dir, load_data=False)
     pyro.set_rng_seed(args.seed)
-    image_shape = _image_shape(run)
-    path = plot_samples(run.vae, image_shape, args.out, num=args.num)
-    print(path or args.out)
+    print(sample_figure(run.vae, run.image_shape, args.num, args.out))
     return 0
-
-
-def _image_shape(run) -> tuple[int, ...]:
-    """The run's image shape, from its dataset (loaded without touching the data files when possible)."""
-    from pyro_vae.runs import load_dataset_for
-
-    try:
-        return tuple(load_dataset_for(run.config, device="cpu").image_shape)
-    except (FileNotFoundError, ValueError):
-        side = math.isqrt(run.vae.x_dim)
-        if side * side != run.vae.x_dim:
-            raise
-        return (1, side, side)
 
 
 # -- plot -----------------------------------------------------------------------------------------------------
@@ -244,8 +229,9 @@ def _run_compare(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2, default=str))
     else:
-        table = result.get("table") if isinstance(result, dict) else None
-        print(table if table else json.dumps(result, indent=2, default=str))
+        from pyro_vae.compare import markdown_table
+
+        print(markdown_table(result))
     return 0
 
 
@@ -335,7 +321,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean a mistake in the input (config, spec, data, run folder), not a bug."""
     from pyro_vae.train import TrainingError
 
-    return (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, TrainingError, ImportError)
+    return (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, TrainingError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -73,6 +73,7 @@ class Run:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     checkpoint: str = CHECKPOINT
     epoch: int = 0
+    image_shape: tuple[int, ...] | None = None
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
@@ -146,4 +147,5 @@ def load_run(
         device=device,
         checkpoint=path.name,
         epoch=int(state["epoch"]),
+        image_shape=tuple(state["image_shape"]) if state.get("image_shape") else None,
     )

@@ -44,7 +44,7 @@ import torch
 from pyro.infer import SVI, Trace_ELBO
 
 from pyro_vae import checkpoint as ckpt
-from pyro_vae import estimators
+from pyro_vae import distributed, estimators
 from pyro_vae.optim import OPTIMIZERS, SCHEDULES, build_optimizer, build_schedule
 from pyro_vae.runs import BEST, CHECKPOINT, CONFIG, METRICS, build_vae, load_dataset_for, resolve_device
 from pyro_vae.step import TrainStep
@@ -196,6 +196,9 @@ def train(
         is_main: whether this process writes files and prints (rank 0).
         reduce_sum: applied to the epoch's device sums before the host read (an all-reduce).
 
+    Under ``torchrun`` (``docs/distributed.md``) it sets up the process group itself and trains
+    data-parallel: ``train.batch_size`` is the global batch, split over the ranks; rank 0 alone writes.
+
     Returns a dict: ``run_dir``, ``status`` (``"completed"``, ``"early_stopped"`` or
     ``"interrupted"``), ``epoch``, ``step``, ``best_epoch``, ``best_val_elbo``, ``metrics`` (the
     last epoch's record), ``evaluation`` (``evaluation.json``'s content, or ``None``).
@@ -203,6 +206,27 @@ def train(
     Raises :class:`NonFiniteLossError` when a loss is NaN or infinite: ``checkpoint.pt`` then
     still holds the last good epoch.
     """
+    if distributed.launched_by_torchrun() and not torch.distributed.is_initialized():
+        # One process per device under torchrun: NCCL on cuda:LOCAL_RANK or gloo on the CPU, for this run.
+        with distributed.session(device if device is not None else getattr(cfg.train, "device", "auto")) as dctx:
+            return train(
+                cfg,
+                out_dir,
+                dctx.device,
+                data_dir,
+                resume,
+                progress,
+                download=download,
+                dataset=dataset,
+                batch_source=batch_source,
+                is_main=is_main,
+                reduce_sum=reduce_sum,
+            )
+    dctx = distributed.context()
+    if dctx.enabled:
+        is_main = is_main and dctx.is_main
+        out_dir = distributed.broadcast_object(str(out_dir))  # rank 0's folder (a default name has a timestamp)
+        reduce_sum = reduce_sum or (lambda sums: distributed.reduce_sums(sums, earliest=(1,)))  # 1: first bad step
     cfg_tools = _config_tools()
     out_dir = Path(out_dir)
     tcfg = cfg.train
@@ -219,6 +243,7 @@ def train(
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         cfg_tools.save_config(cfg, out_dir / CONFIG)
+    distributed.barrier()  # every rank has looked at the folder before rank 0 writes a checkpoint into it
 
     # Seed first: weight initialization and everything after it is reproducible.
     pyro.set_rng_seed(tcfg.seed)
@@ -232,10 +257,17 @@ def train(
     estimator = estimators.get(tcfg.estimator)
     optimizer = build_optimizer(getattr(tcfg, "optimizer", "adam"), vae.parameters(), lr=tcfg.lr)
     schedule = build_schedule(getattr(tcfg, "lr_schedule", "constant"), epochs=tcfg.epochs)
-    step_fn = TrainStep(vae, estimator, optimizer, clip_norm=getattr(tcfg, "clip_norm", None))
+    # Distributed: DDP around the estimator's loss, and each rank's own Monte Carlo noise from here on.
+    train_estimator = distributed.distribute_estimator(vae, estimator, dctx, probe=dataset.train[:2])
+    distributed.seed_rank(tcfg.seed, dctx)
+    step_fn = TrainStep(vae, train_estimator, optimizer, clip_norm=getattr(tcfg, "clip_norm", None))
     generator = torch.Generator(device=dataset.train.device).manual_seed(tcfg.seed)
+    if dctx.enabled and batch_source is None:  # each rank its disjoint shard of one (seed, epoch) permutation
+        batch_source = distributed.sharded_batch_source(dataset, tcfg.batch_size, tcfg.seed, dctx)
     batch_source = batch_source or _default_batches(dataset, tcfg.batch_size)
     steps_per_epoch = math.ceil(len(dataset.train) / tcfg.batch_size)
+    if dctx.enabled:
+        steps_per_epoch = distributed.num_steps(len(dataset.train), tcfg.batch_size, dctx.world_size)
     warmup_steps = round(float(getattr(tcfg, "warmup_epochs", 0) or 0) * steps_per_epoch)
     patience = getattr(tcfg, "patience", None) or 0
     eval_batch = getattr(tcfg, "eval_batch_size", 1000)
@@ -245,6 +277,8 @@ def train(
     progress_state = Progress()
     if state is not None:
         progress_state = _restore(state, vae, optimizer, generator)
+        if dctx.enabled:  # each rank its own stream back (or a fresh one when the world size changed)
+            distributed.restore_rng_state(state.get("rank_rng"), tcfg.seed, progress_state.epoch, dctx)
         if is_main:
             _truncate_metrics(out_dir / METRICS, progress_state.epoch)
     reporter = _Reporter(out_dir if is_main else None, progress, is_main)
@@ -258,15 +292,18 @@ def train(
             "param_constraints": names,
             "config": cfg_tools.config_to_dict(cfg),
             "x_dim": dataset.x_dim,
+            "image_shape": list(dataset.image_shape),
             "epoch": progress_state.epoch,
             "step": progress_state.step,
             "best_val_elbo": progress_state.best_val_elbo,
             "best_epoch": progress_state.best_epoch,
             "bad_epochs": progress_state.bad_epochs,
             "rng": ckpt.rng_state(),
+            **({"rank_rng": rank_rng} if dctx.enabled else {}),
             "data_generator": generator.get_state(),
         }
 
+    rank_rng = distributed.gather_rng_states() if dctx.enabled else None
     if state is None and is_main:
         # Epoch 0: a Ctrl-C during the first epoch still leaves a consistent state to resume from.
         ckpt.save_checkpoint(snapshot(), checkpoint_path)
@@ -308,8 +345,10 @@ def train(
                 zero = loss_sum.new_zeros((), dtype=torch.float64)
                 sums = [loss_sum.double(), first_bad.double(), zero, zero]
                 if evaluated:  # at beta = 1, whatever the warm-up
-                    sums[2] = _sum_elbo(vae, dataset.val, eval_batch).double() if has_val else zero
-                    sums[3] = _sum_elbo(vae, dataset.test, eval_batch).double()
+                    # shard_rows: this rank's block (all of it in one process); reduce_sum adds the blocks
+                    if has_val:
+                        sums[2] = _sum_elbo(vae, distributed.shard_rows(dataset.val), eval_batch).double()
+                    sums[3] = _sum_elbo(vae, distributed.shard_rows(dataset.test), eval_batch).double()
                 host = torch.stack(sums)
                 if reduce_sum is not None:
                     host = reduce_sum(host)
@@ -326,7 +365,7 @@ def train(
                 progress_state.epoch, progress_state.step = epoch, step
                 record = {
                     "epoch": epoch,
-                    "train_elbo": -loss_total / seen,
+                    "train_elbo": -loss_total / (seen * dctx.world_size),  # every rank sees as many
                     "val_elbo": val_sum / len(dataset.val) if evaluated and has_val else None,
                     "test_elbo": test_sum / len(dataset.test) if evaluated else None,
                     "beta": beta,
@@ -335,6 +374,7 @@ def train(
                     "steps": step,
                 }
                 improved = _update_early_stopping(progress_state, record, has_val)
+                rank_rng = distributed.gather_rng_states() if dctx.enabled else None
                 if is_main:
                     _write_epoch(out_dir, record, snapshot(), improved)
                 reporter.line(_format_record(record, tcfg.epochs))

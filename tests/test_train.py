@@ -1,0 +1,315 @@
+"""The training loop: exact resume, NaN handling, Ctrl-C, warm-up, early stopping, schedules, the run folder."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import pytest
+import torch
+
+from pyro_vae import checkpoint as ckpt
+from pyro_vae import optim
+from pyro_vae import train as train_module
+from pyro_vae.config import load_config
+from pyro_vae.model import VAE
+from pyro_vae.specs import SpecError
+from pyro_vae.train import NonFiniteLossError, TrainingError, fit, train, warmup_beta
+
+# 160 training examples of 4x4 pixels in batches of 40: 4 steps per epoch, a fraction of a second.
+TINY = [
+    "data.name=synthetic(num_train=200, num_test=60, side=4, components=3)",
+    "model.z_dim=2",
+    "model.hidden_dims=[8]",
+    "train.batch_size=40",
+    "train.lr=0.01",
+    "train.nll_samples=0",
+    "train.plots=false",
+    "train.device=cpu",
+]
+STEPS_PER_EPOCH = 4
+
+
+def tiny(*overrides: str):
+    return load_config(None, [*TINY, *overrides])
+
+
+def _metrics(run_dir):
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for record in records:
+        record.pop("seconds")  # wall-clock time is the one thing allowed to differ
+    return records
+
+
+def _assert_same_state(a, b):
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    for (ka, sa), (kb, sb) in zip(a["optimizer"]["state"].items(), b["optimizer"]["state"].items(), strict=True):
+        assert ka == kb
+        for name in sa:
+            assert torch.equal(sa[name], sb[name]), (ka, name)
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+    assert torch.equal(a["data_generator"], b["data_generator"])
+    assert (a["epoch"], a["step"], a["best_epoch"]) == (b["epoch"], b["step"], b["best_epoch"])
+
+
+class _InterruptAt:
+    """A TrainStep that raises KeyboardInterrupt (as Ctrl-C would) before global step ``at``."""
+
+    def __init__(self, at: int) -> None:
+        self.at, self.calls = at, 0
+        self.real = train_module.TrainStep
+
+    def __call__(self, *args, **kwargs):
+        inner = self.real(*args, **kwargs)
+        outer = self
+
+        def step(x, beta=1.0):
+            outer.calls += 1
+            if outer.calls == outer.at:
+                raise KeyboardInterrupt
+            return inner(x, beta)
+
+        return step
+
+
+def test_resume_after_ctrl_c_equals_uninterrupted_run(tmp_path, monkeypatch):
+    cfg = tiny("train.epochs=3", "train.warmup_epochs=2", "train.lr_schedule=cosine", "train.patience=5")
+    full = train(cfg, tmp_path / "full", progress=False)
+    assert full["status"] == "completed"
+
+    # Ctrl-C in the middle of epoch 2: the checkpoint of epoch 1 is what a resume starts from.
+    monkeypatch.setattr(train_module, "TrainStep", _InterruptAt(STEPS_PER_EPOCH + 2))
+    interrupted = train(cfg, tmp_path / "resumed", progress=False)
+    assert interrupted["status"] == "interrupted" and interrupted["epoch"] == 1
+    assert "pyro-vae train --resume --out" in (tmp_path / "resumed" / "train.log").read_text()
+    monkeypatch.undo()
+    assert len(_metrics(tmp_path / "resumed")) == 1
+
+    resumed = train(cfg, tmp_path / "resumed", resume=True, progress=False)
+    assert resumed["status"] == "completed" and resumed["epoch"] == 3
+    a = ckpt.load_checkpoint(tmp_path / "full" / "checkpoint.pt")
+    b = ckpt.load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")
+    _assert_same_state(a, b)
+    assert _metrics(tmp_path / "full") == _metrics(tmp_path / "resumed")
+    assert json.loads((tmp_path / "full" / "evaluation.json").read_text())["test_elbo"] == pytest.approx(
+        json.loads((tmp_path / "resumed" / "evaluation.json").read_text())["test_elbo"], abs=0
+    )
+
+
+def test_resume_can_extend_the_number_of_epochs(tmp_path):
+    train(tiny("train.epochs=2"), tmp_path / "full", progress=False)
+    train(tiny("train.epochs=1"), tmp_path / "short", progress=False)
+    train(tiny("train.epochs=2"), tmp_path / "short", resume=True, progress=False)
+    a = ckpt.load_checkpoint(tmp_path / "full" / "checkpoint.pt")
+    b = ckpt.load_checkpoint(tmp_path / "short" / "checkpoint.pt")
+    _assert_same_state(a, b)
+    assert _metrics(tmp_path / "full") == _metrics(tmp_path / "short")
+
+
+def test_resume_refuses_another_model_and_a_missing_checkpoint(tmp_path):
+    train(tiny("train.epochs=1"), tmp_path / "run", progress=False)
+    with pytest.raises(TrainingError, match=r"different model: model\.z_dim: 2 -> 3"):
+        train(tiny("train.epochs=2", "model.z_dim=3"), tmp_path / "run", resume=True, progress=False)
+    with pytest.raises(TrainingError, match=r"already holds a run.*--resume"):
+        train(tiny("train.epochs=1"), tmp_path / "run", progress=False)
+    with pytest.raises(ckpt.CheckpointError, match="no checkpoint at"):
+        train(tiny(), tmp_path / "nothing", resume=True, progress=False)
+
+
+class _NaNEstimator:
+    """Wraps an estimator; the loss becomes NaN from the ``at``-th call on, as after a blow-up."""
+
+    def __init__(self, inner, at: int, on_nan=None) -> None:
+        self.inner, self.at, self.calls, self.on_nan = inner, at, 0, on_nan
+
+    def loss(self, vae, x, beta=1.0):
+        self.calls += 1
+        loss = self.inner.loss(vae, x, beta)
+        if self.calls == self.at and self.on_nan is not None:
+            self.on_nan()
+        return loss * math.nan if self.calls >= self.at else loss
+
+    def bound(self, vae, x):
+        return self.inner.bound(vae, x)
+
+
+@pytest.mark.filterwarnings("ignore:Encountered NaN")
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    seen = {}
+    at = STEPS_PER_EPOCH + 3  # the third step of epoch 2
+
+    def remember_checkpoint():
+        seen["bytes"] = (run / "checkpoint.pt").read_bytes()
+
+    real_get = train_module.estimators.get
+    monkeypatch.setattr(
+        train_module.estimators, "get", lambda spec: _NaNEstimator(real_get(spec), at, remember_checkpoint)
+    )
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at epoch 2, step 3 of the epoch \(global step 7\)"):
+        train(tiny("train.epochs=3"), run, progress=False)
+    assert (run / "checkpoint.pt").read_bytes() == seen["bytes"]
+    state = ckpt.load_checkpoint(run / "checkpoint.pt")
+    assert state["epoch"] == 1 and state["step"] == STEPS_PER_EPOCH
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert [r["epoch"] for r in _metrics(run)] == [1]
+
+
+@pytest.mark.filterwarnings("ignore:Encountered NaN")
+def test_huge_learning_rate_is_caught_as_non_finite(tmp_path):
+    cfg = tiny("train.epochs=2", "train.lr=1e30", "train.optimizer=sgd")
+    with pytest.raises(NonFiniteLossError, match="non-finite loss at epoch 1") as info:
+        train(cfg, tmp_path / "run", progress=False)
+    assert info.value.epoch == 1 and 1 <= info.value.step <= STEPS_PER_EPOCH
+    assert ckpt.load_checkpoint(tmp_path / "run" / "checkpoint.pt")["epoch"] == 0  # the initial state, intact
+
+
+def test_warmup_beta_values():
+    assert [warmup_beta(t, 4) for t in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert warmup_beta(0, 0) == 1.0 and warmup_beta(100, 0) == 1.0
+
+
+class _BetaRecorder:
+    def __init__(self) -> None:
+        self.betas = []
+        self.real = train_module.TrainStep
+
+    def __call__(self, *args, **kwargs):
+        inner = self.real(*args, **kwargs)
+
+        def step(x, beta=1.0):
+            self.betas.append(beta)
+            return inner(x, beta)
+
+        return step
+
+
+def test_warmup_ramps_beta_per_step_and_evaluates_at_beta_one(tmp_path, monkeypatch):
+    recorder = _BetaRecorder()
+    monkeypatch.setattr(train_module, "TrainStep", recorder)
+    evaluated = []
+    real_sum = train_module._sum_elbo
+
+    def sum_elbo(vae, x, batch_size):
+        evaluated.append(len(x))
+        return real_sum(vae, x, batch_size)
+
+    monkeypatch.setattr(train_module, "_sum_elbo", sum_elbo)
+    train(tiny("train.epochs=3", "train.warmup_epochs=2"), tmp_path / "run", progress=False)
+    warmup_steps = 2 * STEPS_PER_EPOCH
+    assert recorder.betas == [min(1.0, (t + 1) / warmup_steps) for t in range(3 * STEPS_PER_EPOCH)]
+    assert [r["beta"] for r in _metrics(tmp_path / "run")] == [0.5, 1.0, 1.0]
+    assert evaluated == [40, 60] * 3  # validation and test every epoch, through the beta-free bound
+
+
+def test_early_stopping_keeps_the_best_epoch(tmp_path, monkeypatch):
+    # Validation ELBOs per epoch (as sums over the 40 validation examples): best at epoch 2.
+    val = iter([-400.0, -200.0, -240.0, -280.0, -100.0])
+    real_sum = train_module._sum_elbo
+
+    def scripted(vae, x, batch_size):
+        return torch.tensor(next(val)) if len(x) == 40 else real_sum(vae, x, batch_size)
+
+    monkeypatch.setattr(train_module, "_sum_elbo", scripted)
+    result = train(tiny("train.epochs=5", "train.patience=2"), tmp_path / "run", progress=False)
+    assert result["status"] == "early_stopped"
+    assert (result["epoch"], result["best_epoch"], result["best_val_elbo"]) == (4, 2, -5.0)
+    assert [r["val_elbo"] for r in _metrics(tmp_path / "run")] == [-10.0, -5.0, -6.0, -7.0]
+    assert ckpt.load_checkpoint(tmp_path / "run" / "best.pt")["epoch"] == 2
+    assert ckpt.load_checkpoint(tmp_path / "run" / "checkpoint.pt")["epoch"] == 4
+    assert "early stopping" in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_run_folder_contents_and_learning(tmp_path):
+    cfg = tiny("train.epochs=4", "train.nll_samples=10", "train.eval_every=2")
+    result = train(cfg, tmp_path / "run", progress=False)
+    run = tmp_path / "run"
+    assert {"config.toml", "metrics.jsonl", "checkpoint.pt", "best.pt", "train.log", "evaluation.json"} <= {
+        p.name for p in run.iterdir()
+    }
+    assert load_config(run / "config.toml") == cfg
+    records = _metrics(run)
+    assert [r["epoch"] for r in records] == [1, 2, 3, 4]
+    assert [r["steps"] for r in records] == [4, 8, 12, 16]
+    assert set(records[0]) == {"epoch", "train_elbo", "val_elbo", "test_elbo", "beta", "lr", "steps"}
+    assert records[0]["test_elbo"] is None and records[1]["test_elbo"] is not None  # eval_every = 2
+    assert records[-1]["train_elbo"] > records[0]["train_elbo"]  # lr 0.01 on 16 pixels: it learns
+    evaluation = json.loads((run / "evaluation.json").read_text())
+    assert evaluation["weights"] == "best.pt" and evaluation["num_examples"] == 60
+    assert evaluation["test_nll"] > 0 > evaluation["test_elbo"]
+    assert result["evaluation"] == evaluation
+    assert (run / "train.log").read_text().count("epoch ") >= 4
+
+
+def test_the_loop_reads_the_host_once_per_epoch(tmp_path, monkeypatch):
+    """The loop itself never syncs per step: one ``.tolist()`` per epoch, no ``.item()``/``float()``/``bool()``.
+
+    The step and the ELBO are replaced by sync-free stand-ins, so this checks the loop alone
+    (the step's own code is ``pyro_vae.step``'s).
+    """
+    reads: list[str] = []
+    marks: list[int] = []
+    for name in ("item", "tolist", "__float__", "__bool__", "__int__", "__index__", "numpy"):
+        real = getattr(torch.Tensor, name)
+
+        def spy(self, *args, _real=real, _name=name, **kwargs):
+            reads.append(_name)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+
+    def fake_step_factory(vae, estimator, optimizer, clip_norm=None):
+        def step(x, beta=1.0):
+            if not marks:
+                marks.append(len(reads))  # the first step: setup reads are behind us
+            return x.sum() * beta
+
+        return step
+
+    real_write = train_module._write_epoch
+
+    def write_epoch(*args, **kwargs):
+        marks.append(len(reads))
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "TrainStep", fake_step_factory)
+    monkeypatch.setattr(train_module, "_sum_elbo", lambda vae, x, batch_size: x.sum())
+    monkeypatch.setattr(train_module, "_write_epoch", write_epoch)
+    monkeypatch.setattr(train_module, "_finish", lambda *args, **kwargs: None)
+    train(tiny("train.epochs=3", "train.warmup_epochs=1"), tmp_path / "run", progress=False)
+    windows = [reads[a:b] for a, b in itertools.pairwise(marks)]
+    assert len(windows) == 3
+    # Epoch 1: its steps and its read. Epochs 2, 3: the previous epoch's checkpoint and log line too.
+    assert windows == [["tolist"]] * 3, windows
+
+
+def test_optimizer_and_schedule_registries():
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    sgd = optim.build_optimizer("sgd(momentum=0.9)", params, lr=0.1)
+    assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["momentum"] == 0.9
+    with pytest.raises(SpecError, match=r"unknown optimizer 'adan'.*valid optimizers: adam, adamw, rmsprop, sgd"):
+        optim.build_optimizer("adan", params, lr=0.1)
+    cosine = optim.build_schedule("cosine(min_factor=0.1)", epochs=10)
+    assert cosine.factor(0) == 1.0 and cosine.factor(10) == pytest.approx(0.1)
+    assert cosine.factor(5) == pytest.approx(0.55)
+    assert optim.build_schedule("step(step_size=3, gamma=0.5)", epochs=10).factor(7) == 0.25
+    assert optim.build_schedule("exponential(gamma=0.5)", epochs=10).factor(3) == 0.125
+    assert cosine.apply(sgd, 0.2, 10) == pytest.approx(0.02) and sgd.param_groups[0]["lr"] == pytest.approx(0.02)
+    with pytest.raises(SpecError, match=r"unknown lr schedule 'cosin'.*did you mean \"cosine\""):
+        optim.build_schedule("cosin", epochs=3)
+
+
+def test_lr_follows_the_schedule_in_the_metrics(tmp_path):
+    train(tiny("train.epochs=3", "train.lr_schedule=step(step_size=1, gamma=0.5)"), tmp_path / "run", progress=False)
+    assert [r["lr"] for r in _metrics(tmp_path / "run")] == [0.01, 0.005, 0.0025]
+
+
+def test_fit_still_trains():
+    torch.manual_seed(0)
+    x = (torch.rand(64, 16) < 0.5).float()
+    vae = VAE(x_dim=16, z_dim=2, hidden_dims=(8,))
+    history = fit(vae, x, test_x=x[:16], epochs=2, batch_size=32, seed=0)
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert all(h["train_elbo"] < 0 and h["test_elbo"] < 0 for h in history)
