@@ -45,6 +45,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from pyro_vae import checkpoint
+from pyro_vae.data import epoch_seed
+
 # Variables that torchrun (torch.distributed.run) sets in every worker.
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
@@ -201,11 +204,6 @@ def per_rank_batch_size(batch_size: int, world_size: int) -> int:
     return batch_size // world_size
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    """A 63-bit seed for epoch ``epoch`` of a run with ``seed``, the same on every rank."""
-    return int(np.random.SeedSequence([int(seed), int(epoch)]).generate_state(1, np.uint64)[0] >> 1)
-
-
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The permutation of ``range(n)`` for ``epoch``: one CPU ``torch.Generator`` seeded from (seed, epoch).
 
@@ -246,6 +244,27 @@ def shard_batches(
     ctx = ctx or context()
     for index in shard_indices(len(x), batch_size, seed, epoch, ctx.rank, ctx.world_size, x.device):
         yield x[index]
+
+
+def num_steps(n: int, batch_size: int, world_size: int) -> int:
+    """Steps per epoch on every rank for ``n`` training examples (``ceil(n / batch_size)`` in one process)."""
+    local = per_rank_batch_size(batch_size, world_size)
+    return -(-(n // world_size) // local)
+
+
+def sharded_batch_source(dataset, batch_size: int, seed: int, ctx: DistributedContext | None = None):
+    """``(epoch, generator) -> batches``: this rank's shard of ``dataset.train_epoch(epoch, generator)``.
+
+    ``generator`` is in the same state on every rank, so a dynamically binarized epoch is the same
+    tensor on all of them; the shard itself comes from (seed, epoch) alone (:func:`shard_indices`).
+    """
+    ctx = ctx or context()
+    per_rank_batch_size(batch_size, ctx.world_size)  # a bad split fails before training starts
+
+    def source(epoch: int, generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+        return shard_batches(dataset.train_epoch(epoch, generator), batch_size, seed, epoch, ctx)
+
+    return source
 
 
 def shard_rows(x: torch.Tensor, rank: int | None = None, world_size: int | None = None) -> torch.Tensor:
@@ -396,6 +415,29 @@ def all_reduce_sum(*values: torch.Tensor | float) -> tuple[torch.Tensor, ...]:
     return tuple(stacked.unbind())
 
 
+def reduce_sums(values: torch.Tensor, earliest: Sequence[int] = ()) -> torch.Tensor:
+    """Per-rank vector ``values`` summed over ranks, except the entries at ``earliest``.
+
+    Those hold a step index or -1 for "none" (e.g. the first step with a non-finite loss) and are
+    reduced to the earliest index that any rank reports. One ``all_gather``; every rank adds the
+    gathered rows in the same order, so all ranks get bitwise equal results (and so take the same
+    early-stopping decisions).
+    """
+    if not dist.is_initialized():
+        return values
+    device = _collective_device(values.device)
+    local = values.to(device)
+    rows = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(rows, local)
+    table = torch.stack(rows)
+    out = table.sum(0)
+    for i in earliest:
+        column = table[:, i]
+        hits = column[column >= 0]
+        out[i] = hits.min() if len(hits) else column.new_tensor(-1)
+    return out.to(values.device)
+
+
 def gather_rows(local: torch.Tensor, sizes: Sequence[int] | None = None) -> torch.Tensor:
     """Concatenate every rank's ``local`` rows in rank order (the inverse of :func:`shard_rows`).
 
@@ -431,6 +473,11 @@ def map_rows(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> tor
     return gather_rows(fn(shard_rows(x)), sizes)
 
 
+def env_rank() -> int:
+    """The ``RANK`` torchrun gave this process (0 without torchrun); valid before and after the group exists."""
+    return int(os.environ.get("RANK", "0")) if launched_by_torchrun() else 0
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """Rank ``src``'s ``obj`` on every rank (e.g. a run folder name or a stop decision)."""
     if not dist.is_initialized():
@@ -459,17 +506,12 @@ def seed_rank(seed: int, ctx: DistributedContext | None = None) -> None:
         pyro.util.set_rng_seed(rank_seed(seed, ctx.rank))
 
 
-def rng_state(device: torch.device | None = None) -> dict[str, Any]:
-    """This process's RNG state: Pyro's (torch CPU, random, numpy) plus the CUDA device's."""
-    state = pyro.util.get_rng_state()
-    if device is not None and device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
+def gather_rng_states() -> list[dict[str, Any]]:
+    """Every rank's RNG state (``checkpoint.rng_state``: torch, CUDA, random, numpy), in rank order.
 
-
-def gather_rng_states(device: torch.device | None = None) -> list[dict[str, Any]]:
-    """Every rank's :func:`rng_state`, in rank order, on every rank (for rank 0 to checkpoint)."""
-    state = rng_state(device)
+    A collective: every rank calls it; rank 0 puts the list in the checkpoint.
+    """
+    state = checkpoint.rng_state()
     if not dist.is_initialized():
         return [state]
     states: list[Any] = [None] * dist.get_world_size()
@@ -485,7 +527,7 @@ def restore_rng_state(
 ) -> None:
     """Restore this rank's RNG state from a checkpoint's ``states``.
 
-    ``states`` is the list of :func:`gather_rng_states` (or one state of a single-process run).
+    ``states`` is the list of :func:`gather_rng_states` (or one ``checkpoint.rng_state``).
     When it holds one state per rank of the current world, each rank takes its own and the
     resumed run continues exactly. Otherwise (different number of processes, or no states) every
     rank is reseeded from (seed, epoch, rank): reproducible, but not the uninterrupted stream.
@@ -494,11 +536,7 @@ def restore_rng_state(
     if isinstance(states, Mapping):
         states = [states]
     if states and len(states) == ctx.world_size:
-        state = dict(states[ctx.rank])
-        cuda_state = state.pop("cuda", None)
-        pyro.util.set_rng_state(state)
-        if cuda_state is not None and ctx.device.type == "cuda":
-            torch.cuda.set_rng_state(cuda_state.cpu() if hasattr(cuda_state, "cpu") else cuda_state, ctx.device)
+        checkpoint.set_rng_state(dict(states[ctx.rank]))
         return
     if states:
         warnings.warn(

@@ -8,8 +8,11 @@ scenario (importing torch and Pyro twice costs seconds); the tests below check i
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pyro
@@ -396,3 +399,89 @@ def test_gradient_factor_scales_the_gradient_only():
     assert out.item() == 9.0
     out.backward()
     assert t.grad.item() == 4.0 * 6.0
+
+
+# -- end to end: torchrun -m pyro_vae train ----------------------------------------------------
+
+TINY_RUN = [
+    "--config",
+    str(Path(__file__).resolve().parents[1] / "configs" / "mnist.toml"),
+    "--set",
+    "data.subset=300",
+    "--set",
+    "data.val_size=60",
+    "--set",
+    "model.z_dim=4",
+    "--set",
+    "model.hidden_dims=[32]",
+    "--set",
+    "train.batch_size=64",
+    "--set",
+    "train.nll_samples=4",
+    "--set",
+    "train.plots=false",
+    "--device",
+    "cpu",
+]
+
+
+def torchrun_train(data_root: Path, out: Path, *args: str, nproc: int = WORLD) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        "-m",
+        "pyro_vae",
+        "train",
+        *TINY_RUN,
+        "--out",
+        str(out),
+        *args,
+    ]
+    env = {**os.environ, "PYRO_VAE_DATA": str(data_root), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"torchrun failed ({done.returncode}):\n{done.stdout}\n{done.stderr}"
+    return done
+
+
+def read_metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def torchrun_runs(data_root, tmp_path_factory) -> dict[str, Path]:
+    """Two-process runs: one epoch then ``--resume`` to two, and two epochs uninterrupted."""
+    root = tmp_path_factory.mktemp("torchrun")
+    resumed, straight = root / "resumed", root / "straight"
+    first = torchrun_train(data_root, resumed, "--set", "train.epochs=1")
+    assert first.stdout.strip().splitlines() == [str(resumed)], "rank 0 alone prints the run folder"
+    one_epoch = read_metrics(resumed)
+    torchrun_train(data_root, resumed, "--set", "train.epochs=2", "--resume")
+    torchrun_train(data_root, straight, "--set", "train.epochs=2")
+    return {"root": root, "resumed": resumed, "straight": straight, "one_epoch": one_epoch}
+
+
+def test_torchrun_two_processes_train_one_epoch_and_rank0_writes_once(torchrun_runs):
+    (metrics,) = torchrun_runs["one_epoch"]
+    assert metrics["epoch"] == 1 and metrics["train_elbo"] < 0 and metrics["test_elbo"] < 0
+    root = torchrun_runs["root"]
+    assert sorted(p.relative_to(root).as_posix() for p in root.rglob("metrics.jsonl")) == [
+        "resumed/metrics.jsonl",
+        "straight/metrics.jsonl",
+    ]
+    assert len(list(root.rglob("checkpoint.pt"))) == 2
+    state = torch.load(torchrun_runs["resumed"] / "checkpoint.pt", weights_only=True)
+    assert len(state["rank_rng"]) == WORLD
+    assert not torch.equal(state["rank_rng"][0]["torch"], state["rank_rng"][1]["torch"])
+    # 300 training examples, global batch 64 -> 32 per rank: ceil(150 / 32) = 5 steps per epoch
+    assert metrics["steps"] == 5
+
+
+def test_torchrun_resume_continues_exactly(torchrun_runs):
+    resumed, straight = read_metrics(torchrun_runs["resumed"]), read_metrics(torchrun_runs["straight"])
+    assert [m["epoch"] for m in resumed] == [1, 2]
+    for key in ("train_elbo", "val_elbo", "test_elbo", "steps"):
+        assert [m[key] for m in resumed] == [m[key] for m in straight], key
