@@ -1,0 +1,49 @@
+"""Every example script runs end to end in smoke mode (a subprocess, as a user would run it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+SCRIPTS = sorted(EXAMPLES.glob("*.py"))
+
+
+def _run(script: Path, data_root: Path, out: Path) -> str:
+    env = {**os.environ, "PYRO_VAE_DATA": str(data_root), "MPLBACKEND": "Agg"}
+    proc = subprocess.run(
+        [sys.executable, str(script), "--smoke", "--out", str(out), "--device", "cpu"],
+        env=env,
+        cwd=out.parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, f"{script.name} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def test_every_example_is_tested():
+    names = {p.name for p in SCRIPTS}
+    assert {"mnist_vae.py", "mnist_dynamic_vae.py", "fashion_mnist_vae.py"} <= names
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.stem)
+def test_example_runs_in_smoke_mode(script, data_root, tmp_path):
+    out = tmp_path / "run"
+    stdout = _run(script, data_root, out)
+    assert "Traceback" not in stdout
+    if script.stem == "mnist_vae":
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [r["epoch"] for r in records] == [1]
+        assert records[0]["test_elbo"] < 0 and "test ELBO" in stdout
+        assert (out / "samples.png").is_file() and (out / "reconstructions.png").is_file()
+    else:
+        assert (out / "config.toml").is_file() and (out / "checkpoint.pt").is_file()
+    if script.stem == "mnist_dynamic_vae":
+        assert "test NLL" in stdout and "k=10" in stdout
