@@ -56,6 +56,9 @@ __all__ = ["LR_SCHEDULES", "OPTIMIZERS", "NonFiniteLossError", "TrainingError", 
 LOG = "train.log"
 EVALUATION = "evaluation.json"
 
+# The entries of the device vector read once per epoch (and all-reduced under torch.distributed).
+EPOCH_SUMS = ("loss_sum", "first_bad_step", "val_elbo_sum", "test_elbo_sum")
+
 # (epoch, generator) -> the epoch's training batches, device tensors (batch, x_dim).
 BatchSource = Callable[[int, torch.Generator], Iterable[torch.Tensor]]
 
@@ -178,6 +181,7 @@ def train(
     batch_source: BatchSource | None = None,
     is_main: bool = True,
     reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    steps_per_epoch: int | None = None,
 ) -> dict[str, Any]:
     """Train the VAE that ``cfg`` describes and write the run folder ``out_dir``.
 
@@ -194,7 +198,11 @@ def train(
         batch_source: ``(epoch, generator) -> batches`` replacing the default device-side
             permutation (e.g. a rank's shard under torch.distributed).
         is_main: whether this process writes files and prints (rank 0).
-        reduce_sum: applied to the epoch's device sums before the host read (an all-reduce).
+        reduce_sum: applied to the epoch's device vector before the host read (an all-reduce);
+            its entries are ``EPOCH_SUMS``: summed losses, the first non-finite step (-1: none;
+            reduce it with a minimum over the non-negative entries), validation and test ELBO sums.
+        steps_per_epoch: steps that ``batch_source`` yields per epoch (for the warm-up ramp and
+            the progress bar); default ``ceil(len(train) / batch_size)``.
 
     Under ``torchrun`` (``docs/distributed.md``) it sets up the process group itself and trains
     data-parallel: ``train.batch_size`` is the global batch, split over the ranks; rank 0 alone writes.
@@ -258,14 +266,14 @@ def train(
     optimizer = build_optimizer(getattr(tcfg, "optimizer", "adam"), vae.parameters(), lr=tcfg.lr)
     schedule = build_schedule(getattr(tcfg, "lr_schedule", "constant"), epochs=tcfg.epochs)
     # Distributed: DDP around the estimator's loss, and each rank's own Monte Carlo noise from here on.
-    train_estimator = distributed.distribute_estimator(vae, estimator, dctx, probe=dataset.train[:2])
+    train_estimator = distributed.distribute_estimator(vae, estimator, dctx)
     distributed.seed_rank(tcfg.seed, dctx)
     step_fn = TrainStep(vae, train_estimator, optimizer, clip_norm=getattr(tcfg, "clip_norm", None))
     generator = torch.Generator(device=dataset.train.device).manual_seed(tcfg.seed)
     if dctx.enabled and batch_source is None:  # each rank its disjoint shard of one (seed, epoch) permutation
         batch_source = distributed.sharded_batch_source(dataset, tcfg.batch_size, tcfg.seed, dctx)
     batch_source = batch_source or _default_batches(dataset, tcfg.batch_size)
-    steps_per_epoch = math.ceil(len(dataset.train) / tcfg.batch_size)
+    steps_per_epoch = steps_per_epoch or math.ceil(len(dataset.train) / tcfg.batch_size)
     if dctx.enabled:
         steps_per_epoch = distributed.num_steps(len(dataset.train), tcfg.batch_size, dctx.world_size)
     warmup_steps = round(float(getattr(tcfg, "warmup_epochs", 0) or 0) * steps_per_epoch)
@@ -282,6 +290,8 @@ def train(
         if is_main:
             _truncate_metrics(out_dir / METRICS, progress_state.epoch)
     reporter = _Reporter(out_dir if is_main else None, progress, is_main)
+    if patience and not has_val:
+        reporter.line(f"train.patience={patience} is ignored: {dataset.name} has no validation set (data.val_size)")
 
     def snapshot() -> dict[str, Any]:
         params, names = ckpt.param_store_state()
