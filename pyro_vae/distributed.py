@@ -319,50 +319,23 @@ class LossModule(nn.Module):
         return scale_gradient(self.estimator.loss(self.vae, x, beta), self.gradient_factor)
 
 
-def unused_parameters(vae: nn.Module, estimator, x: torch.Tensor, beta: float = 1.0) -> list[str]:
-    """Names of trainable parameters of ``vae`` that get no gradient from ``estimator.loss`` on ``x``.
-
-    Some (estimator, prior, guide) combinations leave parameters out of the graph; DDP must then be
-    told (``find_unused_parameters=True``) or it waits forever for their gradients. The probe runs
-    the loss once on a few examples; its random draws are restored afterwards so training is unchanged.
-    """
-    named = [(name, p) for name, p in vae.named_parameters() if p.requires_grad]
-    state = pyro.util.get_rng_state()
-    cuda_state = torch.cuda.get_rng_state(x.device) if x.device.type == "cuda" else None
-    try:
-        loss = estimator.loss(vae, x, beta)
-        grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
-    finally:
-        pyro.util.set_rng_state(state)
-        if cuda_state is not None:
-            torch.cuda.set_rng_state(cuda_state, x.device)
-    return [name for (name, _), g in zip(named, grads, strict=True) if g is None]
-
-
-def wrap(
-    vae: nn.Module,
-    estimator,
-    ctx: DistributedContext | None = None,
-    probe: torch.Tensor | None = None,
-    find_unused_parameters: bool | None = None,
-) -> nn.Module:
+def wrap(vae: nn.Module, estimator, ctx: DistributedContext | None = None) -> nn.Module:
     """``DistributedDataParallel(LossModule(vae, estimator, world_size))`` for this rank.
 
     DDP broadcasts rank 0's parameters and buffers on construction, so every rank starts from the
-    same model. ``find_unused_parameters`` defaults to a probe on ``probe`` (a few training examples):
-    True only when some parameter gets no gradient (it costs a graph traversal per step).
+    same model. ``static_graph=True``: every step uses the same parameters (true of every
+    estimator and family here), so DDP learns in the first step which parameters, if any, get no
+    gradient (a parameter an estimator leaves out of the loss would otherwise make DDP wait for it
+    forever) without ``find_unused_parameters``' graph traversal at every step, and without running
+    the estimator beforehand (which would change stateful estimators such as ``tracegraph``'s baseline).
     In a single process the bare ``LossModule`` is returned.
     """
     ctx = ctx or context()
     if not ctx.enabled:
         return LossModule(vae, estimator)
-    if find_unused_parameters is None:
-        find_unused_parameters = probe is not None and bool(unused_parameters(vae, estimator, probe))
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     return DistributedDataParallel(
-        LossModule(vae, estimator, gradient_factor=ctx.world_size),
-        device_ids=device_ids,
-        find_unused_parameters=find_unused_parameters,
+        LossModule(vae, estimator, gradient_factor=ctx.world_size), device_ids=device_ids, static_graph=True
     )
 
 
@@ -385,14 +358,16 @@ class DistributedEstimator:
         return getattr(self.__dict__["estimator"], name)
 
 
-def distribute_estimator(
-    vae: nn.Module, estimator, ctx: DistributedContext | None = None, probe: torch.Tensor | None = None
-):
-    """The estimator to train with on this rank: ``estimator`` itself in a single process, else DDP-wrapped."""
+def distribute_estimator(vae: nn.Module, estimator, ctx: DistributedContext | None = None):
+    """The estimator to train with on this rank: ``estimator`` itself in a single process, else DDP-wrapped.
+
+    Each rank holds its own estimator object, so estimator state (``tracegraph``'s baseline, the
+    JIT estimators' compiled functions) is per rank.
+    """
     ctx = ctx or context()
     if not ctx.enabled:
         return estimator
-    return DistributedEstimator(wrap(vae, estimator, ctx, probe=probe), estimator)
+    return DistributedEstimator(wrap(vae, estimator, ctx), estimator)
 
 
 # -- metrics ----------------------------------------------------------------------------

@@ -23,9 +23,12 @@ from torch import nn
 
 from pyro_vae import distributed
 from pyro_vae.closed_form import closed_form_terms
-from pyro_vae.estimators import Estimator
+from pyro_vae.estimators import ESTIMATORS, Estimator
 from pyro_vae.estimators import get as get_estimator
+from pyro_vae.guides import GUIDES
+from pyro_vae.likelihoods import LIKELIHOODS
 from pyro_vae.model import VAE
+from pyro_vae.priors import PRIORS
 
 WORLD = 2
 X_DIM, Z_DIM, HIDDEN = 12, 3, (8,)
@@ -57,9 +60,28 @@ def make_data(n: int = 40) -> torch.Tensor:
     return torch.bernoulli(torch.full((n, X_DIM), 0.3, dtype=torch.float64), generator=generator)
 
 
-def make_vae(init_seed: int) -> VAE:
+def make_vae(init_seed: int, **families) -> VAE:
+    pyro.clear_param_store()  # as train() does: pyro.module (and Pyro's JIT) must see this VAE's tensors
     pyro.set_rng_seed(init_seed)
-    return VAE(x_dim=X_DIM, z_dim=Z_DIM, hidden_dims=HIDDEN).double()
+    return VAE(x_dim=X_DIM, z_dim=Z_DIM, hidden_dims=HIDDEN, **families).double()
+
+
+# Every registered estimator (default families), then every prior, likelihood and guide (estimator "trace").
+FAMILY_CASES = [
+    *[{"estimator": name} for name in sorted(ESTIMATORS.names())],
+    *[{"prior": name} for name in sorted(PRIORS.names()) if name != "normal"],
+    *[{"likelihood": name} for name in sorted(LIKELIHOODS.names()) if name != "bernoulli"],
+    *[{"guide": name} for name in sorted(GUIDES.names()) if name != "normal"],
+]
+
+
+def case_id(case: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in case.items())
+
+
+def split_case(case: dict) -> tuple[str, dict]:
+    families = dict(case)
+    return families.pop("estimator", "trace"), families
 
 
 def params(vae: nn.Module) -> dict[str, torch.Tensor]:
@@ -69,19 +91,21 @@ def params(vae: nn.Module) -> dict[str, torch.Tensor]:
 # -- the reference: one process, the same B examples, the same noise -------------------------------
 
 
-def reference_sgd_step(estimator, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], list[float]]:
+def reference_sgd_step(make_estimator, x: torch.Tensor, **families) -> tuple[dict[str, torch.Tensor], list[float]]:
     """One SGD step of a single process on the global batch, with each rank's share of the noise.
 
     The loss is the sum over the global batch; its rank-r part is computed after seeding the RNG as
-    rank r does, so the Monte Carlo noise matches the distributed step example by example.
+    rank r does, and by a fresh estimator as rank r holds one (estimators may keep state: the
+    ``tracegraph`` baseline, the JIT's compiled function, whose tracing draws noise), so the Monte
+    Carlo noise matches the distributed step example by example.
     """
-    vae = make_vae(init_seed=100)  # rank 0's initialization (DDP broadcasts it to every rank)
+    vae = make_vae(100, **families)  # rank 0's initialization (DDP broadcasts it to every rank)
     optimizer = torch.optim.SGD(vae.parameters(), lr=LR)
     total, parts = 0.0, []
     for rank in range(WORLD):
         index = distributed.shard_indices(len(x), GLOBAL_BATCH, SEED, 0, rank, WORLD)[0]
         pyro.set_rng_seed(distributed.rank_seed(SEED, rank))
-        part = estimator.loss(vae, x[index])
+        part = make_estimator().loss(vae, x[index])
         parts.append(part.item())
         total = total + part
     total.backward()
@@ -92,9 +116,9 @@ def reference_sgd_step(estimator, x: torch.Tensor) -> tuple[dict[str, torch.Tens
 # -- the worker: one rank -----------------------------------------------------------------------
 
 
-def _one_step(ctx, estimator, x):
-    vae = make_vae(init_seed=100 + ctx.rank)  # different on each rank: DDP must broadcast rank 0's
-    train_estimator = distributed.distribute_estimator(vae, estimator, ctx, probe=x[:2])
+def _one_step(ctx, estimator, x, **families):
+    vae = make_vae(100 + ctx.rank, **families)  # different on each rank: DDP must broadcast rank 0's
+    train_estimator = distributed.distribute_estimator(vae, estimator, ctx)
     optimizer = torch.optim.SGD(vae.parameters(), lr=LR)
     index = distributed.shard_indices(len(x), GLOBAL_BATCH, SEED, 0, ctx.rank, ctx.world_size)[0]
     distributed.seed_rank(SEED, ctx)
@@ -109,7 +133,7 @@ def _several_steps(ctx, x, steps_per_epoch_limit=None):
     """Two epochs of Adam with clipping on this rank's shards, as the training loop does it."""
     vae = make_vae(init_seed=200 + ctx.rank)
     estimator = get_estimator("trace")
-    train_estimator = distributed.distribute_estimator(vae, estimator, ctx, probe=x[:2])
+    train_estimator = distributed.distribute_estimator(vae, estimator, ctx)
     optimizer = torch.optim.Adam(vae.parameters(), lr=1e-2)
     distributed.seed_rank(SEED, ctx)
     seen, total, count = [], torch.zeros((), dtype=torch.float64), 0
@@ -127,17 +151,17 @@ def _several_steps(ctx, x, steps_per_epoch_limit=None):
 
 
 def _unused_parameter(ctx, x):
-    """A parameter outside the loss's graph: the probe must switch on find_unused_parameters."""
+    """A parameter outside the loss's graph: DDP (static graph) must not wait for its gradient."""
     vae = make_vae(init_seed=300)
     vae.register_parameter("spare", nn.Parameter(torch.zeros(2, dtype=torch.float64)))
-    module = distributed.wrap(vae, PosteriorMeanELBO(), ctx, probe=x[:2])
+    module = distributed.wrap(vae, PosteriorMeanELBO(), ctx)
     optimizer = torch.optim.SGD(vae.parameters(), lr=LR)
     for step in range(3):
         optimizer.zero_grad()
         index = distributed.shard_indices(len(x), GLOBAL_BATCH, SEED, step, ctx.rank, ctx.world_size)[0]
         module(x[index]).backward()
         optimizer.step()
-    return {"find_unused": module.find_unused_parameters, "params": params(vae)}
+    return {"params": params(vae), "spare_grad": vae.spare.grad}
 
 
 def _reductions(ctx, x):
@@ -170,6 +194,10 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         results = {
             "one_step": {name: _one_step(ctx, get_estimator(name), x) for name in STOCHASTIC_ESTIMATORS},
             "deterministic": _one_step(ctx, PosteriorMeanELBO(), x),
+            "families": {
+                case_id(case): _one_step(ctx, get_estimator(split_case(case)[0]), x, **split_case(case)[1])
+                for case in FAMILY_CASES
+            },
             "several_steps": _several_steps(ctx, x),
             "unused_parameter": _unused_parameter(ctx, x),
             "reductions": _reductions(ctx, x),
@@ -221,7 +249,7 @@ def test_deterministic_step_of_two_ranks_equals_one_process_step_on_the_union(ra
 @pytest.mark.parametrize("name", STOCHASTIC_ESTIMATORS)
 def test_step_of_two_ranks_equals_one_process_step_with_the_same_noise(ranks, float64, name):
     x = make_data()
-    expected, parts = reference_sgd_step(get_estimator(name), x)
+    expected, parts = reference_sgd_step(lambda: get_estimator(name), x)
     for r in range(WORLD):
         result = ranks[r]["one_step"][name]
         # the value each rank returns is its own summed loss (the gradient factor leaves it alone)
@@ -229,11 +257,22 @@ def test_step_of_two_ranks_equals_one_process_step_with_the_same_noise(ranks, fl
         assert_params_close(result["params"], expected)
 
 
+@pytest.mark.parametrize("case", FAMILY_CASES, ids=case_id)
+def test_every_estimator_and_family_steps_like_one_process(ranks, float64, case):
+    """Every registered estimator, prior, likelihood and guide trains data-parallel: same step as the reference."""
+    name, families = split_case(case)
+    expected, parts = reference_sgd_step(lambda: get_estimator(name), make_data(), **families)
+    for r in range(WORLD):
+        result = ranks[r]["families"][case_id(case)]
+        assert result["loss"] == pytest.approx(parts[r], rel=1e-9)
+        assert_params_close(result["params"], expected, rtol=1e-8, atol=1e-10)
+
+
 def test_loss_scale_matters_so_the_comparison_can_fail(float64):
     """Without the world-size gradient factor DDP's average would be half the global gradient:
     the step would differ from the reference by far more than the tolerance used above."""
     x = make_data()
-    expected, _ = reference_sgd_step(PosteriorMeanELBO(), x)
+    expected, _ = reference_sgd_step(PosteriorMeanELBO, x)
     vae = make_vae(init_seed=100)
     optimizer = torch.optim.SGD(vae.parameters(), lr=LR)
     for rank in range(WORLD):
@@ -255,28 +294,12 @@ def test_ranks_hold_identical_parameters_after_several_steps(ranks):
     assert ranks[0]["several_steps"]["train_loss_per_example"] == ranks[1]["several_steps"]["train_loss_per_example"]
 
 
-def test_unused_parameters_are_detected_and_training_proceeds(ranks):
+def test_a_parameter_without_gradient_does_not_stall_training(ranks):
     for r in range(WORLD):
-        assert ranks[r]["unused_parameter"]["find_unused"] is True
+        assert ranks[r]["unused_parameter"]["spare_grad"] is None
+        assert torch.equal(ranks[r]["unused_parameter"]["params"]["spare"], torch.zeros(2, dtype=torch.float64))
     for name, value in ranks[0]["unused_parameter"]["params"].items():
         assert torch.equal(value, ranks[1]["unused_parameter"]["params"][name]), name
-
-
-def test_probe_finds_no_unused_parameters_in_the_default_vae():
-    vae = VAE(x_dim=X_DIM, z_dim=Z_DIM, hidden_dims=HIDDEN)
-    x = make_data(4).float()
-    for name in (*STOCHASTIC_ESTIMATORS,):
-        assert distributed.unused_parameters(vae, get_estimator(name), x) == []
-
-
-def test_probe_leaves_the_random_stream_untouched():
-    vae = VAE(x_dim=X_DIM, z_dim=Z_DIM, hidden_dims=HIDDEN)
-    x = make_data(4).float()
-    pyro.set_rng_seed(7)
-    expected = torch.rand(5)
-    pyro.set_rng_seed(7)
-    distributed.unused_parameters(vae, get_estimator("trace"), x)
-    assert torch.equal(torch.rand(5), expected)
 
 
 # -- data sharding ------------------------------------------------------------------------------
