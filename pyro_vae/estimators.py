@@ -275,7 +275,11 @@ class JitMeanFieldELBO(_JitELBO):
     elbo_class = JitTraceMeanField_ELBO
 
     def _pyro_loss(self, elbo, model, guide, x, beta) -> torch.Tensor:
-        return elbo.differentiable_loss(model, guide, x, beta)
+        loss = elbo.differentiable_loss(model, guide, x, beta)
+        # Pyro 1.9 stores the compiled function as ``_differentiable_loss`` but looks for
+        # ``_loss_and_surrogate_loss``, so it would trace the model anew on every call (60x slower).
+        elbo._loss_and_surrogate_loss = elbo._differentiable_loss
+        return loss
 
     @torch.no_grad()
     def bound(self, vae, x: torch.Tensor) -> torch.Tensor:
@@ -318,8 +322,9 @@ class TraceGraphELBO(_PyroELBO):
 
     with a decaying-average baseline b, kept here (not in Pyro's param store, whose per-position
     average would break on a smaller last batch): the exponential moving average, with factor
-    ``baseline_beta``, of the batch-mean log weight, the same for every example. It is updated on
-    the device at every ``loss`` call (no host sync). The bound is the ordinary one-draw ELBO.
+    ``baseline_beta``, of the batch-mean log weight, the same for every example (none on the first
+    call, which starts the average). It is updated on the device at every ``loss`` call (no host
+    sync). The bound is the ordinary one-draw ELBO.
     Pyro's ``TraceGraph_ELBO`` has no public differentiable loss (1.9), so its surrogate is used
     through ``_loss_and_surrogate_loss``.
     """
@@ -334,12 +339,15 @@ class TraceGraphELBO(_PyroELBO):
         self._average: torch.Tensor | None = None
 
     def loss(self, vae, x: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
-        if self._average is None:  # a Python check, not a host sync
-            self._average = log_weights(vae, x, 1, beta).detach().mean()
-        guide = _ScoreFunctionLatents(self._average)(vae.guide)
+        # No baseline on the first call, then the average starts at that call's value (Python checks, no sync).
+        baseline = x.new_zeros(()) if self._average is None else self._average
+        guide = _ScoreFunctionLatents(baseline)(vae.guide)
         elbo, surrogate_loss = self.elbo._loss_and_surrogate_loss(vae.model, guide, (x, beta), {})
-        # elbo is the batch sum: update the average of the per-example value.
-        self._average = self.baseline_beta * self._average + (1 - self.baseline_beta) * elbo.detach() / x.shape[0]
+        mean = elbo.detach() / x.shape[0]  # elbo is the batch sum
+        if self._average is None:
+            self._average = mean
+        else:
+            self._average = self.baseline_beta * self._average + (1 - self.baseline_beta) * mean
         return _with_value(-elbo, surrogate_loss)
 
 
