@@ -171,7 +171,12 @@ def _reductions(ctx, x):
     states = distributed.gather_rng_states()
     distributed.restore_rng_state(states, SEED, epoch=1, ctx=ctx)
     after_restore = torch.rand(3)
+    # entry 1 holds a step index (-1: none): rank 0 reports none, rank 1 step 5; entry 3 both report one
+    vector = torch.tensor([[1.0, -1.0, 2.0, 7.0], [3.0, 5.0, 4.0, 3.0]])[ctx.rank]
+    none = torch.tensor([0.0, -1.0])
     return {
+        "vector": distributed.reduce_sums(vector, earliest=(1, 3)),
+        "none": distributed.reduce_sums(none, earliest=(1,)),
         "sum": total.item(),
         "count": count.item(),
         "rows": rows,
@@ -359,6 +364,20 @@ def test_sums_over_ranks(ranks):
     for r in range(WORLD):
         assert ranks[r]["reductions"]["sum"] == 1.5 + 2.5
         assert ranks[r]["reductions"]["count"] == 7
+
+
+def test_vector_sums_over_ranks_with_earliest_step_entries(ranks):
+    for r in range(WORLD):
+        assert ranks[r]["reductions"]["vector"].tolist() == [4.0, 5.0, 6.0, 3.0]
+        assert ranks[r]["reductions"]["none"].tolist() == [0.0, -1.0]
+
+
+@pytest.mark.parametrize(("n", "batch", "world"), [(60000, 256, 1), (60000, 256, 2), (41, 8, 2), (7, 3, 1), (10, 4, 4)])
+def test_steps_per_epoch_match_the_shards(n, batch, world):
+    expected = len(distributed.shard_indices(n, batch, SEED, 0, 0, world))
+    assert distributed.num_steps(n, batch, world) == expected
+    if world == 1:
+        assert expected == -(-n // batch)
 
 
 def test_rowwise_results_gathered_in_order_equal_the_single_process_result(ranks, float64):
