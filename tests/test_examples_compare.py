@@ -1,0 +1,41 @@
+"""examples/compare_estimators.py in smoke mode, in process: one row per estimator beside the published numbers.
+
+(tests/test_examples.py also runs every example as a subprocess; this test checks what this one writes.)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "compare_estimators.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("compare_estimators", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_slug_makes_folder_names():
+    example = _load()
+    assert example.slug("iwae(k=50)") == "iwae_k50"
+    assert example.slug("renyi(alpha=0.5, k=5)") == "renyi_alpha0_5_k5"
+
+
+def test_smoke_run_prints_the_table_beside_the_paper(data_root, tmp_path, capsys):
+    example = _load()
+    out = tmp_path / "runs"
+    argv = ["--smoke", "--estimators", "trace,iwae(k=5)", "--out", str(out), "--device", "cpu"]
+    rows = example.main([*argv, "--data-dir", str(data_root)])
+    printed = capsys.readouterr().out
+    assert [row["estimator"] for row in rows] == ["trace", "iwae(k=5)"]
+    for row in rows:
+        assert math.isfinite(row["nll"]) and row["nll"] > 0 and row["nll_se"] > 0
+        assert (Path(row["run_dir"]) / "metrics.jsonl").is_file()
+    assert "| `trace` | 1 |" in printed and "86.76 (Burda et al. 2015 (VAE))" in printed
+    assert "85.54 (Burda et al. 2015)" in printed and "the paper: 3280 passes" in printed
+    assert json.loads((out / "nll.json").read_text()) == rows
