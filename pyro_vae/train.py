@@ -234,7 +234,8 @@ def train(
     if dctx.enabled:
         is_main = is_main and dctx.is_main
         out_dir = distributed.broadcast_object(str(out_dir))  # rank 0's folder (a default name has a timestamp)
-        reduce_sum = reduce_sum or (lambda sums: distributed.reduce_sums(sums, earliest=(1,)))  # 1: first bad step
+        bad_entry = EPOCH_SUMS.index("first_bad_step")  # a step index: the earliest over ranks, not the sum
+        reduce_sum = reduce_sum or (lambda sums: distributed.reduce_sums(sums, earliest=(bad_entry,)))
     cfg_tools = _config_tools()
     out_dir = Path(out_dir)
     tcfg = cfg.train
