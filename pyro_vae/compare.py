@@ -253,6 +253,7 @@ def _k_of(spec: str) -> tuple[str, int] | None:
 def write_figure(results: dict[str, dict[str, Any]], path: str | Path) -> Path:
     """``compare.png``: the bound with ±2 SE error bars per estimator; gradient SNR vs k (log-log)."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -275,13 +276,19 @@ def write_figure(results: dict[str, dict[str, Any]], path: str | Path) -> Path:
         for group, snr in r["grad_snr"].items():
             if math.isfinite(snr):
                 series.setdefault((keyed[0], group), []).append((keyed[1], snr))
+    # One colour per estimator, one line style per parameter group.
+    colours = {label: f"C{i}" for i, label in enumerate(sorted({label for label, _ in series}))}
+    styles = {group: style for group, style in zip(GROUPS, ("-", "--", ":", "-."), strict=True)}
+    all_ks = sorted({k for points in series.values() for k, _ in points})
     for (label, group), points in sorted(series.items()):
         points.sort()
         ks, snrs = zip(*points, strict=True)
-        ax_snr.plot(ks, snrs, marker="o", label=f"{label} · {group}")
+        ax_snr.plot(ks, snrs, marker="o", color=colours[label], linestyle=styles[group], label=f"{label} · {group}")
     if series:
         ax_snr.set_xscale("log")
         ax_snr.set_yscale("log")
+        ax_snr.set_xticks(all_ks, [str(k) for k in all_ks])
+        ax_snr.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax_snr.legend(fontsize="small")
     else:
         ax_snr.text(0.5, 0.5, "no estimator with k", ha="center", va="center", transform=ax_snr.transAxes)
