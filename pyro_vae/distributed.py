@@ -19,8 +19,8 @@ The pieces, each standard PyTorch:
 - **Data.** :func:`shard_indices` gives each rank a disjoint slice of one permutation that all
   ranks draw from a shared seed and the epoch; ``batch_size`` is the *global* batch. Pyro's
   ``plate(subsample_size=...)`` is deliberately not used: every rank would draw the same indices.
-- **Metrics.** :func:`all_reduce_sum` and :func:`gather_rows` make evaluation over sharded data
-  equal to a single-process evaluation.
+- **Metrics.** :func:`reduce_sums`, :func:`all_reduce_sum`, :func:`gather_rows` and :func:`map_rows`
+  make evaluation over sharded data equal to a single-process evaluation.
 - **RNG.** Rank r draws its Monte Carlo noise from :func:`rank_seed` ``(seed, r)`` so ranks do not
   share noise; :func:`gather_rng_states` / :func:`restore_rng_state` carry every rank's state
   through a checkpoint.
@@ -233,7 +233,7 @@ def shard_indices(
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
     perm = epoch_permutation(n, seed, epoch)
-    mine = perm[rank : n - n % world_size : world_size].to(device)
+    mine = perm[rank : n - n % world_size : world_size].to(device)  # one copy per epoch; batches index on device
     return list(mine.split(local))
 
 
