@@ -1,26 +1,376 @@
-"""One optimization step of the training loop.
+"""One optimization step of the training loop, as fast as a hand-written PyTorch step.
 
-``TrainStep`` is the default path: the estimator's differentiable loss, backward, one torch
-optimizer over all parameters. It returns the loss as a device tensor and never synchronizes
-with the host, so the loop can accumulate losses on the device and read them once per epoch.
+``TrainStep(vae, estimator, optimizer, clip_norm=None)`` is what the loop calls:
+``step(x, beta)`` does zero-grad, the estimator's loss, backward, optional gradient clipping and
+one optimizer step, and returns the loss as a detached device scalar. It never synchronizes with
+the host, so the loop accumulates losses on the device and reads them once per epoch.
+
+The step picks one of three paths on its first call (``TrainStep.path``; see docs/speed.md):
+
+``plain``
+    ``estimator.loss`` as written, Pyro validation as configured. Always correct; the first call
+    of every step object runs it, so the model and guide are validated once at the start.
+``fast``
+    The same objective with the per-step overhead removed: Pyro validation off in the hot path
+    (scoped, restored after each step) and, for estimators with an entry in :data:`FAST_LOSSES`
+    (``trace``), a lean evaluation of the same Pyro programs: one messenger sums
+    ``scale * mask * log_prob`` over the sample sites of the guide and of the model replayed on
+    the guide's draws, with no ``Trace`` objects, no ``.item()`` per site, and the parameter
+    sites of ``pyro.module`` answered with the module's own parameters instead of a param-store
+    walk. Value and gradient equal those of Pyro's ``Trace_ELBO.differentiable_loss``.
+``cuda_graph``
+    On CUDA, the whole fast step (loss, backward, clipping, optimizer) captured once per batch
+    shape as a CUDA graph and replayed (``torch.cuda.CUDAGraph``): one launch per step instead of
+    hundreds. A batch of another shape (the epoch's last, smaller batch) runs the eager fast step.
+
+Anything the step cannot speed up falls back, with a logged message, to the next slower path.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pyro
 import torch
+from pyro.distributions.util import scale_and_mask
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.subsample_messenger import _Subsample
+from torch import nn
+from torch.distributions import constraints
+
+from pyro_vae import estimators as _estimators
+
+log = logging.getLogger(__name__)
+
+PATHS = ("plain", "fast", "cuda_graph")
+
+# Eager steps before a CUDA graph is captured: they initialize the optimizer's state and let
+# the caching allocator and autograd settle (PyTorch's documented warm-up on a side stream).
+GRAPH_WARMUP_STEPS = 3
 
 
+# -- the lean loss ------------------------------------------------------------------------------
+class SiteLogDensity(Messenger):
+    """Sums ``scale * mask * log_prob(value)`` over the sample sites of one run of a Pyro program.
+
+    With ``replay`` (name -> value) the latent sites take those values, as ``poutine.replay``
+    would. Plate subsample sites are skipped, as ``Trace_ELBO`` prunes them. Parameter sites
+    whose initial value is an ``nn.Parameter`` with the real constraint (what ``pyro.module``
+    sends) are answered with that parameter: the param store holds the very same tensor once the
+    step's first (plain) call has registered it, so the values are identical and the store
+    lookup is skipped.
+    """
+
+    def __init__(self, replay: dict[str, torch.Tensor] | None = None) -> None:
+        super().__init__()
+        self.replay = replay
+        self.values: dict[str, torch.Tensor] = {}
+        self.total: torch.Tensor | float = 0.0
+
+    def _pyro_param(self, msg) -> None:
+        args = msg["args"]
+        real = msg["kwargs"].get("constraint", constraints.real) is constraints.real
+        if len(args) > 1 and isinstance(args[1], nn.Parameter) and real:
+            msg["value"], msg["done"], msg["stop"] = args[1], True, True
+
+    def _pyro_sample(self, msg) -> None:
+        if self.replay is not None and not msg["is_observed"] and msg["name"] in self.replay:
+            msg["value"], msg["done"] = self.replay[msg["name"]], True
+
+    def _pyro_post_sample(self, msg) -> None:
+        if isinstance(msg["fn"], _Subsample):
+            return
+        self.values[msg["name"]] = msg["value"]
+        log_p = msg["fn"].log_prob(msg["value"], *msg["args"], **msg["kwargs"])
+        self.total = self.total + scale_and_mask(log_p, msg["scale"], msg["mask"]).sum()
+
+
+def reparameterized_elbo_loss(vae, x: torch.Tensor, beta: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """-(log p(x, z) - log q(z|x)) summed over the batch at one reparameterized draw z ~ q(z|x).
+
+    The surrogate of Pyro's ``Trace_ELBO`` for fully reparameterized guides (there the score
+    term is zero and the entropy term is log q), summed in the same site order, so value and
+    gradient agree with ``Trace_ELBO().differentiable_loss(vae.model, vae.guide, x, beta)`` to
+    float rounding. Valid only where :func:`lean_loss_supported` says so.
+    """
+    with SiteLogDensity() as guide:
+        vae.guide(x, beta)
+    with SiteLogDensity(replay=guide.values) as model:
+        vae.model(x, beta)
+    return -(model.total - guide.total)
+
+
+def _sample_sites(trace):
+    return [s for s in trace.nodes.values() if s["type"] == "sample" and not isinstance(s["fn"], _Subsample)]
+
+
+@torch.no_grad()
+def lean_loss_supported(vae, x: torch.Tensor, beta: float | torch.Tensor = 1.0) -> tuple[bool, str]:
+    """Whether :func:`reparameterized_elbo_loss` equals ``Trace_ELBO`` for this model and guide.
+
+    Traces the programs once and checks: every guide site is a latent, reparameterized
+    (``has_rsample``), not enumerated; every latent of the model is drawn by the guide; every
+    ``pyro.module`` parameter is the param store's own tensor. Returns (ok, reason).
+    """
+    guide_trace = pyro.poutine.trace(vae.guide).get_trace(x, beta)
+    model_trace = pyro.poutine.trace(pyro.poutine.replay(vae.model, trace=guide_trace)).get_trace(x, beta)
+    guide_latents = set()
+    for site in _sample_sites(guide_trace):
+        if site["is_observed"]:
+            return False, f"the guide observes site {site['name']!r}"
+        if not site["fn"].has_rsample:
+            return False, f"guide site {site['name']!r} is not reparameterized"
+        if site["infer"].get("enumerate"):
+            return False, f"guide site {site['name']!r} is enumerated"
+        guide_latents.add(site["name"])
+    for site in _sample_sites(model_trace):
+        if not site["is_observed"] and site["name"] not in guide_latents:
+            return False, f"model latent {site['name']!r} has no guide site"
+    for trace in (guide_trace, model_trace):
+        for site in trace.nodes.values():
+            args = site.get("args", ())
+            module_param = site["type"] == "param" and len(args) > 1 and isinstance(args[1], nn.Parameter)
+            if module_param and site["value"] is not args[1]:
+                return False, f"param store entry {site['name']!r} is not the module's parameter"
+    return True, ""
+
+
+# Estimator class -> a loss with the same value and gradient and less overhead. Exact classes
+# only: a subclass may change the objective.
+FAST_LOSSES: dict[type, Callable[..., torch.Tensor]] = {_estimators.TraceELBO: reparameterized_elbo_loss}
+
+
+# -- choosing a path ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Plan:
+    """The chosen path and, when a faster one was asked for but not taken, why."""
+
+    path: str
+    reason: str = ""
+
+
+def plan_path(
+    *,
+    device: torch.device,
+    fast: bool,
+    cuda_graph: bool | str,
+    lean_ok: bool,
+    lean_reason: str = "",
+    optimizer: torch.optim.Optimizer | None = None,
+    graphs_available: bool | None = None,
+) -> Plan:
+    """Pick ``plain``, ``fast`` or ``cuda_graph``; pure logic, testable without a GPU.
+
+    ``cuda_graph`` is ``True`` (asked for: a message when impossible), ``False``, or ``"auto"``
+    (taken when possible, quietly skipped otherwise). A graph needs CUDA, the lean loss (no host
+    sync inside the step) and an optimizer that can be captured.
+    """
+    if cuda_graph not in (True, False, "auto"):
+        raise ValueError(f"cuda_graph must be True, False or 'auto', got {cuda_graph!r}")
+    if not fast:
+        return Plan("plain")
+    if cuda_graph is False:
+        return Plan("fast")
+    if graphs_available is None:
+        graphs_available = torch.cuda.is_available()
+    if device.type != "cuda" or not graphs_available:
+        why = f"CUDA graphs need a CUDA device; the model is on {device.type}"
+    elif not lean_ok:
+        why = f"CUDA graphs need the lean loss: {lean_reason or 'no fast loss for this estimator'}"
+    elif optimizer is not None and not _capturable(optimizer):
+        why = f"{type(optimizer).__name__} cannot be captured in a CUDA graph"
+    else:
+        return Plan("cuda_graph")
+    return Plan("fast", why if cuda_graph is True else "")
+
+
+def _capturable(optimizer: torch.optim.Optimizer) -> bool:
+    """Optimizers whose ``step`` a CUDA graph can hold: those with a ``capturable`` flag, or no state."""
+    return all("capturable" in g for g in optimizer.param_groups) or isinstance(optimizer, torch.optim.SGD)
+
+
+# -- the step -------------------------------------------------------------------------------------
 class TrainStep:
-    """``step(x, beta) -> loss`` (detached device scalar) for ``vae`` under ``estimator``."""
+    """``step(x, beta) -> loss`` (detached device scalar) for ``vae`` under ``estimator``.
 
-    def __init__(self, vae, estimator, optimizer: torch.optim.Optimizer, clip_norm: float | None = None) -> None:
+    Args:
+        vae: the model (its device decides where the step runs).
+        estimator: an estimator from ``pyro_vae.estimators.get``.
+        optimizer: one torch optimizer over ``vae.parameters()``.
+        clip_norm: clip the gradients' global 2-norm to this value (``None``: no clipping).
+        fast: ``False`` keeps the plain path for every step.
+        cuda_graph: ``"auto"`` (capture on CUDA when possible), ``True`` (capture, and log why
+            not when impossible), ``False``.
+
+    The first call runs the plain step (with Pyro validation as configured) and then chooses the
+    path for the rest (``self.path``; the reason for a fallback in ``self.fallback_reason``).
+    """
+
+    def __init__(
+        self,
+        vae,
+        estimator,
+        optimizer: torch.optim.Optimizer,
+        clip_norm: float | None = None,
+        *,
+        fast: bool = True,
+        cuda_graph: bool | str = "auto",
+    ) -> None:
+        if cuda_graph not in (True, False, "auto"):
+            raise ValueError(f"cuda_graph must be True, False or 'auto', got {cuda_graph!r}")
         self.vae, self.estimator, self.optimizer, self.clip_norm = vae, estimator, optimizer, clip_norm
+        self.fast, self.cuda_graph = fast, cuda_graph
+        self.path: str | None = None
+        self.fallback_reason = ""
+        self._loss_fn: Callable[..., torch.Tensor] | None = None
+        self._graph: _GraphedStep | None = None
+        self._eager_calls = 0
 
-    def __call__(self, x: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, beta: float | torch.Tensor = 1.0) -> torch.Tensor:
+        if self.path is None:
+            loss = self._plain(x, beta)
+            self._choose(x, beta)
+            return loss
+        if self.path == "plain":
+            return self._plain(x, beta)
+        if self.path == "cuda_graph":
+            return self._graph_step(x, beta)
+        with pyro.validation_enabled(False):
+            return self._eager(self._loss_fn, x, beta)
+
+    step = __call__
+
+    # -- paths ---------------------------------------------------------------------------------
+    def _eager(self, loss_fn, x, beta) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.estimator.loss(self.vae, x, beta)
+        loss = loss_fn(self.vae, x, beta)
         loss.backward()
         if self.clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.vae.parameters(), self.clip_norm)
+            torch.nn.utils.clip_grad_norm_(self.vae.parameters(), self.clip_norm, foreach=True)
         self.optimizer.step()
         return loss.detach()
+
+    def _plain(self, x, beta) -> torch.Tensor:
+        return self._eager(self.estimator.loss, x, beta)
+
+    def _choose(self, x, beta) -> None:
+        lean = FAST_LOSSES.get(type(self.estimator))
+        lean_ok, lean_reason = (False, f"no fast loss for estimator {self.estimator!r}")
+        if self.fast and lean is not None:
+            # The check traces the programs once: keep the random stream as if it had not run.
+            devices = [x.device] if x.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                lean_ok, lean_reason = lean_loss_supported(self.vae, x, beta)
+        device = x.device
+        plan = plan_path(
+            device=device,
+            fast=self.fast,
+            cuda_graph=self.cuda_graph,
+            lean_ok=lean_ok,
+            lean_reason=lean_reason,
+            optimizer=self.optimizer,
+        )
+        self.path, self.fallback_reason = plan.path, plan.reason
+        if plan.reason:
+            log.warning("TrainStep: %s; using the %s path", plan.reason, plan.path)
+        if self.fast and not lean_ok and lean is not None:
+            log.info(
+                "TrainStep: lean loss not used (%s); the estimator's own loss runs without validation", lean_reason
+            )
+        # The estimator's own loss (validation off) when there is no lean loss: same objective.
+        self._loss_fn = lean if lean_ok else (lambda vae, x, beta: self.estimator.loss(vae, x, beta))
+        if plan.path == "cuda_graph":
+            self._graph = _GraphedStep(self)
+        log.debug("TrainStep: %s path", self.path)
+
+    def _graph_step(self, x, beta) -> torch.Tensor:
+        try:
+            return self._graph(x, beta)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except RuntimeError as error:  # capture refused (an op that syncs, an uncapturable kernel)
+            log.warning("TrainStep: CUDA graph capture failed (%s); using the fast path", error)
+            self.path, self.fallback_reason, self._graph = "fast", f"capture failed: {error}", None
+            with pyro.validation_enabled(False):
+                return self._eager(self._loss_fn, x, beta)
+
+
+class _GraphedStep:
+    """The fast step of a :class:`TrainStep` captured as one CUDA graph per (shape, dtype, lr).
+
+    Inputs are copied into static buffers (``beta`` too, so a warm-up schedule does not
+    re-capture); the graph replays zero-grad-free (its backward writes fresh gradients),
+    clipping and the optimizer update in place. A learning-rate change (a schedule) re-captures,
+    because the captured kernels hold the old value. A batch of another shape runs eagerly.
+    """
+
+    def __init__(self, train_step: TrainStep) -> None:
+        self.ts = train_step
+        self.key: tuple | None = None
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.warmup_left = GRAPH_WARMUP_STEPS
+        self.warned_shapes: set[tuple] = set()
+        _make_capturable(train_step.optimizer)
+
+    def _key(self, x) -> tuple:
+        return tuple(x.shape), x.dtype, tuple(g["lr"] for g in self.ts.optimizer.param_groups)
+
+    def __call__(self, x: torch.Tensor, beta) -> torch.Tensor:
+        ts = self.ts
+        key = self._key(x)
+        if self.graph is not None and key[0] != self.key[0]:
+            if key[0] not in self.warned_shapes:  # the epoch's smaller last batch, typically
+                self.warned_shapes.add(key[0])
+                log.info("TrainStep: batch shape %s differs from the captured %s; eager step", key[0], self.key[0])
+            with pyro.validation_enabled(False):
+                return ts._eager(ts._loss_fn, x, beta)
+        if self.graph is None or key != self.key:
+            if self.warmup_left > 0:
+                self.warmup_left -= 1
+                return self._side_stream_eager(x, beta)
+            self._capture(x, key)
+        self.static_x.copy_(x)
+        if torch.is_tensor(beta):
+            self.static_beta.copy_(beta)
+        else:
+            self.static_beta.fill_(beta)
+        self.graph.replay()
+        return self.static_loss.clone()
+
+    def _side_stream_eager(self, x, beta) -> torch.Tensor:
+        stream = torch.cuda.Stream(device=x.device)
+        stream.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(stream), pyro.validation_enabled(False):
+            loss = self.ts._eager(self.ts._loss_fn, x, beta)
+        torch.cuda.current_stream(x.device).wait_stream(stream)
+        return loss
+
+    def _capture(self, x, key) -> None:
+        ts = self.ts
+        self.graph, self.key = None, key
+        self.static_x = torch.empty_like(x)
+        self.static_beta = torch.ones((), dtype=x.dtype, device=x.device)
+        ts.optimizer.zero_grad(set_to_none=True)  # backward inside the graph allocates the gradients
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), pyro.validation_enabled(False):
+            loss = ts._loss_fn(ts.vae, self.static_x, self.static_beta)
+            loss.backward()
+            if ts.clip_norm is not None:
+                torch.nn.utils.clip_grad_norm_(ts.vae.parameters(), ts.clip_norm, foreach=True)
+            ts.optimizer.step()
+            self.static_loss = loss.detach()
+        self.graph = graph
+        log.info("TrainStep: captured the step as a CUDA graph for batch shape %s", key[0])
+
+
+def _make_capturable(optimizer: torch.optim.Optimizer) -> None:
+    """Turn on ``capturable`` and move scalar step counters to the parameters' device."""
+    for group in optimizer.param_groups:
+        if "capturable" in group:
+            group["capturable"] = True
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            if torch.is_tensor(state.get("step")) and state["step"].device != p.device:
+                state["step"] = state["step"].to(p.device)

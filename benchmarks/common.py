@@ -1,0 +1,183 @@
+"""Shared pieces of the benchmark scripts: machine description, data, the reference models, timing.
+
+Timing is interleaved: every round runs each variant once (a block of steps, in rotating order),
+so load from other processes hits all variants alike; medians over rounds are reported, and
+per-round ratios as a second, drift-robust estimate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pyro
+import torch
+import torch.nn.functional as F
+
+from pyro_vae.networks import MIN_SCALE, mlp
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: torch.device) -> dict:
+    """Where and with what the numbers were taken."""
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "cpu": cpu_model(),
+        "cpu_count": torch.get_num_threads() and __import__("os").cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "pyro": pyro.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["tf32"] = torch.backends.cuda.matmul.allow_tf32
+    with contextlib.suppress(OSError):
+        info["loadavg"] = list(__import__("os").getloadavg())
+    return info
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda asked for, but torch.cuda.is_available() is False")
+    return device
+
+
+def mnist_train(device: torch.device, data_dir: str | None = None, n: int | None = None) -> tuple[torch.Tensor, str]:
+    """MNIST training images (grey levels in [0, 1], flattened) on ``device``; random binary data
+    with the same shape when the data is not found. Returns (x, description)."""
+    from pyro_vae.data import DatasetNotFoundError, load_dataset
+
+    root = Path(data_dir) if data_dir else REPO.parent / "shared" / "data"
+    try:
+        x = load_dataset("mnist", root=root, device=device).train
+        what = f"MNIST train (grey levels), {root}"
+    except (DatasetNotFoundError, FileNotFoundError, OSError):
+        g = torch.Generator().manual_seed(0)
+        x = (torch.rand(60000, 784, generator=g) < 0.13).float().to(device)
+        what = "random binary 60000 x 784 (MNIST not found)"
+    x = x.reshape(x.shape[0], -1)
+    return (x[:n] if n else x), what
+
+
+class ReferenceVAE(torch.nn.Module):
+    """The hand-written PyTorch VAE: the same networks as ``pyro_vae.networks`` (encoder MLP to
+    (loc, softplus scale + MIN_SCALE), decoder MLP to Bernoulli logits), BCE on logits and the
+    analytic Gaussian KL (Kingma & Welling 2014, Appendix B)."""
+
+    def __init__(self, x_dim: int = 784, z_dim: int = 50, hidden=(400,), act: str = "softplus") -> None:
+        super().__init__()
+        self.z_dim = z_dim
+        self.enc = mlp(x_dim, hidden, 2 * z_dim, act)
+        self.dec = mlp(z_dim, list(reversed(hidden)), x_dim, act)
+
+    def loss(self, x: torch.Tensor) -> torch.Tensor:
+        loc, raw = self.enc(x).split(self.z_dim, -1)
+        scale = F.softplus(raw) + MIN_SCALE
+        z = loc + scale * torch.randn_like(loc)
+        rec = F.binary_cross_entropy_with_logits(self.dec(z), x, reduction="sum")
+        kl = 0.5 * (scale.square() + loc.square() - 1.0 - 2.0 * scale.log()).sum()
+        return rec + kl
+
+
+def reference_step(model: ReferenceVAE, optimizer: torch.optim.Optimizer) -> Callable[[torch.Tensor], torch.Tensor]:
+    def step(x: torch.Tensor) -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        loss = model.loss(x)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    return step
+
+
+def reference_optimizer(params, lr: float, device: torch.device, kind: str = "foreach") -> torch.optim.Optimizer:
+    """``torch.optim.Adam`` with ``foreach=True`` or ``fused=True``."""
+    return torch.optim.Adam(params, lr=lr, **{kind: True})
+
+
+class ParamStoreSlot:
+    """A private Pyro param store for one benchmark variant: entering swaps it in (pointer swaps,
+    outside the timed region), so variants that register modules under the same names do not share
+    or overwrite each other's parameters."""
+
+    def __init__(self) -> None:
+        self.state = ({}, {}, {})
+
+    def __enter__(self):
+        store = pyro.get_param_store()
+        self.saved = (store._params, store._param_to_name, store._constraints)
+        store._params, store._param_to_name, store._constraints = self.state
+        return self
+
+    def __exit__(self, *exc) -> None:
+        store = pyro.get_param_store()
+        self.state = (store._params, store._param_to_name, store._constraints)
+        store._params, store._param_to_name, store._constraints = self.saved
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved(
+    variants: dict[str, Callable[[int], object]],
+    slots: dict[str, ParamStoreSlot],
+    device: torch.device,
+    repeats: int,
+    block: int,
+    warmup: int,
+) -> dict[str, list[float]]:
+    """Seconds per call of ``fn(i)`` for each variant: ``warmup`` untimed calls each, then
+    ``repeats`` rounds; in each round every variant (rotating order) runs ``block`` calls."""
+    names = list(variants)
+    for name in names:
+        with slots[name]:
+            for i in range(warmup):
+                variants[name](i)
+        sync(device)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    counter = warmup
+    for r in range(repeats):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for name in order:
+            with slots[name]:
+                sync(device)
+                start = time.perf_counter()
+                for i in range(block):
+                    variants[name](counter + i)
+                sync(device)
+                times[name].append((time.perf_counter() - start) / block)
+        counter += block
+    return times
+
+
+def summarize(times: dict[str, list[float]], base: str, scale: float = 1e3) -> dict:
+    """Median (and quartiles) per variant in ms, ratios to ``base`` of medians and median per-round ratios."""
+    out = {}
+    for name, ts in times.items():
+        q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
+        out[name] = {"median": statistics.median(ts) * scale, "q1": q[0] * scale, "q3": q[2] * scale}
+        out[name]["paired_ratio_to_" + base] = statistics.median(t / b for t, b in zip(ts, times[base], strict=True))
+    return out

@@ -1,0 +1,155 @@
+"""Time one training step: hand-written PyTorch vs plain Pyro SVI vs pyro_vae's default step.
+
+    python benchmarks/step_time.py [--device cpu|cuda] [--batch 128,1024] [--json] [--repeats N]
+
+Variants, timed interleaved in one run (see benchmarks/README.md):
+
+- ``torch``: the hand-written reference (784-400-50 softplus, BCE on logits, analytic KL,
+  ``torch.optim.Adam(foreach=True)``; ``torch_fused`` the same with ``fused=True``);
+- ``pyro_svi``: ``SVI(vae.model, vae.guide, pyro.optim.Adam, Trace_ELBO())`` as Pyro's docs show it
+  (``svi.step`` returns a float: one host sync per step, as in every Pyro example);
+- ``project``: ``pyro_vae.step.TrainStep`` with ``estimators.get("trace")`` and the loop's optimizer
+  (``pyro_vae.optim.build_optimizer("adam")``), i.e. what ``pyro-vae train`` runs;
+- ``project_plain``: the same with ``fast=False`` (the estimator's loss as written, validation on).
+
+JSON: per batch size ``ms_per_step`` (median over rounds) for each variant, ``ratio_project_to_torch``
+= project / torch, ``ratio_pyro_to_torch`` = pyro_svi / torch, paired (per-round) ratios, and
+``machine``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import pyro
+import pyro.optim
+import torch
+from pyro.infer import SVI, Trace_ELBO
+
+from benchmarks.common import (
+    ParamStoreSlot,
+    ReferenceVAE,
+    interleaved,
+    machine_info,
+    mnist_train,
+    reference_optimizer,
+    reference_step,
+    resolve_device,
+    summarize,
+)
+from pyro_vae import estimators
+from pyro_vae.model import VAE
+from pyro_vae.optim import build_optimizer
+from pyro_vae.step import TrainStep
+
+LR = 1e-3
+
+
+def _call_on(step, batches: torch.Tensor):
+    return lambda i: step(batches[i % batches.shape[0]])
+
+
+def build_variants(batches: torch.Tensor, args, device: torch.device):
+    """name -> fn(i) doing one step on batch i (cycling), plus a private param store per variant."""
+    n = batches.shape[0]
+    hidden = tuple(args.hidden)
+    variants, slots, paths = {}, {}, {}
+
+    torch.manual_seed(0)
+    ref = ReferenceVAE(784, args.z_dim, hidden).to(device)
+    ref_step = reference_step(ref, reference_optimizer(ref.parameters(), LR, device, "foreach"))
+    variants["torch"] = lambda i: ref_step(batches[i % n])
+
+    torch.manual_seed(0)
+    ref_f = ReferenceVAE(784, args.z_dim, hidden).to(device)
+    ref_f_step = reference_step(ref_f, reference_optimizer(ref_f.parameters(), LR, device, "fused"))
+    variants["torch_fused"] = lambda i: ref_f_step(batches[i % n])
+
+    torch.manual_seed(0)
+    vae_b = VAE(z_dim=args.z_dim, hidden_dims=hidden).to(device)
+    svi = SVI(vae_b.model, vae_b.guide, pyro.optim.Adam({"lr": LR}), loss=Trace_ELBO())
+    variants["pyro_svi"] = lambda i: svi.step(batches[i % n])
+
+    for name, fast in (("project", True), ("project_plain", False)):
+        torch.manual_seed(0)
+        vae = VAE(z_dim=args.z_dim, hidden_dims=hidden).to(device)
+        ts = TrainStep(vae, estimators.get("trace"), build_optimizer("adam", vae.parameters(), LR), fast=fast)
+        variants[name] = _call_on(ts, batches)
+        paths[name] = ts
+
+    for name in variants:
+        slots[name] = ParamStoreSlot()
+    return variants, slots, paths
+
+
+def run(args) -> dict:
+    device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.tf32 and device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    x, data = mnist_train(device, args.data_dir)
+    result = {"benchmark": "step_time", "data": data, "machine": machine_info(device), "batches": {}}
+    for batch_size in args.batch:
+        g = torch.Generator(device="cpu").manual_seed(0)
+        perm = torch.randperm(x.shape[0], generator=g)[: args.num_batches * batch_size].to(device)
+        batches = x[perm].reshape(args.num_batches, batch_size, -1).contiguous()
+        variants, slots, steps = build_variants(batches, args, device)
+        times = interleaved(variants, slots, device, args.repeats, args.block, args.warmup)
+        summary = summarize(times, base="torch")
+        ms = {k: v["median"] for k, v in summary.items()}
+        result["batches"][str(batch_size)] = {
+            "ms_per_step": ms,
+            "quartiles_ms": {k: [v["q1"], v["q3"]] for k, v in summary.items()},
+            "ratio_project_to_torch": ms["project"] / ms["torch"],
+            "ratio_pyro_to_torch": ms["pyro_svi"] / ms["torch"],
+            "ratio_project_plain_to_torch": ms["project_plain"] / ms["torch"],
+            "ratio_project_to_torch_fused": ms["project"] / ms["torch_fused"],
+            "paired_ratio_project_to_torch": summary["project"]["paired_ratio_to_torch"],
+            "paired_ratio_pyro_to_torch": summary["pyro_svi"]["paired_ratio_to_torch"],
+            "project_path": steps["project"].path,
+            "rounds": args.repeats,
+            "steps_per_round": args.block,
+        }
+    return result
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    p.add_argument("--batch", type=lambda s: [int(b) for b in s.split(",")], default=[128, 1024])
+    p.add_argument("--repeats", type=int, default=30, help="interleaved rounds")
+    p.add_argument("--block", type=int, default=5, help="steps per variant per round")
+    p.add_argument("--warmup", type=int, default=10, help="untimed steps per variant")
+    p.add_argument("--num-batches", type=int, default=8, help="distinct batches cycled through")
+    p.add_argument("--z-dim", type=int, default=50)
+    p.add_argument("--hidden", type=lambda s: [int(h) for h in s.split(",")], default=[400])
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--tf32", action="store_true", help="TF32 matmuls on CUDA")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--json", action="store_true", help="print JSON only")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    result = run(args)
+    if args.json:
+        json.dump(result, sys.stdout, indent=2)
+        print()
+        return
+    print(f"{result['machine']['cpu']} | {result['machine']['device']} | threads {result['machine']['threads']}")
+    for b, r in result["batches"].items():
+        print(f"batch {b}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in r["ms_per_step"].items()))
+        print(
+            f"  project/torch {r['ratio_project_to_torch']:.3f} (paired {r['paired_ratio_project_to_torch']:.3f}), "
+            f"pyro/torch {r['ratio_pyro_to_torch']:.3f} (paired {r['paired_ratio_pyro_to_torch']:.3f}), "
+            f"project path: {r['project_path']}"
+        )
+
+
+if __name__ == "__main__":
+    main()

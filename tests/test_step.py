@@ -1,0 +1,273 @@
+"""The training step: the fast path optimizes exactly Pyro's Trace_ELBO objective, and falls back."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pyro
+import pyro.distributions as dist
+import pyro.optim
+import pytest
+import torch
+from pyro.infer import SVI, Trace_ELBO
+
+from pyro_vae import estimators
+from pyro_vae.model import VAE
+from pyro_vae.step import TrainStep, lean_loss_supported, plan_path, reparameterized_elbo_loss
+
+SMALL = dict(x_dim=12, z_dim=3, hidden_dims=(8,))
+
+
+def small_vae(**kwargs) -> VAE:
+    torch.manual_seed(1)
+    return VAE(**{**SMALL, **kwargs})
+
+
+def binary_batch(n: int = 6, d: int = 12) -> torch.Tensor:
+    return (torch.rand(n, d, generator=torch.Generator().manual_seed(2)) < 0.4).float()
+
+
+def grads(module) -> list[torch.Tensor]:
+    return [p.grad.clone() for p in module.parameters()]
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.3, torch.tensor(0.3)])
+def test_lean_loss_equals_trace_elbo_value_and_gradient(beta):
+    vae, x = small_vae(), binary_batch()
+    pyro.set_rng_seed(5)
+    expected = Trace_ELBO().differentiable_loss(vae.model, vae.guide, x, beta)
+    expected.backward()
+    expected_grads = grads(vae)
+    vae.zero_grad(set_to_none=True)
+    pyro.set_rng_seed(5)
+    loss = reparameterized_elbo_loss(vae, x, beta)
+    loss.backward()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    for g, e in zip(grads(vae), expected_grads, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-7)
+
+
+def test_lean_loss_is_a_different_number_for_other_noise():
+    """The comparison above can fail: another draw of z gives another loss."""
+    vae, x = small_vae(), binary_batch()
+    pyro.set_rng_seed(5)
+    a = reparameterized_elbo_loss(vae, x)
+    pyro.set_rng_seed(6)
+    b = reparameterized_elbo_loss(vae, x)
+    assert abs(a.item() - b.item()) > 1e-3
+
+
+def test_fast_step_follows_plain_svi_step_for_step():
+    """Same seed per step: TrainStep (fast path) and pyro.infer.SVI + pyro.optim.Adam give the same
+    losses and the same parameters after every step (pyro.optim.Adam is torch Adam per parameter)."""
+    x, steps, lr = binary_batch(), 6, 1e-2
+    vae_svi = small_vae()
+    vae_fast = copy.deepcopy(vae_svi)
+    svi = SVI(vae_svi.model, vae_svi.guide, pyro.optim.Adam({"lr": lr}), loss=Trace_ELBO())
+    svi_losses, svi_params = [], []
+    for t in range(steps):
+        pyro.set_rng_seed(100 + t)
+        svi_losses.append(svi.step(x, 0.5))
+        svi_params.append([p.detach().clone() for p in vae_svi.parameters()])
+    pyro.clear_param_store()
+    step = TrainStep(vae_fast, estimators.get("trace"), torch.optim.Adam(vae_fast.parameters(), lr=lr))
+    for t in range(steps):
+        pyro.set_rng_seed(100 + t)
+        loss = step(x, 0.5)
+        assert loss.item() == pytest.approx(svi_losses[t], rel=1e-5)
+        for p, q in zip(vae_fast.parameters(), svi_params[t], strict=True):
+            torch.testing.assert_close(p.detach(), q, rtol=1e-5, atol=1e-6)
+    assert step.path == "fast" and step._loss_fn is reparameterized_elbo_loss
+    assert any(not torch.equal(p, q) for p, q in zip(svi_params[0], svi_params[-1], strict=True))  # it did train
+
+
+def run_steps(vae, x, steps=4, **kwargs):
+    step = TrainStep(vae, estimators.get("trace"), torch.optim.Adam(vae.parameters(), lr=1e-2), **kwargs)
+    losses = []
+    for t in range(steps):
+        pyro.set_rng_seed(200 + t)
+        losses.append(step(x).item())
+    return step, losses
+
+
+def test_fast_step_equals_plain_step_with_gradient_clipping():
+    x = binary_batch()
+    vae = small_vae()
+    total = torch.nn.utils.get_total_norm(
+        [
+            g
+            for g in torch.autograd.grad(
+                Trace_ELBO().differentiable_loss(vae.model, vae.guide, x), list(vae.parameters())
+            )
+        ]
+    )
+    assert total > 0.5  # so that clipping at 0.5 acts
+    pyro.clear_param_store()
+    plain_vae, fast_vae = copy.deepcopy(vae), copy.deepcopy(vae)
+    plain, plain_losses = run_steps(plain_vae, x, clip_norm=0.5, fast=False)
+    pyro.clear_param_store()
+    fast, fast_losses = run_steps(fast_vae, x, clip_norm=0.5)
+    assert (plain.path, fast.path) == ("plain", "fast")
+    assert fast_losses == pytest.approx(plain_losses, rel=1e-5)
+    for p, q in zip(fast_vae.parameters(), plain_vae.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_fast_step_makes_no_host_sync(monkeypatch):
+    """The plain Trace_ELBO reads every site to the host (``.item()``); the fast path reads nothing but
+    the optimizer's step counters, which torch keeps on the host (non-capturable Adam) so that reading
+    them costs no device sync."""
+    vae, x = small_vae(), binary_batch()
+    optimizer = torch.optim.Adam(vae.parameters(), lr=1e-3, foreach=True)
+    step = TrainStep(vae, estimators.get("trace"), optimizer)
+    step(x)  # the first call runs the plain step and chooses the path
+    counters = [s["step"] for s in optimizer.state.values()]
+    assert counters and all(c.device.type == "cpu" for c in counters)
+    originals = {name: getattr(torch.Tensor, name) for name in ("item", "__bool__", "__float__", "tolist")}
+    reads = []
+
+    def guarded(name):
+        def read(self, *args):
+            if not any(self is c for c in counters):
+                raise AssertionError(f"host sync in the training step: Tensor.{name}")
+            reads.append(name)
+            return originals[name](self, *args)
+
+        return read
+
+    for name in originals:
+        monkeypatch.setattr(torch.Tensor, name, guarded(name))
+    loss = step(x)
+    with pytest.raises(AssertionError, match="host sync"):
+        Trace_ELBO().differentiable_loss(vae.model, vae.guide, x)
+    monkeypatch.undo()
+    assert torch.isfinite(loss) and set(reads) == {"item"}  # the step counters only
+
+
+def test_validation_is_off_only_inside_the_fast_step():
+    vae, x = small_vae(), binary_batch()
+    seen = []
+
+    class Spy(estimators.TraceELBO):
+        def loss(self, vae, x, beta=1.0):
+            seen.append((pyro.infer.util.is_validation_enabled(), dist.is_validation_enabled()))
+            return super().loss(vae, x, beta)
+
+    pyro.enable_validation(True)
+    # A subclass gets no lean loss (it may change the objective): its own loss runs, validation off.
+    step = TrainStep(vae, Spy(), torch.optim.Adam(vae.parameters(), lr=1e-3))
+    step(x)
+    step(x)
+    assert seen == [(True, True), (False, False)]
+    assert step.path == "fast" and step._loss_fn is not reparameterized_elbo_loss
+    assert pyro.infer.util.is_validation_enabled() and dist.is_validation_enabled()
+
+
+class DiscreteLatent(torch.nn.Module):
+    """A model whose latent is a Bernoulli: not reparameterizable, so Trace_ELBO needs its score term."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logit = torch.nn.Parameter(torch.zeros(()))
+        self.loc = torch.nn.Parameter(torch.zeros(2))
+
+    def model(self, x, beta=1.0):
+        pyro.module("m", self)
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Bernoulli(0.5))
+            pyro.sample("x", dist.Normal(self.loc[z.long()], 1.0), obs=x[:, 0])
+
+    def guide(self, x, beta=1.0):
+        pyro.module("m", self)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Bernoulli(logits=self.logit.expand(x.shape[0])))
+
+
+def test_non_reparameterized_guide_falls_back_to_the_estimators_loss(caplog):
+    model, x = DiscreteLatent(), binary_batch()
+    ok, reason = lean_loss_supported(model, x)
+    assert not ok and "'z' is not reparameterized" in reason
+    step = TrainStep(model, estimators.get("trace"), torch.optim.Adam(model.parameters(), lr=1e-2))
+    with caplog.at_level(logging.INFO, logger="pyro_vae.step"):
+        step(x)
+    assert step._loss_fn is not reparameterized_elbo_loss
+    assert "lean loss not used" in caplog.text and "not reparameterized" in caplog.text
+    pyro.set_rng_seed(3)
+    assert torch.isfinite(step(x))
+
+
+def test_cuda_graph_requested_on_cpu_falls_back_with_a_message(caplog):
+    vae, x = small_vae(), binary_batch()
+    step = TrainStep(vae, estimators.get("trace"), torch.optim.Adam(vae.parameters(), lr=1e-3), cuda_graph=True)
+    with caplog.at_level(logging.WARNING, logger="pyro_vae.step"):
+        step(x)
+    assert step.path == "fast"
+    assert "CUDA graphs need a CUDA device" in step.fallback_reason
+    assert "CUDA graphs need a CUDA device" in caplog.text
+
+
+def test_auto_cuda_graph_on_cpu_is_quiet(caplog):
+    vae, x = small_vae(), binary_batch()
+    step = TrainStep(vae, estimators.get("trace"), torch.optim.Adam(vae.parameters(), lr=1e-3))
+    with caplog.at_level(logging.WARNING, logger="pyro_vae.step"):
+        step(x)
+    assert step.path == "fast" and step.fallback_reason == "" and caplog.text == ""
+
+
+CUDA = torch.device("cuda")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "path", "reason"),
+    [
+        (dict(device=CUDA, fast=True, cuda_graph="auto", lean_ok=True), "cuda_graph", ""),
+        (dict(device=CUDA, fast=True, cuda_graph=True, lean_ok=True), "cuda_graph", ""),
+        (dict(device=CUDA, fast=False, cuda_graph=True, lean_ok=True), "plain", ""),
+        (dict(device=CUDA, fast=True, cuda_graph=False, lean_ok=True), "fast", ""),
+        (dict(device=CUDA, fast=True, cuda_graph="auto", lean_ok=False), "fast", ""),
+        (
+            dict(device=CUDA, fast=True, cuda_graph=True, lean_ok=False, lean_reason="guide site 'z' is not"),
+            "fast",
+            "need the lean loss: guide site 'z' is not",
+        ),
+        (dict(device=torch.device("cpu"), fast=True, cuda_graph=True, lean_ok=True), "fast", "need a CUDA device"),
+        (dict(device=torch.device("cpu"), fast=True, cuda_graph="auto", lean_ok=True), "fast", ""),
+    ],
+)
+def test_plan_path(kwargs, path, reason):
+    plan = plan_path(graphs_available=True, **kwargs)
+    assert plan.path == path
+    assert (reason in plan.reason) if reason else plan.reason == ""
+
+
+def test_plan_path_refuses_an_optimizer_it_cannot_capture():
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    plan = plan_path(
+        device=CUDA,
+        fast=True,
+        cuda_graph=True,
+        lean_ok=True,
+        optimizer=torch.optim.LBFGS(params),
+        graphs_available=True,
+    )
+    assert plan == plan_path(device=CUDA, fast=True, cuda_graph=True, lean_ok=False, graphs_available=True).__class__(
+        "fast", "LBFGS cannot be captured in a CUDA graph"
+    )
+    assert (
+        plan_path(
+            device=CUDA,
+            fast=True,
+            cuda_graph=True,
+            lean_ok=True,
+            optimizer=torch.optim.Adam(params),
+            graphs_available=True,
+        ).path
+        == "cuda_graph"
+    )
+
+
+def test_bad_cuda_graph_option_is_an_error():
+    vae = small_vae()
+    with pytest.raises(ValueError, match="cuda_graph must be True, False or 'auto'"):
+        TrainStep(vae, estimators.get("trace"), torch.optim.Adam(vae.parameters()), cuda_graph="yes")
