@@ -145,8 +145,8 @@ def test_pyro_loss_agrees_with_closed_form(vae, x, elbo_class):
         cf_mean,
         math.hypot(pyro_se.item(), cf_se.item()),
     )
-    # A broken KL would move the loss by nats; the SE must be far smaller for this test to mean anything.
-    assert math.hypot(pyro_se.item(), cf_se.item()) < 0.05 * abs(cf_mean.item()) / BATCH
+    # A broken KL term moves the batch's loss by nats; the test resolves 4 x 0.1 nats or better.
+    assert math.hypot(pyro_se.item(), cf_se.item()) < 0.1
 
 
 @torch.no_grad()
