@@ -8,7 +8,8 @@ Prior, likelihood and guide are chosen by spec (see ``priors.py``, ``likelihoods
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+import contextvars
+from collections.abc import Iterator, Sequence
 
 import pyro
 import pyro.distributions as dist
@@ -27,6 +28,27 @@ def _kl_scale(beta: float | torch.Tensor):
     if isinstance(beta, (int, float)) and beta == 1:
         return contextlib.nullcontext()
     return poutine.scale(scale=beta)
+
+
+# ``pyro.module`` walks a module's parameters through Pyro's param store on every call: about a
+# tenth of a CPU training step. A training step that has registered them once turns it off on its
+# hot path (pyro_vae.step), where the param store already holds these very tensors.
+_REGISTER_MODULES = contextvars.ContextVar("pyro_vae_register_modules", default=True)
+
+
+def _register(name: str, module: nn.Module) -> None:
+    if _REGISTER_MODULES.get():
+        pyro.module(name, module)
+
+
+@contextlib.contextmanager
+def module_registration(enabled: bool) -> Iterator[None]:
+    """Within this block ``VAE.model``/``VAE.guide`` call ``pyro.module`` only when ``enabled``."""
+    token = _REGISTER_MODULES.set(enabled)
+    try:
+        yield
+    finally:
+        _REGISTER_MODULES.reset(token)
 
 
 class VAE(nn.Module):
@@ -65,9 +87,9 @@ class VAE(nn.Module):
     # -- Pyro programs ------------------------------------------------------------------
     def model(self, x: torch.Tensor, beta: float | torch.Tensor = 1.0) -> torch.Tensor:
         """p(z) p(x|z) over a batch; ``beta`` scales the latent site (KL warm-up)."""
-        pyro.module("decoder", self.decoder)
-        pyro.module("likelihood", self.likelihood)
-        pyro.module("prior", self.prior)
+        _register("decoder", self.decoder)
+        _register("likelihood", self.likelihood)
+        _register("prior", self.prior)
         x = x.reshape(x.shape[0], -1)
         with pyro.plate("data", x.shape[0]):
             with _kl_scale(beta):
@@ -77,7 +99,7 @@ class VAE(nn.Module):
 
     def guide(self, x: torch.Tensor, beta: float | torch.Tensor = 1.0) -> torch.Tensor:
         """q(z|x) over a batch, amortized by the encoder."""
-        pyro.module("encoder", self.encoder)
+        _register("encoder", self.encoder)
         x = x.reshape(x.shape[0], -1)
         with pyro.plate("data", x.shape[0]):
             with _kl_scale(beta):
