@@ -150,34 +150,40 @@ def interleaved(
     warmup: int,
 ) -> dict[str, list[float]]:
     """Seconds per call of ``fn(i)`` for each variant: ``warmup`` untimed calls each, then
-    ``repeats`` rounds; in each round every variant (rotating order) runs ``block`` calls."""
+    ``repeats`` rounds; in each round every variant (rotating order) runs ``block`` calls.
+
+    Returns wall-clock times under each name and this process's CPU time under ``name + ":cpu"``
+    (less sensitive to other processes on a shared machine; on CUDA it is the host's work only)."""
     names = list(variants)
     for name in names:
         with slots[name]:
             for i in range(warmup):
                 variants[name](i)
         sync(device)
-    times: dict[str, list[float]] = {name: [] for name in names}
+    times: dict[str, list[float]] = {key: [] for name in names for key in (name, name + ":cpu")}
     counter = warmup
     for r in range(repeats):
         order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             with slots[name]:
                 sync(device)
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 for i in range(block):
                     variants[name](counter + i)
                 sync(device)
                 times[name].append((time.perf_counter() - start) / block)
+                times[name + ":cpu"].append((time.process_time() - cpu_start) / block)
         counter += block
     return times
 
 
 def summarize(times: dict[str, list[float]], base: str, scale: float = 1e3) -> dict:
-    """Median (and quartiles) per variant in ms, ratios to ``base`` of medians and median per-round ratios."""
+    """Median (and quartiles) per variant in ms and the median of per-round ratios to ``base``
+    (``name:cpu`` entries are compared with ``base:cpu``)."""
     out = {}
     for name, ts in times.items():
+        ref = times[base + ":cpu"] if name.endswith(":cpu") else times[base]
         q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
         out[name] = {"median": statistics.median(ts) * scale, "q1": q[0] * scale, "q3": q[2] * scale}
-        out[name]["paired_ratio_to_" + base] = statistics.median(t / b for t, b in zip(ts, times[base], strict=True))
+        out[name]["paired_ratio_to_" + base] = statistics.median(t / b for t, b in zip(ts, ref, strict=True))
     return out

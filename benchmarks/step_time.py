@@ -10,7 +10,8 @@ Variants, timed interleaved in one run (see benchmarks/README.md):
   (``svi.step`` returns a float: one host sync per step, as in every Pyro example);
 - ``project``: ``pyro_vae.step.TrainStep`` with ``estimators.get("trace")`` and the loop's optimizer
   (``pyro_vae.optim.build_optimizer("adam")``), i.e. what ``pyro-vae train`` runs;
-- ``project_plain``: the same with ``fast=False`` (the estimator's loss as written, validation on).
+- ``project_plain``: the same with ``fast=False`` (the estimator's loss as written, validation on);
+- ``project_fused``: ``project`` with ``torch.optim.Adam(fused=True)`` (compare with ``torch_fused``).
 
 JSON: per batch size ``ms_per_step`` (median over rounds) for each variant, ``ratio_project_to_torch``
 = project / torch, ``ratio_pyro_to_torch`` = pyro_svi / torch, paired (per-round) ratios, and
@@ -72,10 +73,14 @@ def build_variants(batches: torch.Tensor, args, device: torch.device):
     svi = SVI(vae_b.model, vae_b.guide, pyro.optim.Adam({"lr": LR}), loss=Trace_ELBO())
     variants["pyro_svi"] = lambda i: svi.step(batches[i % n])
 
-    for name, fast in (("project", True), ("project_plain", False)):
+    for name, fast, fused in (("project", True, False), ("project_plain", False, False), ("project_fused", True, True)):
         torch.manual_seed(0)
         vae = VAE(z_dim=args.z_dim, hidden_dims=hidden).to(device)
-        ts = TrainStep(vae, estimators.get("trace"), build_optimizer("adam", vae.parameters(), LR), fast=fast)
+        if fused:  # what the loop would run with a fused Adam (pyro_vae.optim builds foreach)
+            optimizer = torch.optim.Adam(vae.parameters(), lr=LR, fused=True)
+        else:
+            optimizer = build_optimizer("adam", vae.parameters(), LR)
+        ts = TrainStep(vae, estimators.get("trace"), optimizer, fast=fast)
         variants[name] = _call_on(ts, batches)
         paths[name] = ts
 
@@ -100,16 +105,22 @@ def run(args) -> dict:
         variants, slots, steps = build_variants(batches, args, device)
         times = interleaved(variants, slots, device, args.repeats, args.block, args.warmup)
         summary = summarize(times, base="torch")
-        ms = {k: v["median"] for k, v in summary.items()}
+        ms = {k: v["median"] for k, v in summary.items() if ":" not in k}
+        cpu = {k.split(":")[0]: v["median"] for k, v in summary.items() if k.endswith(":cpu")}
         result["batches"][str(batch_size)] = {
             "ms_per_step": ms,
-            "quartiles_ms": {k: [v["q1"], v["q3"]] for k, v in summary.items()},
+            "cpu_ms_per_step": cpu,
+            "quartiles_ms": {k: [v["q1"], v["q3"]] for k, v in summary.items() if ":" not in k},
             "ratio_project_to_torch": ms["project"] / ms["torch"],
             "ratio_pyro_to_torch": ms["pyro_svi"] / ms["torch"],
             "ratio_project_plain_to_torch": ms["project_plain"] / ms["torch"],
             "ratio_project_to_torch_fused": ms["project"] / ms["torch_fused"],
             "paired_ratio_project_to_torch": summary["project"]["paired_ratio_to_torch"],
             "paired_ratio_pyro_to_torch": summary["pyro_svi"]["paired_ratio_to_torch"],
+            "ratio_project_fused_to_torch_fused": ms["project_fused"] / ms["torch_fused"],
+            "cpu_ratio_project_to_torch": cpu["project"] / cpu["torch"],
+            "cpu_ratio_pyro_to_torch": cpu["pyro_svi"] / cpu["torch"],
+            "cpu_ratio_project_fused_to_torch_fused": cpu["project_fused"] / cpu["torch_fused"],
             "project_path": steps["project"].path,
             "rounds": args.repeats,
             "steps_per_round": args.block,
@@ -148,6 +159,10 @@ def main(argv=None) -> None:
             f"  project/torch {r['ratio_project_to_torch']:.3f} (paired {r['paired_ratio_project_to_torch']:.3f}), "
             f"pyro/torch {r['ratio_pyro_to_torch']:.3f} (paired {r['paired_ratio_pyro_to_torch']:.3f}), "
             f"project path: {r['project_path']}"
+        )
+        print(
+            f"  CPU time: project/torch {r['cpu_ratio_project_to_torch']:.3f}, pyro/torch "
+            f"{r['cpu_ratio_pyro_to_torch']:.3f}, fused project/torch {r['cpu_ratio_project_fused_to_torch_fused']:.3f}"
         )
 
 

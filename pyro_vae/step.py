@@ -5,11 +5,14 @@
 one optimizer step, and returns the loss as a detached device scalar. It never synchronizes with
 the host, so the loop accumulates losses on the device and reads them once per epoch.
 
-The step picks one of three paths on its first call (``TrainStep.path``; see docs/speed.md):
+The step picks one of three paths on its first call (``TrainStep.path``; see docs/speed.md).
+That first call runs with Pyro validation as configured (for ``trace`` it also traces the model
+and guide once the way ``Trace_ELBO`` does, which checks them and registers their modules); every
+later call runs the same computation with validation off, so a step is bitwise the same whether it
+is the first after a resume or not.
 
 ``plain``
-    ``estimator.loss`` as written, Pyro validation as configured. Always correct; the first call
-    of every step object runs it, so the model and guide are validated once at the start.
+    ``estimator.loss`` as written, validation as configured, on every call (``fast=False``).
 ``fast``
     The same objective with the per-step overhead removed: Pyro validation off in the hot path
     (scoped, restored after each step) and, for estimators with an entry in :data:`FAST_LOSSES`
@@ -29,12 +32,14 @@ Anything the step cannot speed up falls back, with a logged message, to the next
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import pyro
 import torch
 from pyro.distributions.util import scale_and_mask
+from pyro.infer.enum import get_importance_trace
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.subsample_messenger import _Subsample
 from torch import nn
@@ -116,12 +121,14 @@ def _sample_sites(trace):
 def lean_loss_supported(vae, x: torch.Tensor, beta: float | torch.Tensor = 1.0) -> tuple[bool, str]:
     """Whether :func:`reparameterized_elbo_loss` equals ``Trace_ELBO`` for this model and guide.
 
-    Traces the programs once and checks: every guide site is a latent, reparameterized
-    (``has_rsample``), not enumerated; every latent of the model is drawn by the guide; every
-    ``pyro.module`` parameter is the param store's own tensor. Returns (ok, reason).
+    Traces the programs once the way ``Trace_ELBO`` does (``get_importance_trace``: with Pyro
+    validation on, this checks that model and guide sites match and have valid shapes; it also
+    registers the ``pyro.module`` parameters in the param store) and checks: every guide site is a
+    latent, reparameterized (``has_rsample``), not enumerated; every latent of the model is drawn
+    by the guide; every ``pyro.module`` parameter is the param store's own tensor.
+    Returns (ok, reason). Draws random numbers: call it under ``torch.random.fork_rng``.
     """
-    guide_trace = pyro.poutine.trace(vae.guide).get_trace(x, beta)
-    model_trace = pyro.poutine.trace(pyro.poutine.replay(vae.model, trace=guide_trace)).get_trace(x, beta)
+    model_trace, guide_trace = get_importance_trace("flat", math.inf, vae.model, vae.guide, (x, beta), {})
     guide_latents = set()
     for site in _sample_sites(guide_trace):
         if site["is_observed"]:
@@ -210,8 +217,8 @@ class TrainStep:
         cuda_graph: ``"auto"`` (capture on CUDA when possible), ``True`` (capture, and log why
             not when impossible), ``False``.
 
-    The first call runs the plain step (with Pyro validation as configured) and then chooses the
-    path for the rest (``self.path``; the reason for a fallback in ``self.fallback_reason``).
+    The first call chooses the path (``self.path``; the reason for a fallback from a faster one
+    in ``self.fallback_reason``) and runs its loss with Pyro validation as configured.
     """
 
     def __init__(
@@ -236,11 +243,11 @@ class TrainStep:
 
     def __call__(self, x: torch.Tensor, beta: float | torch.Tensor = 1.0) -> torch.Tensor:
         if self.path is None:
-            loss = self._plain(x, beta)
+            # Validation as configured on this first step (and in the lean-loss check), off after.
             self._choose(x, beta)
-            return loss
+            return self._eager(self._loss_fn, x, beta)
         if self.path == "plain":
-            return self._plain(x, beta)
+            return self._eager(self._loss_fn, x, beta)
         if self.path == "cuda_graph":
             return self._graph_step(x, beta)
         with pyro.validation_enabled(False):
@@ -257,9 +264,6 @@ class TrainStep:
             torch.nn.utils.clip_grad_norm_(self.vae.parameters(), self.clip_norm, foreach=True)
         self.optimizer.step()
         return loss.detach()
-
-    def _plain(self, x, beta) -> torch.Tensor:
-        return self._eager(self.estimator.loss, x, beta)
 
     def _choose(self, x, beta) -> None:
         lean = FAST_LOSSES.get(type(self.estimator))
@@ -285,8 +289,8 @@ class TrainStep:
             log.info(
                 "TrainStep: lean loss not used (%s); the estimator's own loss runs without validation", lean_reason
             )
-        # The estimator's own loss (validation off) when there is no lean loss: same objective.
-        self._loss_fn = lean if lean_ok else (lambda vae, x, beta: self.estimator.loss(vae, x, beta))
+        # The estimator's own loss when there is no lean loss (validation off after the first step).
+        self._loss_fn = lean if lean_ok else self.estimator.loss
         if plan.path == "cuda_graph":
             self._graph = _GraphedStep(self)
         log.debug("TrainStep: %s path", self.path)

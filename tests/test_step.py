@@ -271,3 +271,25 @@ def test_bad_cuda_graph_option_is_an_error():
     vae = small_vae()
     with pytest.raises(ValueError, match="cuda_graph must be True, False or 'auto'"):
         TrainStep(vae, estimators.get("trace"), torch.optim.Adam(vae.parameters()), cuda_graph="yes")
+
+
+def test_a_fresh_step_object_continues_bitwise_like_the_running_one():
+    """Resuming builds a new TrainStep; its first call must compute exactly what the running one does."""
+    x = binary_batch()
+    vae = small_vae()
+    opt = torch.optim.Adam(vae.parameters(), lr=1e-2)
+    running = TrainStep(vae, estimators.get("trace"), opt)
+    pyro.set_rng_seed(10)
+    running(x)
+    vae_copy = copy.deepcopy(vae)
+    opt_copy = torch.optim.Adam(vae_copy.parameters(), lr=1e-2)
+    opt_copy.load_state_dict(copy.deepcopy(opt.state_dict()))
+    pyro.set_rng_seed(11)
+    loss_running = running(x)
+    pyro.clear_param_store()
+    fresh = TrainStep(vae_copy, estimators.get("trace"), opt_copy)
+    pyro.set_rng_seed(11)
+    loss_fresh = fresh(x)
+    assert torch.equal(loss_fresh, loss_running)
+    for p, q in zip(vae_copy.parameters(), vae.parameters(), strict=True):
+        assert torch.equal(p, q)
