@@ -127,8 +127,10 @@ class IAFGuide(EncoderGuide):
     ``ConditionalAffineAutoregressive`` (numerically stable sigmoid gate, as in the paper's
     eq. 14, ``stable=True``); sampling and the log-density of the sample are one parallel pass
     each (the sample's log-density is read from the transform's cache). The coordinates are
-    reversed between flows, as in the paper. ``hidden_dims`` are the MADE widths (Pyro's
-    default ``3 z_dim + 1`` when None).
+    reversed between flows, as in the paper, and once more at the end when their number is odd,
+    so that z's axes are the base Gaussian's (with flows at the identity, q is the diagonal
+    guide). ``hidden`` are the MADE widths (Pyro's default ``3 z_dim + 1`` when None);
+    ``context_dim`` defaults to ``2 z_dim``.
     """
 
     def __init__(
@@ -160,6 +162,8 @@ class IAFGuide(EncoderGuide):
             if i > 0:
                 transforms.append(T.Permute(self.reverse))
             transforms.append(flow.condition(extra))
+        if len(self.flows) % 2 == 0:  # an odd number of reversals: undo it, so z's axes are the base's
+            transforms.append(T.Permute(self.reverse))
         return dist.TransformedDistribution(dist.Normal(loc, scale).to_event(1), transforms)
 
 

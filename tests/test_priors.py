@@ -61,11 +61,13 @@ def defensive_proposal(p, centers: int = 200, bandwidth: float = 0.15) -> dist.D
     """r = 1/2 N(0, 3^2 I) + 1/2 KDE of ``centers`` draws of p (Hesterberg 1995's defensive mixture).
 
     Any r with full support gives an unbiased estimate; the wide half bounds the weights in the
-    tails, the kernel half follows p's peaks so that the standard error is small.
+    tails, the kernel half follows p's peaks so that the standard error is small. p has batch
+    shape () and event shape (d,).
     """
-    draws = p.sample((centers,))
-    locs = torch.cat([torch.zeros(1, Z_DIM), draws])
-    scales = torch.cat([torch.full((1, Z_DIM), 3.0), torch.full((centers, Z_DIM), bandwidth)])
+    draws = p.sample((centers,)).detach()
+    dim = draws.shape[-1]
+    locs = torch.cat([torch.zeros(1, dim), draws])
+    scales = torch.cat([torch.full((1, dim), 3.0), torch.full((centers, dim), bandwidth)])
     weights = torch.cat([torch.full((1,), 0.5), torch.full((centers,), 0.5 / centers)])
     return dist.MixtureSameFamily(dist.Categorical(probs=weights), dist.Normal(locs, scales).to_event(1))
 
