@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import os
 import platform
 import statistics
 import time
@@ -39,7 +40,7 @@ def machine_info(device: torch.device) -> dict:
     info = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "cpu": cpu_model(),
-        "cpu_count": torch.get_num_threads() and __import__("os").cpu_count(),
+        "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "pyro": pyro.__version__,
@@ -50,7 +51,7 @@ def machine_info(device: torch.device) -> dict:
         info["gpu"] = torch.cuda.get_device_name(device)
         info["tf32"] = torch.backends.cuda.matmul.allow_tf32
     with contextlib.suppress(OSError):
-        info["loadavg"] = list(__import__("os").getloadavg())
+        info["loadavg"] = list(os.getloadavg())
     return info
 
 

@@ -325,7 +325,9 @@ class _GraphedStep:
         _make_capturable(train_step.optimizer)
 
     def _key(self, x) -> tuple:
-        return tuple(x.shape), x.dtype, tuple(g["lr"] for g in self.ts.optimizer.param_groups)
+        # A tensor learning rate is read from device memory at every replay: no re-capture needed.
+        lrs = tuple(None if torch.is_tensor(g["lr"]) else g["lr"] for g in self.ts.optimizer.param_groups)
+        return tuple(x.shape), x.dtype, lrs
 
     def __call__(self, x: torch.Tensor, beta) -> torch.Tensor:
         ts = self.ts

@@ -293,3 +293,35 @@ def test_a_fresh_step_object_continues_bitwise_like_the_running_one():
     assert torch.equal(loss_fresh, loss_running)
     for p, q in zip(vae_copy.parameters(), vae.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+
+
+@needs_cuda
+def test_cuda_graph_step_matches_the_eager_fast_step(caplog):
+    """Captured and replayed, the step gives the eager fast step's losses and parameters; a batch of
+    another shape (an epoch's tail) runs eagerly with a message; a learning-rate change re-captures."""
+    device = torch.device("cuda")
+    x = binary_batch(8).to(device)
+    tail = binary_batch(5).to(device)
+    vae_graph = small_vae().to(device)
+    vae_eager = copy.deepcopy(vae_graph)
+    runs = {}
+    for name, vae, mode in (("graph", vae_graph, True), ("eager", vae_eager, False)):
+        pyro.clear_param_store()
+        opt = torch.optim.Adam(vae.parameters(), lr=1e-2, capturable=True)
+        step = TrainStep(vae, estimators.get("trace"), opt, cuda_graph=mode)
+        losses = []
+        with caplog.at_level(logging.INFO, logger="pyro_vae.step"):
+            for t in range(8):
+                pyro.set_rng_seed(300 + t)
+                batch = tail if t == 6 else x
+                losses.append(step(batch, 0.5 if t < 4 else 1.0).item())
+        runs[name] = (step, losses)
+    assert runs["graph"][0].path == "cuda_graph" and runs["eager"][0].path == "fast"
+    assert runs["graph"][1] == pytest.approx(runs["eager"][1], rel=1e-4)
+    for p, q in zip(vae_graph.parameters(), vae_eager.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+    assert "captured the step as a CUDA graph" in caplog.text
+    assert "differs from the captured" in caplog.text
