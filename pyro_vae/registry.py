@@ -70,8 +70,7 @@ class Registry(Generic[T]):
             if key not in valid:
                 listed = ", ".join(valid) if valid else "none"
                 raise SpecError(
-                    f"{self.kind} {name!r} has no argument {key!r}{closest(key, valid)}; "
-                    f"its arguments: {listed}"
+                    f"{self.kind} {name!r} has no argument {key!r}{closest(key, valid)}; its arguments: {listed}"
                 )
         accepted = inspect.signature(factory).parameters
         ctx = {k: v for k, v in context.items() if k in accepted}
