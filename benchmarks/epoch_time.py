@@ -24,11 +24,15 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import pyro
 import pyro.optim
 import torch
 from pyro.infer import SVI, Trace_ELBO
+
+if __package__ in (None, ""):  # run as ``python benchmarks/NAME.py``: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (
     REPO,

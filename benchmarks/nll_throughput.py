@@ -23,8 +23,12 @@ import json
 import resource
 import sys
 import time
+from pathlib import Path
 
 import torch
+
+if __package__ in (None, ""):  # run as ``python benchmarks/NAME.py``: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import REPO, machine_info, resolve_device, sync
 from pyro_vae import evaluate

@@ -23,11 +23,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import pyro
 import pyro.optim
 import torch
 from pyro.infer import SVI, Trace_ELBO
+
+if __package__ in (None, ""):  # run as ``python benchmarks/NAME.py``: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (
     ParamStoreSlot,

@@ -1,0 +1,59 @@
+"""The benchmark scripts run and report the keys docs/results/speed.md relies on (tiny settings)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--z-dim", "4", "--hidden", "16", "--json"]
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO))
+    return lambda name: importlib.import_module(f"benchmarks.{name}")
+
+
+def test_step_time_reports_medians_and_ratios(bench, capsys):
+    bench("step_time").main(["--batch", "8,16", "--repeats", "3", "--block", "1", "--warmup", "1", *TINY])
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["batches"]) == {"8", "16"}
+    for entry in out["batches"].values():
+        assert set(entry["ms_per_step"]) == {
+            "torch",
+            "torch_fused",
+            "pyro_svi",
+            "project",
+            "project_plain",
+            "project_fused",
+        }
+        assert all(v > 0 for v in entry["ms_per_step"].values())
+        assert entry["ratio_project_to_torch"] == pytest.approx(
+            entry["ms_per_step"]["project"] / entry["ms_per_step"]["torch"]
+        )
+        assert entry["ratio_pyro_to_torch"] > 0 and entry["project_path"] == "fast"
+    assert {"cpu", "torch", "pyro", "threads", "date"} <= set(out["machine"])
+
+
+def test_epoch_time_runs_every_variant_over_the_data(bench, capsys):
+    bench("epoch_time").main(["--batch", "64", "--repeats", "1", "--subset", "256", *TINY])
+    out = json.loads(capsys.readouterr().out)
+    entry = out["batches"]["64"]
+    assert out["examples"] == 256
+    assert set(entry["seconds_per_epoch"]) == {"torch", "pyro_svi", "project"}
+    # Every loop trained on the same data: per-example losses of the same order (nats, positive).
+    losses = entry["last_epoch_loss_per_example"]
+    assert all(0 < v < 1000 for v in losses.values())
+
+
+def test_nll_throughput_reports_rate_and_memory(bench, capsys):
+    bench("nll_throughput").main(["--subset", "3", "--samples", "50", *TINY])
+    out = json.loads(capsys.readouterr().out)
+    assert out["examples"] == 3 and out["num_samples"] == 50
+    assert out["examples_x_samples_per_second"] == pytest.approx(150 / out["seconds"])
+    assert out["peak_memory_bytes"] >= 0 and "ru_maxrss" in out["peak_memory_method"]
+    assert out["nll_nats"] > 0
