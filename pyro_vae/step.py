@@ -50,8 +50,6 @@ from pyro_vae.model import module_registration
 
 log = logging.getLogger(__name__)
 
-PATHS = ("plain", "fast", "cuda_graph")
-
 # Eager steps before a CUDA graph is captured: they initialize the optimizer's state and let
 # the caching allocator and autograd settle (PyTorch's documented warm-up on a side stream).
 GRAPH_WARMUP_STEPS = 3
@@ -65,8 +63,8 @@ class SiteLogDensity(Messenger):
     would. Plate subsample sites are skipped, as ``Trace_ELBO`` prunes them. Parameter sites
     whose initial value is an ``nn.Parameter`` with the real constraint (what ``pyro.module``
     sends) are answered with that parameter: the param store holds the very same tensor once the
-    step's first (plain) call has registered it, so the values are identical and the store
-    lookup is skipped.
+    step's first call has registered it (:func:`lean_loss_supported` checks), so the values are
+    identical and the store lookup is skipped.
     """
 
     def __init__(self, replay: dict[str, torch.Tensor] | None = None) -> None:
@@ -239,7 +237,6 @@ class TrainStep:
         self.fallback_reason = ""
         self._loss_fn: Callable[..., torch.Tensor] | None = None
         self._graph: _GraphedStep | None = None
-        self._eager_calls = 0
 
     def __call__(self, x: torch.Tensor, beta: float | torch.Tensor = 1.0) -> torch.Tensor:
         if self.path is None:
