@@ -200,8 +200,9 @@ def test_importance_sampling_with_the_guide_recovers_log_px(spec, lg):
         torch.testing.assert_close(lw, lg.log_px(x).expand_as(lw), rtol=0, atol=1e-9)
 
 
-def test_lowrank_closed_form_kl_matches_monte_carlo():
-    vae, x = make_vae("lowrank(rank=2)", prior="learned_normal", z_dim=3), data(4)
+@pytest.mark.parametrize("prior", ["normal", "learned_normal"])
+def test_lowrank_closed_form_kl_matches_monte_carlo(prior):
+    vae, x = make_vae("lowrank(rank=2)", prior=prior, z_dim=3), data(4)
     with torch.no_grad():
         for p in vae.prior.parameters():
             p.add_(0.3 * torch.randn_like(p))
@@ -210,7 +211,15 @@ def test_lowrank_closed_form_kl_matches_monte_carlo():
     with torch.no_grad():
         z = q.sample((40_000,))
         mc, se = mean_se(q.log_prob(z) - p.log_prob(z))
-    assert_within_se("lowrank vs learned_normal: analytic KL vs Monte Carlo", mc, kl, se)
+    assert_within_se(f"lowrank vs {prior}: analytic KL vs Monte Carlo", mc, kl, se)
+
+
+def test_iaf_has_no_closed_form():
+    vae = make_vae("iaf(flows=2, hidden=[12])")
+    with pytest.raises(
+        ValueError, match=r"no closed-form KL for guide 'iaf\(flows=2, hidden=\[12\]\)' with prior 'normal'"
+    ):
+        closed_form_terms(vae, data(2))
 
 
 def test_iaf_uses_the_encoder_context_and_registers_its_flows():
