@@ -71,8 +71,8 @@ def mnist_train(device: torch.device, data_dir: str | None = None, n: int | None
 
     root = Path(data_dir) if data_dir else REPO.parent / "shared" / "data"
     try:
-        x = load_dataset("mnist", root=root, device=device).train
-        what = f"MNIST train (grey levels), {root}"
+        x = load_dataset("mnist", root=root, device=device, val_size=0).train  # all 60k training images
+        what = f"MNIST train (grey levels, all 60000), {root}"
     except (DatasetNotFoundError, FileNotFoundError, OSError):
         g = torch.Generator().manual_seed(0)
         x = (torch.rand(60000, 784, generator=g) < 0.13).float().to(device)
