@@ -22,10 +22,24 @@ Params = Iterable[torch.nn.Parameter]
 
 
 @OPTIMIZERS.register("adam")
-def adam(params: Params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0, amsgrad=False):
-    """Adam (Kingma & Ba 2015), the default; Pyro's VAE tutorial uses lr = 1e-3."""
+def adam(
+    params: Params,
+    lr: float,
+    betas=(0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    amsgrad=False,
+    fused: bool = False,
+):
+    """Adam (Kingma & Ba 2015), the default; Pyro's VAE tutorial uses lr = 1e-3.
+
+    ``foreach`` by default (the reference the speed benchmarks compare against); ``adam(fused=True)``
+    runs one kernel over all parameters, about 20% faster per step on a CPU at batch 128
+    (docs/results/speed.md) and equal up to float rounding.
+    """
+    multi = {"fused": True} if fused else {"foreach": True}
     return torch.optim.Adam(
-        params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, foreach=True
+        params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, **multi
     )
 
 
