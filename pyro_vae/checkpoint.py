@@ -9,8 +9,8 @@ A checkpoint is a plain dictionary of tensors and plain Python values (no pickle
   ``param_constraints`` ``{name: constraint name}`` (the store's own state holds constraint
   objects, which only a full unpickler could rebuild);
 - ``config``: the resolved configuration as a plain dict;
-- ``epoch`` (completed epochs), ``step`` (completed optimizer steps), ``best_val_elbo``,
-  ``best_epoch``, ``bad_epochs`` (early-stopping counter);
+- ``epoch`` (completed epochs), ``step`` (completed optimizer steps), ``best_val_bound`` (the
+  selection metric, ``val_bound``), ``best_val_elbo``, ``best_epoch``, ``bad_epochs`` (early-stopping counter);
 - ``rng``: the torch CPU (and CUDA) generator states, Python's ``random`` state and numpy's,
   all as tensors and plain values; ``data_generator``: the state of the generator that draws
   the dataset permutation (and dynamic binarization).

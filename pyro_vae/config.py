@@ -82,7 +82,7 @@ class TrainConfig:
     optimizer: SpecValue = field(default="adam", metadata={"spec": "optimizer"})
     lr_schedule: SpecValue = field(default="constant", metadata={"spec": "lr_schedule"})
     clip_norm: float | None = None  # gradient-norm clipping; None: off
-    patience: int | None = None  # early stopping on the validation ELBO; None: off
+    patience: int | None = None  # early stopping on val_bound (the estimator's validation bound); None: off
     eval_every: int = 1  # epochs between evaluations on the validation and test sets
     eval_batch_size: int = 1000
     device: str = "auto"  # "auto": CUDA when available

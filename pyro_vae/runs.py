@@ -1,8 +1,8 @@
 """Run folders: build the model a config describes, pick the device, load a finished run.
 
 A run folder (written by ``pyro-vae train``, see ``docs/training.md``) holds ``config.toml``,
-``metrics.jsonl``, ``checkpoint.pt`` (the last completed epoch), ``best.pt`` (the best epoch on
-the validation ELBO), ``evaluation.json``, ``train.log`` and the figures.
+``metrics.jsonl``, ``checkpoint.pt`` (the last completed epoch), ``best.pt`` (the best epoch by the
+training estimator's validation bound, ``val_bound``), ``evaluation.json``, ``train.log`` and the figures.
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def load_run(
 ) -> Run:
     """Load a run folder: config, the VAE with its trained weights, the dataset and the metrics.
 
-    The weights are those of ``best.pt`` (best validation ELBO) when it exists, else of
+    The weights are those of ``best.pt`` (best ``val_bound``) when it exists, else of
     ``checkpoint.pt`` (the last completed epoch); ``which="last"`` always takes ``checkpoint.pt``.
     The x dimension is read from the checkpoint, so ``load_data=False`` needs no dataset.
     """

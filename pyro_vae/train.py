@@ -4,8 +4,8 @@
 folder (see ``docs/training.md``):
 
 - ``config.toml`` (the resolved config), ``train.log`` (one line per epoch), ``metrics.jsonl``
-  (one JSON object per epoch: ``epoch, train_elbo, val_elbo, test_elbo, beta, lr, seconds, steps``);
-- ``checkpoint.pt`` after every epoch and ``best.pt`` at the best validation ELBO, written
+  (one JSON object per epoch: ``epoch, train_elbo, val_elbo, val_bound, test_elbo, beta, lr, seconds, steps``);
+- ``checkpoint.pt`` after every epoch and ``best.pt`` at the best ``val_bound``, written
   atomically (``pyro_vae.checkpoint``); ``--resume`` continues from ``checkpoint.pt`` exactly;
 - at the end, ``evaluation.json`` (``pyro_vae.evaluate.evaluate`` on the best weights) and the
   figures (``pyro_vae.plots.write_all_figures``).
@@ -17,9 +17,14 @@ by beta via ``poutine.scale``, so the training bound is E_q[log p(x|z)] - beta K
 linearly per step to 1 over ``train.warmup_epochs``. Validation, test and final evaluation always
 use beta = 1.
 
+Model selection (``best.pt``) and early stopping follow ``val_bound``: the training estimator's
+own bound (``estimator.bound``) averaged over the validation set. For the ELBO estimators it is
+the validation ELBO; for ``iwae(k)``, ``dreg(k)``, ``renyi`` it is their k-sample bound, which
+can improve (with the NLL) while the ELBO falls, as the guide stops fitting the ELBO.
+
 A step makes no host sync: losses are summed on the device, and the index of the first step whose
 loss is not finite is kept in a device tensor (``torch.where``); both are read once per epoch,
-together with the validation and test ELBOs.
+together with the validation bounds and the test ELBO.
 
 ``fit`` is the minimal loop of the core: Pyro's ``SVI`` with ``Trace_ELBO`` over mini-batches of an
 in-memory tensor, returning the ELBO per example for each epoch.
@@ -57,7 +62,7 @@ LOG = "train.log"
 EVALUATION = "evaluation.json"
 
 # The entries of the device vector read once per epoch (and all-reduced under torch.distributed).
-EPOCH_SUMS = ("loss_sum", "first_bad_step", "val_elbo_sum", "test_elbo_sum")
+EPOCH_SUMS = ("loss_sum", "first_bad_step", "val_elbo_sum", "val_bound_sum", "test_elbo_sum")
 
 # (epoch, generator) -> the epoch's training batches, device tensors (batch, x_dim).
 BatchSource = Callable[[int, torch.Generator], Iterable[torch.Tensor]]
@@ -88,10 +93,14 @@ def warmup_beta(step: int, warmup_steps: int) -> float:
 
 @dataclass
 class Progress:
-    """Counters that a checkpoint carries: completed epochs and steps, early-stopping state."""
+    """Counters that a checkpoint carries: completed epochs and steps, early-stopping state.
+
+    The best epoch is the one with the highest ``val_bound``; ``best_val_elbo`` is its ``val_elbo``.
+    """
 
     epoch: int = 0
     step: int = 0
+    best_val_bound: float | None = None
     best_val_elbo: float | None = None
     best_epoch: int = 0
     bad_epochs: int = 0
@@ -156,6 +165,14 @@ def _sum_elbo(vae, x: torch.Tensor, batch_size: int) -> torch.Tensor:
     return elbo_per_example(vae, x, batch_size=batch_size).sum()
 
 
+def _sum_bound(estimator: estimators.Estimator, vae, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Sum over ``x`` of the training estimator's own bound (``estimator.bound``, beta = 1), a device scalar."""
+    # k draws per example: k times fewer examples per chunk keep the memory of the one-draw ELBO's.
+    k = estimator.k if isinstance(estimator, estimators.ImportanceWeighted) else 1
+    with torch.no_grad():
+        return sum((estimator.bound(vae, xb).sum() for xb in x.split(max(1, batch_size // k))), x.new_zeros(()))
+
+
 def _default_batches(dataset, batch_size: int) -> BatchSource:
     from pyro_vae.data import batches
 
@@ -200,7 +217,8 @@ def train(
         is_main: whether this process writes files and prints (rank 0).
         reduce_sum: applied to the epoch's device vector before the host read (an all-reduce);
             its entries are ``EPOCH_SUMS``: summed losses, the first non-finite step (-1: none;
-            reduce it with a minimum over the non-negative entries), validation and test ELBO sums.
+            reduce it with a minimum over the non-negative entries), the validation ELBO and bound
+            sums and the test ELBO sum.
         steps_per_epoch: steps that ``batch_source`` yields per epoch (for the warm-up ramp and
             the progress bar); default ``ceil(len(train) / batch_size)``.
 
@@ -208,7 +226,8 @@ def train(
     data-parallel: ``train.batch_size`` is the global batch, split over the ranks; rank 0 alone writes.
 
     Returns a dict: ``run_dir``, ``status`` (``"completed"``, ``"early_stopped"`` or
-    ``"interrupted"``), ``epoch``, ``step``, ``best_epoch``, ``best_val_elbo``, ``metrics`` (the
+    ``"interrupted"``), ``epoch``, ``step``, ``best_epoch``, ``best_val_bound``, ``best_val_elbo``
+    (the best epoch's ``val_bound`` and ``val_elbo``), ``metrics`` (the
     last epoch's record), ``evaluation`` (``evaluation.json``'s content, or ``None``).
 
     Raises :class:`NonFiniteLossError` when a loss is NaN or infinite: ``checkpoint.pt`` then
@@ -264,6 +283,8 @@ def train(
     vae = build_vae(cfg.model, x_dim=dataset.x_dim).to(device)
     vae.likelihood.check(dataset.train[:1024], name=f"{dataset.name} (train)")
     estimator = estimators.get(tcfg.estimator)
+    # The validation ELBO already is the bound of the ELBO estimators: no second pass for them.
+    bound_is_elbo = estimator.bound_name == "ELBO"
     optimizer = build_optimizer(getattr(tcfg, "optimizer", "adam"), vae.parameters(), lr=tcfg.lr)
     schedule = build_schedule(getattr(tcfg, "lr_schedule", "constant"), epochs=tcfg.epochs)
     # Distributed: DDP around the estimator's loss, and each rank's own Monte Carlo noise from here on.
@@ -306,6 +327,7 @@ def train(
             "image_shape": list(dataset.image_shape),
             "epoch": progress_state.epoch,
             "step": progress_state.step,
+            "best_val_bound": progress_state.best_val_bound,
             "best_val_elbo": progress_state.best_val_elbo,
             "best_epoch": progress_state.best_epoch,
             "bad_epochs": progress_state.bad_epochs,
@@ -320,7 +342,8 @@ def train(
         ckpt.save_checkpoint(snapshot(), checkpoint_path)
     reporter.line(
         f"{'resuming' if state else 'training'} {out_dir} on {device}: {dataset}; "
-        f"{sum(p.numel() for p in vae.parameters())} parameters; estimator {tcfg.estimator}"
+        f"{sum(p.numel() for p in vae.parameters())} parameters; estimator {tcfg.estimator}, "
+        f"best epoch by its validation {estimator.bound_name} (val_bound)"
     )
 
     status = "completed"
@@ -354,16 +377,19 @@ def train(
                 reporter.end_epoch()
                 evaluated = epoch % eval_every == 0 or epoch == tcfg.epochs
                 zero = loss_sum.new_zeros((), dtype=torch.float64)
-                sums = [loss_sum.double(), first_bad.double(), zero, zero]
+                sums = [loss_sum.double(), first_bad.double(), zero, zero, zero]
                 if evaluated:  # at beta = 1, whatever the warm-up
+                    vae.eval()
                     # shard_rows: this rank's block (all of it in one process); reduce_sum adds the blocks
                     if has_val:
-                        sums[2] = _sum_elbo(vae, distributed.shard_rows(dataset.val), eval_batch).double()
-                    sums[3] = _sum_elbo(vae, distributed.shard_rows(dataset.test), eval_batch).double()
+                        val = distributed.shard_rows(dataset.val)
+                        sums[2] = _sum_elbo(vae, val, eval_batch).double()
+                        sums[3] = sums[2] if bound_is_elbo else _sum_bound(estimator, vae, val, eval_batch).double()
+                    sums[4] = _sum_elbo(vae, distributed.shard_rows(dataset.test), eval_batch).double()
                 host = torch.stack(sums)
                 if reduce_sum is not None:
                     host = reduce_sum(host)
-                loss_total, bad, val_sum, test_sum = host.tolist()  # the epoch's one host read
+                loss_total, bad, val_sum, val_bound_sum, test_sum = host.tolist()  # the epoch's one host read
                 if bad >= 0:
                     bad = int(bad)
                     raise NonFiniteLossError(
@@ -378,6 +404,7 @@ def train(
                     "epoch": epoch,
                     "train_elbo": -loss_total / (seen * dctx.world_size),  # every rank sees as many
                     "val_elbo": val_sum / len(dataset.val) if evaluated and has_val else None,
+                    "val_bound": val_bound_sum / len(dataset.val) if evaluated and has_val else None,
                     "test_elbo": test_sum / len(dataset.test) if evaluated else None,
                     "beta": beta,
                     "lr": lr,
@@ -406,8 +433,8 @@ def train(
 
     if status == "early_stopped":
         reporter.line(
-            f"early stopping: no better validation ELBO for {patience} epochs; "
-            f"best epoch {progress_state.best_epoch} ({progress_state.best_val_elbo:.2f})"
+            f"early stopping: no better validation {estimator.bound_name} for {patience} epochs; "
+            f"best epoch {progress_state.best_epoch} ({progress_state.best_val_bound:.2f})"
         )
     evaluation = None
     if status != "interrupted" and is_main:
@@ -419,6 +446,7 @@ def train(
         "epoch": progress_state.epoch,
         "step": progress_state.step,
         "best_epoch": progress_state.best_epoch,
+        "best_val_bound": progress_state.best_val_bound,
         "best_val_elbo": progress_state.best_val_elbo,
         "metrics": record,
         "evaluation": evaluation,
@@ -435,6 +463,8 @@ def _restore(state: dict[str, Any], vae, optimizer, generator: torch.Generator) 
     return Progress(
         epoch=int(state["epoch"]),
         step=int(state["step"]),
+        # Checkpoints written before val_bound existed selected by the ELBO.
+        best_val_bound=state.get("best_val_bound", state["best_val_elbo"]),
         best_val_elbo=state["best_val_elbo"],
         best_epoch=int(state["best_epoch"]),
         bad_epochs=int(state["bad_epochs"]),
@@ -453,16 +483,17 @@ def _check_same_model(saved: dict[str, Any], current: dict[str, Any], path: Path
 
 
 def _update_early_stopping(progress: Progress, record: dict[str, Any], has_val: bool) -> bool:
-    """Track the best validation ELBO; True when this epoch is the new best.
+    """Track the best ``val_bound`` (the training estimator's bound); True when this epoch is the new best.
 
     Epochs without an evaluation (``train.eval_every``) do not count; without a validation set
     there is no best epoch and ``best.pt`` is not written.
     """
-    val = record["val_elbo"]
+    val = record["val_bound"]
     if not has_val or val is None:
         return False
-    if progress.best_val_elbo is None or val > progress.best_val_elbo:
-        progress.best_val_elbo, progress.best_epoch, progress.bad_epochs = val, record["epoch"], 0
+    if progress.best_val_bound is None or val > progress.best_val_bound:
+        progress.best_val_bound, progress.best_val_elbo = val, record["val_elbo"]
+        progress.best_epoch, progress.bad_epochs = record["epoch"], 0
         return True
     progress.bad_epochs += 1
     return False
@@ -493,7 +524,10 @@ def _truncate_metrics(path: Path, epoch: int) -> None:
 
 def _format_record(record: dict[str, Any], epochs: int) -> str:
     parts = [f"epoch {record['epoch']:>3}/{epochs}", f"train {record['train_elbo']:.2f}"]
-    parts += [f"{key} {record[f'{key}_elbo']:.2f}" for key in ("val", "test") if record[f"{key}_elbo"] is not None]
+    named = {"val": record["val_elbo"], "val bound": record["val_bound"], "test": record["test_elbo"]}
+    if record["val_bound"] == record["val_elbo"]:  # an ELBO estimator: the bound is the ELBO
+        del named["val bound"]
+    parts += [f"{name} {value:.2f}" for name, value in named.items() if value is not None]
     if record["beta"] < 1:
         parts.append(f"beta {record['beta']:.3f}")
     parts += [f"lr {record['lr']:.3g}", f"{record['seconds']:.1f}s"]

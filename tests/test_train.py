@@ -123,6 +123,7 @@ class _NaNEstimator:
 
     def __init__(self, inner, at: int, on_nan=None) -> None:
         self.inner, self.at, self.calls, self.on_nan = inner, at, 0, on_nan
+        self.bound_name = inner.bound_name
 
     def loss(self, vae, x, beta=1.0):
         self.calls += 1
@@ -222,6 +223,42 @@ def test_early_stopping_keeps_the_best_epoch(tmp_path, monkeypatch):
     assert "early stopping" in (tmp_path / "run" / "train.log").read_text()
 
 
+def test_importance_weighted_training_selects_the_best_epoch_by_its_own_bound(tmp_path, monkeypatch):
+    # iwae(k=2): the validation ELBO falls after epoch 1 while the IWAE bound rises until epoch 3.
+    elbos = iter([-400.0, -440.0, -480.0, -520.0])  # sums over the 40 validation examples
+    bounds = iter([-9.0, -8.0, -7.0, -7.5])  # per example
+    real_sum = train_module._sum_elbo
+
+    def scripted_elbo(vae, x, batch_size):
+        return torch.tensor(next(elbos)) if len(x) == 40 else real_sum(vae, x, batch_size)
+
+    def scripted_bound(self, vae, x):
+        assert not torch.is_grad_enabled() and not vae.training  # evaluated like the ELBO
+        return torch.full((len(x),), next(bounds))
+
+    monkeypatch.setattr(train_module, "_sum_elbo", scripted_elbo)
+    monkeypatch.setattr(train_module.estimators.IWAE, "bound", scripted_bound)
+    cfg = tiny("train.epochs=4", "train.estimator=iwae(k=2)", "train.patience=2")
+    result = train(cfg, tmp_path / "run", progress=False)
+    assert result["status"] == "completed"  # by the ELBO it would have stopped after epoch 3
+    records = _metrics(tmp_path / "run")
+    assert [r["val_elbo"] for r in records] == [-10.0, -11.0, -12.0, -13.0]
+    assert [r["val_bound"] for r in records] == [-9.0, -8.0, -7.0, -7.5]
+    assert (result["best_epoch"], result["best_val_bound"], result["best_val_elbo"]) == (3, -7.0, -12.0)
+    assert ckpt.load_checkpoint(tmp_path / "run" / "best.pt")["epoch"] == 3
+    assert "validation IWAE bound (k=2)" in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_elbo_estimators_reuse_the_validation_elbo_as_their_bound(tmp_path, monkeypatch):
+    def no_second_pass(*args, **kwargs):
+        raise AssertionError("the ELBO estimators' bound is the validation ELBO already computed")
+
+    monkeypatch.setattr(train_module, "_sum_bound", no_second_pass)
+    train(tiny("train.epochs=1", "train.estimator=closed_form"), tmp_path / "run", progress=False)
+    (record,) = _metrics(tmp_path / "run")
+    assert record["val_bound"] == record["val_elbo"] < 0
+
+
 def test_run_folder_contents_and_learning(tmp_path):
     cfg = tiny("train.epochs=4", "train.nll_samples=10", "train.eval_every=2")
     result = train(cfg, tmp_path / "run", progress=False)
@@ -233,7 +270,7 @@ def test_run_folder_contents_and_learning(tmp_path):
     records = _metrics(run)
     assert [r["epoch"] for r in records] == [1, 2, 3, 4]
     assert [r["steps"] for r in records] == [4, 8, 12, 16]
-    assert set(records[0]) == {"epoch", "train_elbo", "val_elbo", "test_elbo", "beta", "lr", "steps"}
+    assert set(records[0]) == {"epoch", "train_elbo", "val_elbo", "val_bound", "test_elbo", "beta", "lr", "steps"}
     assert records[0]["test_elbo"] is None and records[1]["test_elbo"] is not None  # eval_every = 2
     assert records[-1]["train_elbo"] > records[0]["train_elbo"]  # lr 0.01 on 16 pixels: it learns
     evaluation = json.loads((run / "evaluation.json").read_text())
