@@ -50,13 +50,14 @@ from pyro.infer import SVI, Trace_ELBO
 
 from pyro_vae import checkpoint as ckpt
 from pyro_vae import distributed, estimators
-from pyro_vae.optim import OPTIMIZERS, SCHEDULES, build_optimizer, build_schedule
-from pyro_vae.runs import BEST, CHECKPOINT, CONFIG, METRICS, build_vae, load_dataset_for, resolve_device
+from pyro_vae.config import Config, config_to_dict, save_config
+from pyro_vae.data import batches
+from pyro_vae.evaluate import elbo_per_example, evaluate
+from pyro_vae.optim import build_optimizer, build_schedule
+from pyro_vae.runs import BEST, CHECKPOINT, CONFIG, METRICS, build_vae, load_dataset_for, read_metrics, resolve_device
 from pyro_vae.step import TrainStep
 
-# The config validates train.optimizer and train.lr_schedule against these.
-LR_SCHEDULES = SCHEDULES
-__all__ = ["LR_SCHEDULES", "OPTIMIZERS", "NonFiniteLossError", "TrainingError", "fit", "train", "warmup_beta"]
+__all__ = ["NonFiniteLossError", "TrainingError", "fit", "train", "warmup_beta"]
 
 LOG = "train.log"
 EVALUATION = "evaluation.json"
@@ -157,11 +158,6 @@ class _Reporter:
 
 def _sum_elbo(vae, x: torch.Tensor, batch_size: int) -> torch.Tensor:
     """Sum over ``x`` of the one-sample ELBO at beta = 1, as a device scalar (no host read)."""
-    try:
-        from pyro_vae.evaluate import elbo_per_example
-    except ImportError:  # evaluate.py absent: the plain Monte Carlo ELBO from Pyro traces
-        with torch.no_grad():
-            return sum((estimators.log_weights(vae, xb, 1)[0].sum() for xb in x.split(batch_size)), x.new_zeros(()))
     return elbo_per_example(vae, x, batch_size=batch_size).sum()
 
 
@@ -174,19 +170,11 @@ def _sum_bound(estimator: estimators.Estimator, vae, x: torch.Tensor, batch_size
 
 
 def _default_batches(dataset, batch_size: int) -> BatchSource:
-    from pyro_vae.data import batches
-
     return lambda epoch, generator: batches(dataset.train_epoch(epoch, generator), batch_size, generator)
 
 
-def _config_tools():
-    from pyro_vae import config as config_module
-
-    return config_module
-
-
 def train(
-    cfg,
+    cfg: Config,
     out_dir: str | os.PathLike,
     device: str | torch.device | None = None,
     data_dir: str | os.PathLike | None = None,
@@ -235,7 +223,7 @@ def train(
     """
     if distributed.launched_by_torchrun() and not torch.distributed.is_initialized():
         # One process per device under torchrun: NCCL on cuda:LOCAL_RANK or gloo on the CPU, for this run.
-        with distributed.session(device if device is not None else getattr(cfg.train, "device", "auto")) as dctx:
+        with distributed.session(device if device is not None else cfg.train.device) as dctx:
             return train(
                 cfg,
                 out_dir,
@@ -248,6 +236,7 @@ def train(
                 batch_source=batch_source,
                 is_main=is_main,
                 reduce_sum=reduce_sum,
+                steps_per_epoch=steps_per_epoch,
             )
     dctx = distributed.context()
     if dctx.enabled:
@@ -255,22 +244,21 @@ def train(
         out_dir = distributed.broadcast_object(str(out_dir))  # rank 0's folder (a default name has a timestamp)
         bad_entry = EPOCH_SUMS.index("first_bad_step")  # a step index: the earliest over ranks, not the sum
         reduce_sum = reduce_sum or (lambda sums: distributed.reduce_sums(sums, earliest=(bad_entry,)))
-    cfg_tools = _config_tools()
     out_dir = Path(out_dir)
     tcfg = cfg.train
-    device = resolve_device(device if device is not None else getattr(tcfg, "device", "auto"))
+    device = resolve_device(device if device is not None else tcfg.device)
     checkpoint_path = out_dir / CHECKPOINT
     state = None
     if resume:
         state = ckpt.load_checkpoint(checkpoint_path)  # a clear error when there is nothing to resume
-        _check_same_model(state["config"], cfg_tools.config_to_dict(cfg), checkpoint_path)
+        _check_same_model(state["config"], config_to_dict(cfg), checkpoint_path)
     elif checkpoint_path.exists():
         raise TrainingError(
             f"{out_dir} already holds a run ({CHECKPOINT}); continue it with --resume or choose another --out"
         )
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        cfg_tools.save_config(cfg, out_dir / CONFIG)
+        save_config(cfg, out_dir / CONFIG)
     distributed.barrier()  # every rank has looked at the folder before rank 0 writes a checkpoint into it
 
     # Seed first: weight initialization and everything after it is reproducible.
@@ -278,19 +266,19 @@ def train(
     # train() owns Pyro's global param store: pyro.module must register this VAE's tensors, not stale ones.
     pyro.clear_param_store()
     if dataset is None:
-        data_dir = data_dir if data_dir is not None else getattr(cfg.data, "data_dir", None)
+        data_dir = data_dir if data_dir is not None else cfg.data.data_dir
         dataset = load_dataset_for(cfg, device=device, data_dir=data_dir, download=download)
     vae = build_vae(cfg.model, x_dim=dataset.x_dim).to(device)
     vae.likelihood.check(dataset.train[:1024], name=f"{dataset.name} (train)")
     estimator = estimators.get(tcfg.estimator)
     # The validation ELBO already is the bound of the ELBO estimators: no second pass for them.
     bound_is_elbo = estimator.bound_name == "ELBO"
-    optimizer = build_optimizer(getattr(tcfg, "optimizer", "adam"), vae.parameters(), lr=tcfg.lr)
-    schedule = build_schedule(getattr(tcfg, "lr_schedule", "constant"), epochs=tcfg.epochs)
+    optimizer = build_optimizer(tcfg.optimizer, vae.parameters(), lr=tcfg.lr)
+    schedule = build_schedule(tcfg.lr_schedule, epochs=tcfg.epochs)
     # Distributed: DDP around the estimator's loss, and each rank's own Monte Carlo noise from here on.
     train_estimator = distributed.distribute_estimator(vae, estimator, dctx)
     distributed.seed_rank(tcfg.seed, dctx)
-    step_fn = TrainStep(vae, train_estimator, optimizer, clip_norm=getattr(tcfg, "clip_norm", None))
+    step_fn = TrainStep(vae, train_estimator, optimizer, clip_norm=tcfg.clip_norm)
     generator = torch.Generator(device=dataset.train.device).manual_seed(tcfg.seed)
     if dctx.enabled and batch_source is None:  # each rank its disjoint shard of one (seed, epoch) permutation
         batch_source = distributed.sharded_batch_source(dataset, tcfg.batch_size, tcfg.seed, dctx)
@@ -298,10 +286,8 @@ def train(
     steps_per_epoch = steps_per_epoch or math.ceil(len(dataset.train) / tcfg.batch_size)
     if dctx.enabled:
         steps_per_epoch = distributed.num_steps(len(dataset.train), tcfg.batch_size, dctx.world_size)
-    warmup_steps = round(float(getattr(tcfg, "warmup_epochs", 0) or 0) * steps_per_epoch)
-    patience = getattr(tcfg, "patience", None) or 0
-    eval_batch = getattr(tcfg, "eval_batch_size", 1000)
-    eval_every = getattr(tcfg, "eval_every", 1)
+    warmup_steps = tcfg.warmup_epochs * steps_per_epoch
+    patience = tcfg.patience or 0  # None: off
     has_val = dataset.val is not None and len(dataset.val) > 0
 
     progress_state = Progress()
@@ -322,7 +308,7 @@ def train(
             "optimizer": optimizer.state_dict(),
             "param_store": params,
             "param_constraints": names,
-            "config": cfg_tools.config_to_dict(cfg),
+            "config": config_to_dict(cfg),
             "x_dim": dataset.x_dim,
             "image_shape": list(dataset.image_shape),
             "epoch": progress_state.epoch,
@@ -375,7 +361,7 @@ def train(
                     step += 1
                     reporter.advance()
                 reporter.end_epoch()
-                evaluated = epoch % eval_every == 0 or epoch == tcfg.epochs
+                evaluated = epoch % tcfg.eval_every == 0 or epoch == tcfg.epochs
                 zero = loss_sum.new_zeros((), dtype=torch.float64)
                 sums = [loss_sum.double(), first_bad.double(), zero, zero, zero]
                 if evaluated:  # at beta = 1, whatever the warm-up
@@ -383,9 +369,11 @@ def train(
                     # shard_rows: this rank's block (all of it in one process); reduce_sum adds the blocks
                     if has_val:
                         val = distributed.shard_rows(dataset.val)
-                        sums[2] = _sum_elbo(vae, val, eval_batch).double()
-                        sums[3] = sums[2] if bound_is_elbo else _sum_bound(estimator, vae, val, eval_batch).double()
-                    sums[4] = _sum_elbo(vae, distributed.shard_rows(dataset.test), eval_batch).double()
+                        sums[2] = _sum_elbo(vae, val, tcfg.eval_batch_size).double()
+                        sums[3] = (
+                            sums[2] if bound_is_elbo else _sum_bound(estimator, vae, val, tcfg.eval_batch_size).double()
+                        )
+                    sums[4] = _sum_elbo(vae, distributed.shard_rows(dataset.test), tcfg.eval_batch_size).double()
                 host = torch.stack(sums)
                 if reduce_sum is not None:
                     host = reduce_sum(host)
@@ -438,7 +426,7 @@ def train(
         )
     evaluation = None
     if status != "interrupted" and is_main:
-        evaluation = _finish(cfg, vae, dataset, out_dir, reporter, plots=getattr(tcfg, "plots", True))
+        evaluation = _finish(cfg, vae, dataset, out_dir, reporter)
     reporter.close()
     return {
         "run_dir": str(out_dir),
@@ -534,39 +522,32 @@ def _format_record(record: dict[str, Any], epochs: int) -> str:
     return "  ".join(parts)
 
 
-def _finish(cfg, vae, dataset, out_dir: Path, reporter: _Reporter, plots: bool = True) -> dict[str, Any] | None:
+def _finish(cfg: Config, vae, dataset, out_dir: Path, reporter: _Reporter) -> dict[str, Any] | None:
     """Evaluation and figures on the best weights; failures are reported, never fatal to the run."""
     best = out_dir / BEST
     if best.is_file():
         vae.load_state_dict(ckpt.load_checkpoint(best)["model"])
     vae.eval()
     evaluation = None
+    nll_samples = cfg.train.nll_samples
     try:
-        from pyro_vae.evaluate import evaluate
-
-        nll_samples = _nll_samples(cfg)
         evaluation = evaluate(vae, dataset, nll_samples=nll_samples)
         evaluation["weights"] = best.name if best.is_file() else CHECKPOINT
         (out_dir / EVALUATION).write_text(json.dumps(evaluation, indent=2) + "\n")
-        nll = evaluation.get("test_nll")
-        reporter.line(
-            f"test ELBO {evaluation['test_elbo']:.2f}"
-            + (
-                ""
-                if nll is None
-                else f", test NLL {nll:.2f} ± {evaluation.get('test_nll_se') or 0:.2f} (k={nll_samples})"
+        summary = f"test ELBO {evaluation['test_elbo']:.2f}"
+        if evaluation["test_nll"] is not None:  # None: skipped (nll_samples = 0); its SE is None for k = 1
+            summary += (
+                f", test NLL {evaluation['test_nll']:.2f} ± {evaluation['test_nll_se'] or 0:.2f} (k={nll_samples})"
             )
-            + f" -> {out_dir / EVALUATION}"
-        )
+        reporter.line(f"{summary} -> {out_dir / EVALUATION}")
     except Exception as err:  # the checkpoint is already safe; say what failed and how to redo it
         reporter.line(
             f"evaluation failed ({type(err).__name__}: {err}); redo it with: pyro-vae evaluate --run {out_dir}"
         )
-    if not plots:
+    if not cfg.train.plots:
         return evaluation
     try:
-        from pyro_vae.plots import write_all_figures
-        from pyro_vae.runs import read_metrics
+        from pyro_vae.plots import write_all_figures  # matplotlib loads only when figures are drawn
 
         written = write_all_figures(vae, dataset, read_metrics(out_dir), out_dir)
         if written:
@@ -574,11 +555,6 @@ def _finish(cfg, vae, dataset, out_dir: Path, reporter: _Reporter, plots: bool =
     except Exception as err:
         reporter.line(f"figures failed ({type(err).__name__}: {err}); redo them with: pyro-vae plot --run {out_dir}")
     return evaluation
-
-
-def _nll_samples(cfg) -> int:
-    value = getattr(cfg.train, "nll_samples", None)
-    return 5000 if value is None else int(value)
 
 
 def fit(
