@@ -29,6 +29,8 @@ from typing import Any
 import torch
 import torch.distributions as tdist
 
+from pyro_vae.model import posterior_mean
+
 # Upper bound on the elements of the widest activation of one chunk, (chunk, batch, width):
 # 2**25 elements are 128 MiB in float32. The default chunk of samples is chosen so that the
 # decoder's largest layer (and the log-density of x, of the same size) stays under it.
@@ -38,9 +40,6 @@ MEMORY_BUDGET = 2**25
 DEFAULT_BATCH_SIZE = 500
 # Burda et al. (2015): a unit is active when the variance over the data of its posterior mean exceeds 0.01.
 ACTIVE_THRESHOLD = 0.01
-# Draws for the posterior mean of guides without an analytic mean (flows): the Monte Carlo error
-# adds about Var_q / 1000 <= 1e-3 to a unit's variance, ten times below ACTIVE_THRESHOLD.
-MEAN_SAMPLES = 1000
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -248,14 +247,6 @@ def elbo(vae, x: torch.Tensor, batch_size: int = 1000, num_samples: int = 1, ana
 
 
 # -- latent diagnostics ------------------------------------------------------------------------------
-def posterior_mean(q: tdist.Distribution, num_samples: int = MEAN_SAMPLES) -> torch.Tensor:
-    """E_q[z]: analytic where the distribution has it, else the mean of ``num_samples`` draws (flows)."""
-    try:
-        return q.mean
-    except NotImplementedError:
-        return q.sample((num_samples,)).mean(0)
-
-
 def active_units(
     vae, x: torch.Tensor, threshold: float = ACTIVE_THRESHOLD, batch_size: int = 1000
 ) -> tuple[int, torch.Tensor]:
