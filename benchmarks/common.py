@@ -7,11 +7,14 @@ per-round ratios as a second, drift-robust estimate.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime
+import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -64,19 +67,57 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def mnist_train(device: torch.device, data_dir: str | None = None, n: int | None = None) -> tuple[torch.Tensor, str]:
-    """MNIST training images (grey levels in [0, 1], flattened) on ``device``; random binary data
-    with the same shape when the data is not found. Returns (x, description)."""
+def parser(doc: str) -> argparse.ArgumentParser:
+    """The options every benchmark takes (device, network size, threads, TF32, data, JSON output);
+    the script adds its own."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    p.add_argument("--z-dim", type=int, default=50)
+    p.add_argument("--hidden", type=lambda s: [int(h) for h in s.split(",")], default=[400])
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--tf32", action="store_true", help="TF32 matmuls on CUDA")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--json", action="store_true", help="print JSON only")
+    return p
+
+
+def setup(args) -> torch.device:
+    """The device of ``--device``, with ``--threads`` and ``--tf32`` applied."""
+    device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.tf32 and device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return device
+
+
+def report(result: dict, args, summary: Callable[[dict], str]) -> None:
+    """``result`` as JSON with ``--json``, else the human-readable ``summary(result)``."""
+    if args.json:
+        json.dump(result, sys.stdout, indent=2)
+        print()
+    else:
+        print(summary(result))
+
+
+def mnist_images(
+    device: torch.device, data_dir: str | None = None, split: str = "train", n: int | None = None
+) -> tuple[torch.Tensor, str]:
+    """MNIST images of ``split`` (all 60000 training or 10000 test images, grey levels in [0, 1],
+    flattened) on ``device``, the first ``n`` if given; random binary data of the same shape when
+    the data is not found. Returns (x, description)."""
     from pyro_vae.data import DatasetNotFoundError, load_dataset
 
     root = Path(data_dir) if data_dir else REPO.parent / "shared" / "data"
     try:
-        x = load_dataset("mnist", root=root, device=device, val_size=0).train  # all 60k training images
-        what = f"MNIST train (grey levels, all 60000), {root}"
+        x = getattr(load_dataset("mnist", root=root, device=device, val_size=0), split)
+        what = f"MNIST {split} (grey levels, all {len(x)}), {root}"
     except (DatasetNotFoundError, FileNotFoundError, OSError):
         g = torch.Generator().manual_seed(0)
-        x = (torch.rand(60000, 784, generator=g) < 0.13).float().to(device)
-        what = "random binary 60000 x 784 (MNIST not found)"
+        size = 60000 if split == "train" else 10000
+        x = (torch.rand(size, 784, generator=g) < 0.13).float().to(device)
+        what = f"random binary {size} x 784 (MNIST not found)"
     x = x.reshape(x.shape[0], -1)
     return (x[:n] if n else x), what
 

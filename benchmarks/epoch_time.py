@@ -19,8 +19,6 @@ over rounds and ratios to ``torch`` are reported, wall clock and process CPU tim
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import sys
 import time
@@ -39,10 +37,12 @@ from benchmarks.common import (
     ParamStoreSlot,
     ReferenceVAE,
     machine_info,
-    mnist_train,
+    mnist_images,
+    parser,
     reference_optimizer,
     reference_step,
-    resolve_device,
+    report,
+    setup,
     sync,
 )
 from pyro_vae import estimators
@@ -124,12 +124,8 @@ def pyro_example_epoch(args, batch_size: int, device: torch.device):
 
 
 def run(args) -> dict:
-    device = resolve_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.tf32 and device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-    x, data = mnist_train(device, args.data_dir, args.subset)
+    device = setup(args)
+    x, data = mnist_images(device, args.data_dir, n=args.subset)
     result = {"benchmark": "epoch_time", "data": data, "examples": x.shape[0], "machine": machine_info(device)}
     result["batches"] = {}
     for batch_size in args.batch:
@@ -170,35 +166,28 @@ def run(args) -> dict:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    p = parser(__doc__)
     p.add_argument("--batch", type=lambda s: [int(b) for b in s.split(",")], default=[128])
     p.add_argument("--repeats", type=int, default=3, help="timed epochs per variant (after one warm-up epoch)")
     p.add_argument("--subset", type=int, default=None, help="use only the first N training images")
     p.add_argument("--dataloader", action="store_true", help="add Pyro's examples/vae DataLoader loop")
-    p.add_argument("--z-dim", type=int, default=50)
-    p.add_argument("--hidden", type=lambda s: [int(h) for h in s.split(",")], default=[400])
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--tf32", action="store_true", help="TF32 matmuls on CUDA")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--json", action="store_true", help="print JSON only")
     return p.parse_args(argv)
+
+
+def summary(result: dict) -> str:
+    lines = [f"{result['machine']['cpu']} | {result['machine']['device']} | {result['data']} ({result['examples']})"]
+    for b, r in result["batches"].items():
+        lines.append(f"batch {b}: " + ", ".join(f"{k} {v:.2f} s" for k, v in r["seconds_per_epoch"].items()))
+        lines.append(
+            f"  project/torch {r['ratio_project_to_torch']:.3f} (CPU {r['cpu_ratio_project_to_torch']:.3f}), "
+            f"pyro/torch {r['ratio_pyro_to_torch']:.3f} (CPU {r['cpu_ratio_pyro_to_torch']:.3f})"
+        )
+    return "\n".join(lines)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    result = run(args)
-    if args.json:
-        json.dump(result, sys.stdout, indent=2)
-        print()
-        return
-    print(f"{result['machine']['cpu']} | {result['machine']['device']} | {result['data']} ({result['examples']})")
-    for b, r in result["batches"].items():
-        print(f"batch {b}: " + ", ".join(f"{k} {v:.2f} s" for k, v in r["seconds_per_epoch"].items()))
-        print(
-            f"  project/torch {r['ratio_project_to_torch']:.3f} (CPU {r['cpu_ratio_project_to_torch']:.3f}), "
-            f"pyro/torch {r['ratio_pyro_to_torch']:.3f} (CPU {r['cpu_ratio_pyro_to_torch']:.3f})"
-        )
+    report(run(args), args, summary)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,6 @@ evaluates a trained run instead and also reports its NLL.
 
 from __future__ import annotations
 
-import argparse
-import json
 import resource
 import sys
 import time
@@ -30,7 +28,7 @@ import torch
 if __package__ in (None, ""):  # run as ``python benchmarks/NAME.py``: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import REPO, machine_info, resolve_device, sync
+from benchmarks.common import machine_info, mnist_images, parser, report, setup, sync
 from pyro_vae import evaluate
 from pyro_vae.model import VAE
 
@@ -39,25 +37,8 @@ def rss_peak_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def test_images(device: torch.device, data_dir: str | None) -> tuple[torch.Tensor, str]:
-    from pyro_vae.data import DatasetNotFoundError, load_dataset
-
-    root = data_dir or str(REPO.parent / "shared" / "data")
-    try:
-        return load_dataset("mnist", root=root, device=device).test.reshape(
-            -1, 784
-        ), f"MNIST test (grey levels), {root}"
-    except (DatasetNotFoundError, FileNotFoundError, OSError):
-        g = torch.Generator().manual_seed(0)
-        return (torch.rand(10000, 784, generator=g) < 0.13).float().to(device), "random binary 10000 x 784"
-
-
 def run(args) -> dict:
-    device = resolve_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.tf32 and device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
+    device = setup(args)
     if args.run:
         from pyro_vae.runs import load_run
 
@@ -66,7 +47,7 @@ def run(args) -> dict:
     else:
         torch.manual_seed(0)
         vae = VAE(z_dim=args.z_dim, hidden_dims=tuple(args.hidden), activation=args.activation).to(device)
-        x, data = test_images(device, args.data_dir)
+        x, data = mnist_images(device, args.data_dir, split="test")
     subset = args.subset if args.subset is not None else (None if device.type == "cuda" else 20)
     x = x[:subset] if subset else x
     k = args.samples
@@ -113,37 +94,29 @@ def run(args) -> dict:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    p = parser(__doc__)
     p.add_argument("--samples", type=int, default=5000, help="importance samples k per example")
     p.add_argument("--subset", type=int, default=None, help="first N test images (default: all on CUDA, 20 on CPU)")
     p.add_argument("--chunk-size", type=int, default=None, help="samples per chunk (default: evaluate's choice)")
     p.add_argument("--batch-size", type=int, default=None, help="examples per batch (default: evaluate's choice)")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--run", default=None, help="a run folder to evaluate instead of an untrained network")
-    p.add_argument("--z-dim", type=int, default=50)
-    p.add_argument("--hidden", type=lambda s: [int(h) for h in s.split(",")], default=[400])
     p.add_argument("--activation", default="softplus")
-    p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--tf32", action="store_true", help="TF32 matmuls on CUDA")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--json", action="store_true", help="print JSON only")
     return p.parse_args(argv)
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    r = run(args)
-    if args.json:
-        json.dump(r, sys.stdout, indent=2)
-        print()
-        return
-    print(
+def summary(r: dict) -> str:
+    return (
         f"{r['examples']} examples x {r['num_samples']} samples in {r['seconds']:.2f} s: "
         f"{r['examples_x_samples_per_second']:.3g} examples*samples/s; 10k test images ~ "
         f"{r['projected_seconds_for_10k_test_images']:.0f} s; peak memory {r['peak_memory_bytes'] / 2**20:.0f} MiB "
         f"({r['peak_memory_method']})"
     )
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    report(run(args), args, summary)
 
 
 if __name__ == "__main__":

@@ -20,8 +20,6 @@ JSON: per batch size ``ms_per_step`` (median over rounds) for each variant, ``ra
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -38,10 +36,12 @@ from benchmarks.common import (
     ReferenceVAE,
     interleaved,
     machine_info,
-    mnist_train,
+    mnist_images,
+    parser,
     reference_optimizer,
     reference_step,
-    resolve_device,
+    report,
+    setup,
     summarize,
 )
 from pyro_vae import estimators
@@ -94,13 +94,8 @@ def build_variants(batches: torch.Tensor, args, device: torch.device):
 
 
 def run(args) -> dict:
-    device = resolve_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.tf32 and device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    x, data = mnist_train(device, args.data_dir)
+    device = setup(args)
+    x, data = mnist_images(device, args.data_dir)
     result = {"benchmark": "step_time", "data": data, "machine": machine_info(device), "batches": {}}
     for batch_size in args.batch:
         g = torch.Generator(device="cpu").manual_seed(0)
@@ -133,41 +128,34 @@ def run(args) -> dict:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    p = parser(__doc__)
     p.add_argument("--batch", type=lambda s: [int(b) for b in s.split(",")], default=[128, 1024])
     p.add_argument("--repeats", type=int, default=30, help="interleaved rounds")
     p.add_argument("--block", type=int, default=5, help="steps per variant per round")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps per variant")
     p.add_argument("--num-batches", type=int, default=8, help="distinct batches cycled through")
-    p.add_argument("--z-dim", type=int, default=50)
-    p.add_argument("--hidden", type=lambda s: [int(h) for h in s.split(",")], default=[400])
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--tf32", action="store_true", help="TF32 matmuls on CUDA")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--json", action="store_true", help="print JSON only")
     return p.parse_args(argv)
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    result = run(args)
-    if args.json:
-        json.dump(result, sys.stdout, indent=2)
-        print()
-        return
-    print(f"{result['machine']['cpu']} | {result['machine']['device']} | threads {result['machine']['threads']}")
+def summary(result: dict) -> str:
+    lines = [f"{result['machine']['cpu']} | {result['machine']['device']} | threads {result['machine']['threads']}"]
     for b, r in result["batches"].items():
-        print(f"batch {b}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in r["ms_per_step"].items()))
-        print(
+        lines.append(f"batch {b}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in r["ms_per_step"].items()))
+        lines.append(
             f"  project/torch {r['ratio_project_to_torch']:.3f} (paired {r['paired_ratio_project_to_torch']:.3f}), "
             f"pyro/torch {r['ratio_pyro_to_torch']:.3f} (paired {r['paired_ratio_pyro_to_torch']:.3f}), "
             f"project path: {r['project_path']}"
         )
-        print(
+        lines.append(
             f"  CPU time: project/torch {r['cpu_ratio_project_to_torch']:.3f}, pyro/torch "
             f"{r['cpu_ratio_pyro_to_torch']:.3f}, fused project/torch {r['cpu_ratio_project_fused_to_torch_fused']:.3f}"
         )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    report(run(args), args, summary)
 
 
 if __name__ == "__main__":
