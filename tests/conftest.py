@@ -8,6 +8,7 @@ from pathlib import Path
 import pyro
 import pytest
 import torch
+from linear_gaussian import linear_gaussian
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,6 +28,19 @@ def data_root() -> Path:
             pytest.fail(message)
         pytest.skip(message)
     return root
+
+
+@pytest.fixture(scope="module")
+def lg():
+    """The linear-Gaussian reference model of the estimator, compare and guide tests
+    (``tests/linear_gaussian.py``: x_dim 6, z_dim 3, noise s = 0.5, seed 0), one per test module."""
+    return linear_gaussian(x_dim=6, z_dim=3, s=0.5, seed=0)
+
+
+@pytest.fixture(scope="module")
+def x(lg):
+    """16 examples drawn from ``lg`` (seed 1); a module may define its own ``x`` instead."""
+    return lg.sample(16, torch.Generator().manual_seed(1))
 
 
 @pytest.fixture(autouse=True)

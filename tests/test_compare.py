@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-from linear_gaussian import linear_gaussian
 
 from pyro_vae.cli import main
 from pyro_vae.closed_form import gaussian_kl_standard_normal
@@ -30,16 +29,6 @@ nll_samples = 0
 plots = false
 device = "cpu"
 """
-
-
-@pytest.fixture(scope="module")
-def lg():
-    return linear_gaussian(x_dim=6, z_dim=3, s=0.5, seed=0)
-
-
-@pytest.fixture(scope="module")
-def x(lg):
-    return lg.sample(16, torch.Generator().manual_seed(1))
 
 
 @pytest.fixture(scope="module")

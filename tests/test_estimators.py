@@ -15,7 +15,6 @@ import math
 import pyro
 import pytest
 import torch
-from linear_gaussian import linear_gaussian
 from mc_stats import assert_within_se, mean_se, report
 from scipy.stats import norm
 
@@ -31,16 +30,6 @@ FAMILY_ALPHA = 1e-3
 def bonferroni(num_coordinates: int, alpha: float = FAMILY_ALPHA) -> float:
     """Two-sided z threshold with family-wise false-alarm rate ``alpha`` over ``num_coordinates`` tests."""
     return float(norm.isf(alpha / (2 * num_coordinates)))
-
-
-@pytest.fixture(scope="module")
-def lg():
-    return linear_gaussian(x_dim=6, z_dim=3, s=0.5, seed=0)
-
-
-@pytest.fixture(scope="module")
-def x(lg):
-    return lg.sample(16, torch.Generator().manual_seed(1))
 
 
 def exact_elbo(vae, lg, x: torch.Tensor) -> torch.Tensor:
