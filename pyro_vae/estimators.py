@@ -252,7 +252,12 @@ class _JitELBO(_PyroELBO):
         elbo, model, guide = self._compiled[key]
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch.jit.trace.* is deprecated", category=FutureWarning)
-            return self._pyro_loss(elbo, model, guide, x, torch.as_tensor(beta, dtype=x.dtype, device=x.device))
+            # torch.full fills on the device; torch.as_tensor(float, device=cuda) would copy host to device per step.
+            if torch.is_tensor(beta):
+                beta = beta.to(dtype=x.dtype, device=x.device)
+            else:
+                beta = torch.full((), beta, dtype=x.dtype, device=x.device)
+            return self._pyro_loss(elbo, model, guide, x, beta)
 
 
 @ESTIMATORS.register("jit_trace")
