@@ -106,9 +106,8 @@ class VAE(nn.Module):
         """q(z|x) over a batch, amortized by the encoder."""
         _register("encoder", self.encoder)
         x = x.reshape(x.shape[0], -1)
-        with pyro.plate("data", x.shape[0]):
-            with _kl_scale(beta):
-                return pyro.sample("z", self.encoder(x))
+        with pyro.plate("data", x.shape[0]), _kl_scale(beta):
+            return pyro.sample("z", self.encoder(x))
 
     # -- plain-torch conveniences ---------------------------------------------------------
     def posterior(self, x: torch.Tensor) -> dist.Distribution:

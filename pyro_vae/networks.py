@@ -13,6 +13,7 @@ decoder mirrors the encoder's hidden widths.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -49,7 +50,7 @@ def mlp(in_dim: int, hidden_dims: Sequence[int], out_dim: int, act: str = "softp
     """Linear layers of widths ``in_dim -> *hidden_dims -> out_dim`` with ``act`` between them."""
     dims = [in_dim, *hidden_dims]
     layers: list[nn.Module] = []
-    for a, b in zip(dims[:-1], dims[1:]):
+    for a, b in itertools.pairwise(dims):
         layers += [nn.Linear(a, b), activation(act)]
     layers.append(nn.Linear(dims[-1], out_dim))
     return nn.Sequential(*layers)

@@ -8,6 +8,7 @@ that list what is valid and suggest the closest.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, Generic, TypeVar
@@ -78,8 +79,6 @@ class Registry(Generic[T]):
             obj = factory(**ctx, **kwargs)
         except (TypeError, ValueError) as err:
             raise SpecError(f"bad {self.kind} {format_spec(name, kwargs)}: {err}") from err
-        try:
+        with contextlib.suppress(AttributeError):  # objects without a __dict__ keep no record of their spec
             obj.spec = format_spec(name, kwargs)  # type: ignore[attr-defined]
-        except AttributeError:  # objects without a __dict__ keep no record of their spec
-            pass
         return obj
