@@ -110,8 +110,7 @@ def _run_train(args: argparse.Namespace) -> int:
         raise _UsageError("train needs --config FILE (or --resume --out DIR)")
     cfg = load_config(config_path, overrides)
     out = args.out or default_out_dir(args.config)
-    download = args.download or bool(getattr(cfg.data, "download", False))
-    device = args.device if args.device != "auto" or getattr(cfg.train, "device", None) is None else None
+    device = None if args.device == "auto" else args.device  # None: train.device decides
     try:
         result = train(
             cfg,
@@ -120,7 +119,7 @@ def _run_train(args: argparse.Namespace) -> int:
             data_dir=args.data_dir,
             resume=args.resume,
             progress=args.progress,
-            download=download,
+            download=args.download,
         )
     except NonFiniteLossError as err:
         print(f"pyro-vae train: {err}", file=sys.stderr)

@@ -15,7 +15,9 @@ from typing import Any
 
 import torch
 
+from pyro_vae import data
 from pyro_vae.checkpoint import CheckpointError, load_checkpoint
+from pyro_vae.config import Config, ModelConfig, config_from_dict
 from pyro_vae.model import VAE
 
 CHECKPOINT = "checkpoint.pt"
@@ -24,23 +26,16 @@ CONFIG = "config.toml"
 METRICS = "metrics.jsonl"
 
 
-def _get(section: Any, key: str, default: Any = None) -> Any:
-    """A key of a config section that is either a dataclass or a plain dict."""
-    if isinstance(section, dict):
-        return section.get(key, default)
-    return getattr(section, key, default)
-
-
-def build_vae(model_cfg: Any, x_dim: int) -> VAE:
-    """The VAE that a ``[model]`` section (dataclass or dict) describes, for data of width ``x_dim``."""
+def build_vae(model_cfg: ModelConfig, x_dim: int) -> VAE:
+    """The VAE that a ``[model]`` section describes, for data of width ``x_dim``."""
     return VAE(
         x_dim=x_dim,
-        z_dim=_get(model_cfg, "z_dim", 10),
-        hidden_dims=tuple(_get(model_cfg, "hidden_dims", (400,))),
-        activation=_get(model_cfg, "activation", "softplus"),
-        prior=_get(model_cfg, "prior", "normal"),
-        likelihood=_get(model_cfg, "likelihood", "bernoulli"),
-        guide=_get(model_cfg, "guide", "normal"),
+        z_dim=model_cfg.z_dim,
+        hidden_dims=tuple(model_cfg.hidden_dims),
+        activation=model_cfg.activation,
+        prior=model_cfg.prior,
+        likelihood=model_cfg.likelihood,
+        guide=model_cfg.guide,
     )
 
 
@@ -66,7 +61,7 @@ class Run:
     """A loaded run: its config, the trained VAE (in eval mode), the dataset and the metrics."""
 
     path: Path
-    config: Any
+    config: Config
     vae: VAE
     dataset: Any
     metrics: list[dict[str, Any]] = field(default_factory=list)
@@ -84,18 +79,16 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def load_dataset_for(config: Any, device: torch.device | str = "cpu", data_dir=None, download: bool = False):
+def load_dataset_for(config: Config, device: torch.device | str = "cpu", data_dir=None, download: bool = False):
     """The dataset a config's ``[data]`` section names, on ``device``."""
-    from pyro_vae import data
-
     section = config.data
     return data.load_dataset(
         section.name,
         root=data_dir,
         device=device,
-        subset=_get(section, "subset"),
-        val_size=_get(section, "val_size"),
-        seed=_get(config.train, "seed", 0),
+        subset=section.subset,
+        val_size=section.val_size,
+        seed=config.train.seed,
         download=download,
     )
 
@@ -123,8 +116,6 @@ def load_run(
     ``checkpoint.pt`` (the last completed epoch); ``which="last"`` always takes ``checkpoint.pt``.
     The x dimension is read from the checkpoint, so ``load_data=False`` needs no dataset.
     """
-    from pyro_vae.config import config_from_dict
-
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run folder {run_dir} does not exist")

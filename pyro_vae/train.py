@@ -194,11 +194,11 @@ def train(
         cfg: a :class:`pyro_vae.config.Config`.
         out_dir: the run folder; it must not hold a checkpoint unless ``resume``.
         device: ``"auto"``, ``"cpu"``, ``"cuda:1"``...; ``None`` takes ``cfg.train.device``.
-        data_dir: the data root (else ``$PYRO_VAE_DATA``, else ``~/.cache/pyro_vae/data``).
+        data_dir: the data root (else ``data.data_dir``, else ``$PYRO_VAE_DATA``, else ``~/.cache/pyro_vae/data``).
         resume: continue from ``out_dir/checkpoint.pt``; ``cfg`` may extend ``train.epochs``,
             but the model must be the one of the checkpoint.
         progress: a tqdm bar (True), plain lines (False), or a bar only when stderr is a terminal (None).
-        download: let the dataset loader fetch missing files.
+        download: let the dataset loader fetch missing files (as ``data.download = true`` does).
         dataset: an already loaded dataset (else ``cfg.data`` is loaded on ``device``).
         batch_source: ``(epoch, generator) -> batches`` replacing the default device-side
             permutation (e.g. a rank's shard under torch.distributed).
@@ -267,7 +267,7 @@ def train(
     pyro.clear_param_store()
     if dataset is None:
         data_dir = data_dir if data_dir is not None else cfg.data.data_dir
-        dataset = load_dataset_for(cfg, device=device, data_dir=data_dir, download=download)
+        dataset = load_dataset_for(cfg, device=device, data_dir=data_dir, download=download or cfg.data.download)
     vae = build_vae(cfg.model, x_dim=dataset.x_dim).to(device)
     vae.likelihood.check(dataset.train[:1024], name=f"{dataset.name} (train)")
     estimator = estimators.get(tcfg.estimator)
