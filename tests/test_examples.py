@@ -43,6 +43,9 @@ def test_example_runs_in_smoke_mode(script, data_root, tmp_path):
         assert [r["epoch"] for r in records] == [1]
         assert records[0]["test_elbo"] < 0 and "test ELBO" in stdout
         assert (out / "samples.png").is_file() and (out / "reconstructions.png").is_file()
+    elif script.stem == "compare_estimators":  # one run folder per estimator, and the NLL table beside them
+        rows = json.loads((out / "nll.json").read_text())
+        assert rows and all((Path(r["run_dir"]) / "checkpoint.pt").is_file() for r in rows)
     else:
         assert (out / "config.toml").is_file() and (out / "checkpoint.pt").is_file()
     if script.stem == "mnist_dynamic_vae":
