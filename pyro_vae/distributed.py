@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import os
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -129,8 +130,15 @@ def setup(device: str | torch.device | None = "auto", timeout_s: float = 1800.0)
 
 
 def teardown() -> None:
-    """Destroy the process group (after a barrier, so no rank leaves while others still talk)."""
+    """Destroy the process group (after a barrier, so no rank leaves while others still talk).
+
+    The garbage collection first: DistributedDataParallel sits in reference cycles (its hooks
+    point back at it), so without it the wrapper and its gloo work objects can outlive the group
+    and be freed at interpreter exit, where freeing them aborts the process (SIGABRT,
+    "terminate called without an active exception"; seen once on a loaded CI machine).
+    """
     if dist.is_initialized():
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
 
