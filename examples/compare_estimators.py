@@ -23,6 +23,8 @@ import re
 import time
 from pathlib import Path
 
+import torch
+
 from pyro_vae.config import load_config
 from pyro_vae.evaluate import log_likelihood
 from pyro_vae.runs import load_run
@@ -46,16 +48,24 @@ def slug(spec: str) -> str:
     return re.sub(r"_+", "_", re.sub(r"[^A-Za-z0-9]+", "_", spec.replace("=", ""))).strip("_")
 
 
-def nll_of_run(run_dir: Path, k: int, num_test: int, device: str, data_dir=None) -> tuple[float, float, int]:
-    """(NLL, its SE over test images, images used) of a run's *last* weights, k importance samples.
-
-    The last weights, not ``best.pt``: the best validation ELBO is the wrong selection for
-    IWAE-trained models, whose ELBO can fall while their IWAE bound and likelihood rise.
-    """
+def log_px_of_run(run_dir: Path, k: int, num_test: int, device: str, data_dir=None) -> torch.Tensor:
+    """Per-image log p(x) of a run's *last* weights (the model after the fixed budget, as in the
+    paper), with k importance samples, on the first ``num_test`` test images."""
     run = load_run(run_dir, device=device, data_dir=data_dir, which="last")
-    test = run.dataset.test[:num_test]
-    log_px = log_likelihood(run.vae, test, num_samples=k)
-    return -float(log_px.mean()), float(log_px.std()) / math.sqrt(len(log_px)), len(log_px)
+    return log_likelihood(run.vae, run.dataset.test[:num_test], num_samples=k).cpu()
+
+
+def paired_differences(per_image: dict[str, torch.Tensor]) -> str:
+    """NLL(b) - NLL(a) ± SE for each estimator b against the first one, a, over the same images.
+
+    Paired over images, so the SE is that of the difference, far smaller than either NLL's SE.
+    """
+    (first, base), *others = per_image.items()
+    lines = []
+    for spec, log_px in others:
+        diff = base - log_px  # NLL(spec) - NLL(first)
+        lines.append(f"  {spec} - {first}: {float(diff.mean()):+.2f} ± {float(diff.std()) / math.sqrt(len(diff)):.2f}")
+    return "\n".join(["paired NLL differences over the same test images:", *lines]) + "\n" if lines else ""
 
 
 def nll_table(rows: list[dict], epochs: int, k: int, num_test: int) -> str:
@@ -87,7 +97,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     out = args.out or Path("runs") / f"compare_estimators-{time.strftime('%Y%m%d-%H%M%S')}"
     overrides = (SMOKE if args.smoke else []) + [f"train.epochs={epochs}", "train.nll_samples=0", "train.plots=false"]
 
-    rows = []
+    rows, per_image = [], {}
     for spec in split_specs(args.estimators):
         # Same config, seed and data for every estimator; only the training objective changes.
         cfg = load_config(CONFIG, [*overrides, *args.set, f"train.estimator={spec}"])
@@ -95,12 +105,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
         start = time.perf_counter()
         train(cfg, run_dir, device=args.device, data_dir=args.data_dir)
         minutes = (time.perf_counter() - start) / 60
-        nll, se, num_test = nll_of_run(run_dir, k, args.test_examples, args.device or cfg.train.device, args.data_dir)
+        log_px = log_px_of_run(run_dir, k, args.test_examples, args.device or cfg.train.device, args.data_dir)
+        per_image[spec], num_test = log_px, len(log_px)
+        nll, se = -float(log_px.mean()), float(log_px.std()) / math.sqrt(num_test)
         rows.append({"estimator": spec, "nll": nll, "nll_se": se, "train_minutes": minutes, "run_dir": str(run_dir)})
         print(f"{spec}: test NLL {nll:.2f} ± {se:.2f} nats after {epochs} epochs ({minutes:.1f} min)", flush=True)
 
     table = nll_table(rows, epochs, k, num_test)
     print(table, end="")
+    print(paired_differences(per_image), end="")
     print(
         f"Our runs: {epochs} epochs each (the paper: 3280 passes), NLL with k={k} on {num_test} test images; "
         "the published numbers are after full training and on all 10000 test images."
@@ -108,6 +121,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "nll.md").write_text(table)
     (out / "nll.json").write_text(json.dumps(rows, indent=2) + "\n")
+    # Per-image log p(x), so that paired differences can be recomputed from the run folder alone.
+    (out / "log_px_per_image.json").write_text(json.dumps({spec: v.tolist() for spec, v in per_image.items()}) + "\n")
     return rows
 
 
