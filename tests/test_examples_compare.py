@@ -42,6 +42,6 @@ def test_smoke_run_prints_the_table_beside_the_paper(data_root, tmp_path, capsys
     per_image = json.loads((out / "log_px_per_image.json").read_text())
     assert list(per_image) == ["trace", "iwae(k=5)"]
     # The printed paired difference is recomputable from the per-image values it was made from.
-    diff = sum(a - b for a, b in zip(per_image["trace"], per_image["iwae(k=5)"])) / len(per_image["trace"])
+    diff = sum(a - b for a, b in zip(per_image["trace"], per_image["iwae(k=5)"], strict=True)) / len(per_image["trace"])
     assert f"iwae(k=5) - trace: {diff:+.2f}" in printed
     assert math.isclose(-sum(per_image["trace"]) / len(per_image["trace"]), rows[0]["nll"], rel_tol=1e-6)
