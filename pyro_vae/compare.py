@@ -250,24 +250,8 @@ def _k_of(spec: str) -> tuple[str, int] | None:
     return label, int(k)
 
 
-def write_figure(results: dict[str, dict[str, Any]], path: str | Path) -> Path:
-    """``compare.png``: the bound with ±2 SE error bars per estimator; gradient SNR vs k (log-log)."""
-    import matplotlib
-    import matplotlib.ticker
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_bound, ax_snr) = plt.subplots(1, 2, figsize=(12, 4.5))
-    specs = list(results)
-    means = [results[s]["bound_mean"] for s in specs]
-    errors = [2 * results[s]["bound_se"] for s in specs]
-    ax_bound.errorbar(means, range(len(specs)), xerr=errors, fmt="o", capsize=3)
-    ax_bound.set_yticks(range(len(specs)), specs)
-    ax_bound.invert_yaxis()
-    ax_bound.set_xlabel("bound (nats per example), ±2 SE")
-    ax_bound.set_title("bound per estimator")
-
+def snr_series(results: dict[str, dict[str, Any]]) -> dict[tuple[str, str], list[tuple[int, float]]]:
+    """Gradient SNR against k for the k-parametrized estimators: ``(estimator, group) -> [(k, snr)]``."""
     series: dict[tuple[str, str], list[tuple[int, float]]] = {}
     for spec, r in results.items():
         keyed = _k_of(spec)
@@ -276,30 +260,15 @@ def write_figure(results: dict[str, dict[str, Any]], path: str | Path) -> Path:
         for group, snr in r["grad_snr"].items():
             if math.isfinite(snr):
                 series.setdefault((keyed[0], group), []).append((keyed[1], snr))
-    # One colour per estimator, one line style per parameter group.
-    colours = {label: f"C{i}" for i, label in enumerate(sorted({label for label, _ in series}))}
-    styles = {group: style for group, style in zip(GROUPS, ("-", "--", ":", "-."), strict=True)}
-    all_ks = sorted({k for points in series.values() for k, _ in points})
-    for (label, group), points in sorted(series.items()):
-        points.sort()
-        ks, snrs = zip(*points, strict=True)
-        ax_snr.plot(ks, snrs, marker="o", color=colours[label], linestyle=styles[group], label=f"{label} · {group}")
-    if series:
-        ax_snr.set_xscale("log")
-        ax_snr.set_yscale("log")
-        ax_snr.set_xticks(all_ks, [str(k) for k in all_ks])
-        ax_snr.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-        ax_snr.legend(fontsize="small")
-    else:
-        ax_snr.text(0.5, 0.5, "no estimator with k", ha="center", va="center", transform=ax_snr.transAxes)
-    ax_snr.set_xlabel("k (importance samples)")
-    ax_snr.set_ylabel("gradient SNR (mean over parameters)")
-    ax_snr.set_title("gradient signal-to-noise vs k")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return {key: sorted(points) for key, points in sorted(series.items())}
+
+
+def write_figure(results: dict[str, dict[str, Any]], path: str | Path) -> Path:
+    """``compare.png``: the bound with ±2 SE error bars per estimator; gradient SNR vs k (log-log)."""
+    from pyro_vae.plots import estimator_comparison  # matplotlib loads only when a figure is drawn
+
+    bounds = [(spec, r["bound_mean"], 2 * r["bound_se"]) for spec, r in results.items()]
+    return estimator_comparison(bounds, snr_series(results), GROUPS, path)
 
 
 def write_reports(results: dict[str, dict[str, Any]], out_dir: str | Path) -> list[Path]:

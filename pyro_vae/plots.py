@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import MaxNLocator, NullLocator
 
 # metrics.jsonl keys drawn by learning_curves, with their legend labels.
 CURVES = {"train_elbo": "train", "val_elbo": "validation", "test_elbo": "test"}
@@ -243,6 +243,46 @@ def interpolation(
     row_images = torch.cat([x[:rows, None], decoded.to(x.dtype), x[rows:, None]], 1)  # (rows, steps + 2, x_dim)
     images = _images(row_images.reshape(-1, x.shape[1]), image_shape)
     return _image_figure(images, steps + 2, path, "latent interpolation (ends: the inputs)")
+
+
+def estimator_comparison(
+    bounds: Sequence[tuple[str, float, float]],
+    snr: Mapping[tuple[str, str], Sequence[tuple[int, float]]],
+    groups: Sequence[str],
+    path: str | Path,
+) -> Path:
+    """Two panels: each estimator's bound with an error bar (``(label, mean, half_width)``), and
+    gradient SNR against k on log-log axes (``(estimator, group) -> [(k, snr)]``), one colour per
+    estimator and one line style per parameter group (``groups`` fixes the styles' order)."""
+    fig = _figure(12, 4.5)
+    ax_bound, ax_snr = fig.subplots(1, 2)
+    labels = [label for label, _, _ in bounds]
+    ax_bound.errorbar([m for _, m, _ in bounds], range(len(bounds)), xerr=[e for _, _, e in bounds], fmt="o", capsize=3)
+    ax_bound.set_yticks(range(len(bounds)), labels)
+    ax_bound.invert_yaxis()
+    ax_bound.set_xlabel("bound (nats per example), ±2 SE")
+    ax_bound.set_title("bound per estimator")
+    colours = {label: f"C{i}" for i, label in enumerate(sorted({label for label, _ in snr}))}
+    styles = dict(zip(groups, ("-", "--", ":", "-."), strict=False))
+    all_ks = sorted({k for points in snr.values() for k, _ in points})
+    for (label, group), points in snr.items():
+        ks, values = zip(*points, strict=True)
+        ax_snr.plot(
+            ks, values, marker="o", color=colours[label], linestyle=styles.get(group, "-"), label=f"{label} · {group}"
+        )
+    if snr:
+        ax_snr.set_xscale("log")
+        ax_snr.set_yscale("log")
+        ax_snr.set_xticks(all_ks, [str(k) for k in all_ks])
+        ax_snr.xaxis.set_minor_locator(NullLocator())
+        ax_snr.legend(fontsize="small")
+    else:
+        ax_snr.text(0.5, 0.5, "no estimator with k", ha="center", va="center", transform=ax_snr.transAxes)
+    ax_snr.set_xlabel("k (importance samples)")
+    ax_snr.set_ylabel("gradient SNR (mean over parameters)")
+    ax_snr.set_title("gradient signal-to-noise vs k")
+    fig.tight_layout()
+    return _save(fig, path)
 
 
 def write_all_figures(vae, dataset, metrics: Iterable[Mapping[str, Any]], out_dir: str | Path) -> list[Path]:
