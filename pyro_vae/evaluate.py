@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.distributions as tdist
 
+from pyro_vae.closed_form import closed_form_elbo, has_closed_form
 from pyro_vae.model import posterior_mean
 
 # Upper bound on the elements of the widest activation of one chunk, (chunk, batch, width):
@@ -204,12 +205,6 @@ def log_likelihood_with_se(
 
 
 # -- ELBO --------------------------------------------------------------------------------------------
-def _has_closed_form(vae) -> bool:
-    from pyro_vae.closed_form import has_closed_form
-
-    return has_closed_form(vae)
-
-
 def elbo_per_example(
     vae, x: torch.Tensor, batch_size: int = 1000, num_samples: int = 1, analytic_kl: bool = True
 ) -> torch.Tensor:
@@ -219,11 +214,9 @@ def elbo_per_example(
     x = _flat(vae, x)
     out = []
     with _evaluating(vae):
-        use_closed_form = analytic_kl and _has_closed_form(vae)
+        use_closed_form = analytic_kl and has_closed_form(vae)
         for xb in _batches(x, batch_size):
             if use_closed_form:
-                from pyro_vae.closed_form import closed_form_elbo
-
                 out.append(closed_form_elbo(vae, xb, num_samples))
             else:
                 out.append(_log_weights(vae, vae.posterior(xb), xb, num_samples).mean(0))
