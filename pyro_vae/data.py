@@ -434,11 +434,25 @@ def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Gener
     return torch.Generator(device=torch.device(device)).manual_seed(seed)
 
 
-def resolve_device(device: torch.device | str | None) -> torch.device:
-    """``"auto"`` (or None) is CUDA when available, else the CPU; anything else is ``torch.device(device)``."""
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``"auto"`` or ``None`` (CUDA when present, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
+
+    The one place a device name is read (data, runs, distributed): an unknown name or a CUDA device
+    that is not there is a ``ValueError`` saying what to use instead.
+    """
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"unknown device {str(device)!r}; use auto, cpu, cuda or cuda:N") from err
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r} requested, but CUDA is not available here (use --device cpu)")
+        count = torch.cuda.device_count()
+        if resolved.index is not None and resolved.index >= count:
+            raise ValueError(f"device {str(device)!r} requested, but only {count} CUDA device(s) exist")
+    return resolved
 
 
 def load_dataset(

@@ -47,7 +47,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from pyro_vae import checkpoint
-from pyro_vae.data import epoch_seed
+from pyro_vae.data import epoch_seed, resolve_device
 
 # Variables that torchrun (torch.distributed.run) sets in every worker.
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -88,12 +88,6 @@ def _env_int(env: Mapping[str, str], name: str) -> int:
         raise ValueError(f"environment variable {name}={value!r} is not an integer (set by torchrun)") from None
 
 
-def _resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def setup(device: str | torch.device | None = "auto", timeout_s: float = 1800.0) -> DistributedContext:
     """Initialize the process group from torchrun's environment and return this rank's context.
 
@@ -103,7 +97,7 @@ def setup(device: str | torch.device | None = "auto", timeout_s: float = 1800.0)
     single process on the resolved device. A process group that already exists (e.g. set up by
     the caller) is reused and left for its owner to destroy.
     """
-    resolved = _resolve_device(device)
+    resolved = resolve_device(device)
     if not launched_by_torchrun():
         return DistributedContext(device=resolved)
     env = os.environ

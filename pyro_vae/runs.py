@@ -39,23 +39,6 @@ def build_vae(model_cfg: ModelConfig, x_dim: int) -> VAE:
     )
 
 
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``"auto"`` (CUDA when present, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; unavailable ones are errors."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as err:
-        raise ValueError(f"unknown device {str(device)!r}; use auto, cpu, cuda or cuda:N") from err
-    if resolved.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {str(device)!r} requested, but CUDA is not available here (use --device cpu)")
-        count = torch.cuda.device_count()
-        if resolved.index is not None and resolved.index >= count:
-            raise ValueError(f"device {str(device)!r} requested, but only {count} CUDA device(s) exist")
-    return resolved
-
-
 @dataclass
 class Run:
     """A loaded run: its config, the trained VAE (in eval mode), the dataset and the metrics."""
@@ -124,7 +107,7 @@ def load_run(
         raise CheckpointError(f"no checkpoint in {run_dir} (expected {CHECKPOINT}); has this run trained an epoch?")
     state = load_checkpoint(path, map_location="cpu")
     config = config_from_dict(state["config"])
-    device = resolve_device(device)
+    device = data.resolve_device(device)
     vae = build_vae(config.model, x_dim=int(state["x_dim"]))
     vae.load_state_dict(state["model"])
     vae.to(device).eval()
