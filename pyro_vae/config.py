@@ -53,6 +53,7 @@ class ModelConfig:
     z_dim: int = 50
     hidden_dims: list[int] = field(default_factory=lambda: [400])
     activation: str = "softplus"
+    init: str = "torch"  # weight initialization: torch, glorot or he (pyro_vae.networks.INITIALIZERS)
     prior: SpecValue = field(default="normal", metadata={"spec": "prior"})
     likelihood: SpecValue = field(default="bernoulli", metadata={"spec": "likelihood"})
     guide: SpecValue = field(default="normal", metadata={"spec": "guide"})
@@ -207,6 +208,12 @@ def _check_ranges(section: str, key: str, value: Any) -> None:
         raise ConfigError(f"{where} must be a positive number, got {value}")
     if (section, key) == ("model", "hidden_dims") and any(h < 1 for h in value):
         raise ConfigError(f"{where} must hold positive widths, got {value}")
+    if (section, key) in (("model", "activation"), ("model", "init")):
+        from pyro_vae import networks  # a leaf still: torch, not the rest of pyro_vae
+
+        valid = networks.ACTIVATIONS if key == "activation" else networks.INITIALIZERS
+        if value not in valid:
+            raise _unknown(key, value, valid, where=f" for {where}")
     if (section, key) == ("train", "device") and value != "auto":
         import torch  # a leaf still: torch, not pyro_vae
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from pyro_vae.guides import build_guide
 from pyro_vae.likelihoods import build_likelihood
-from pyro_vae.networks import Decoder
+from pyro_vae.networks import Decoder, initialize
 from pyro_vae.priors import build_prior
 
 # Draws for the posterior mean of guides without an analytic mean (flows): the Monte Carlo error
@@ -67,6 +67,9 @@ class VAE(nn.Module):
         activation: nonlinearity between layers (``"softplus"``, ``"tanh"``, ...).
         prior, likelihood, guide: specs (``"vamp(components=500)"``, a TOML-style table) or
             already built modules.
+        init: initialization of the encoder's and decoder's linear layers, a name from
+            ``networks.INITIALIZERS``: ``"torch"`` (PyTorch's default, as in Pyro's tutorial),
+            ``"glorot"`` or ``"he"``. Pyro's flow layers and the prior keep their own.
 
     The module's device decides where everything runs: ``vae.to("cuda")`` and feed CUDA tensors.
     """
@@ -80,6 +83,7 @@ class VAE(nn.Module):
         prior="normal",
         likelihood="bernoulli",
         guide="normal",
+        init: str = "torch",
     ) -> None:
         super().__init__()
         self.x_dim, self.z_dim = x_dim, z_dim
@@ -88,6 +92,8 @@ class VAE(nn.Module):
         self.encoder = build_guide(guide, x_dim=x_dim, z_dim=z_dim, hidden_dims=hidden_dims, activation=activation)
         self.decoder = Decoder(z_dim, self.likelihood.out_dim, hidden_dims, activation)
         self.prior = build_prior(prior, z_dim=z_dim, x_dim=x_dim)
+        self.init = init
+        initialize((self.encoder, self.decoder), init)
 
     # -- Pyro programs ------------------------------------------------------------------
     def model(self, x: torch.Tensor, beta: float | torch.Tensor = 1.0) -> torch.Tensor:

@@ -9,12 +9,17 @@ Both are multilayer perceptrons with configurable widths, depth and activation:
 The encoder maps x to the location and a positive scale of a diagonal Gaussian (plus, for
 richer guides, extra outputs); the decoder maps z to the likelihood's parameters. The
 decoder mirrors the encoder's hidden widths.
+
+Weight initialization is a choice of its own (:data:`INITIALIZERS`, ``VAE(init=...)``): with
+PyTorch's default the tanh network of the IWAE paper starts as an encoder whose output hardly
+depends on x, and a VampPrior then collapses before z carries any information
+(docs/results/priors.md measures it); He initialization, as in the VampPrior authors' code, avoids it.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +49,44 @@ def activation(name: str) -> nn.Module:
             f"unknown activation {name!r}{closest(name, ACTIVATIONS)}; valid: {', '.join(sorted(ACTIVATIONS))}"
         )
     return ACTIVATIONS[name]()
+
+
+def _glorot_uniform(layer: nn.Linear) -> None:
+    nn.init.xavier_uniform_(layer.weight)
+    nn.init.zeros_(layer.bias)
+
+
+def _he_normal(layer: nn.Linear) -> None:
+    nn.init.kaiming_normal_(layer.weight, mode="fan_in", nonlinearity="relu")
+    nn.init.zeros_(layer.bias)
+
+
+# name -> what it does to one ``nn.Linear`` (None: keep the layer's own initialization).
+INITIALIZERS: dict[str, Callable[[nn.Linear], None] | None] = {
+    # PyTorch's nn.Linear default: W, b ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)); what Pyro's VAE tutorial uses.
+    "torch": None,
+    # Glorot & Bengio 2010: W ~ U(-a, a), a = sqrt(6 / (fan_in + fan_out)); b = 0.
+    "glorot": _glorot_uniform,
+    # He et al. 2015: W ~ N(0, 2 / fan_in); b = 0. The VampPrior authors' code initializes its layers so.
+    "he": _he_normal,
+}
+
+
+def initialize(modules: Iterable[nn.Module], scheme: str) -> None:
+    """Re-initialize every plain ``nn.Linear`` inside ``modules`` by ``scheme`` (see :data:`INITIALIZERS`).
+
+    Only layers whose type is exactly ``nn.Linear``: the masked layers of Pyro's flows (a subclass)
+    keep the initialization their authors chose for them.
+    """
+    if scheme not in INITIALIZERS:
+        raise ValueError(f"unknown init {scheme!r}{closest(scheme, INITIALIZERS)}; valid: {', '.join(INITIALIZERS)}")
+    init = INITIALIZERS[scheme]
+    if init is None:
+        return
+    for module in modules:
+        for layer in module.modules():
+            if type(layer) is nn.Linear:
+                init(layer)
 
 
 def mlp(in_dim: int, hidden_dims: Sequence[int], out_dim: int, act: str = "softplus") -> nn.Sequential:

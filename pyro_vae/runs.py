@@ -33,6 +33,7 @@ def build_vae(model_cfg: ModelConfig, x_dim: int) -> VAE:
         z_dim=model_cfg.z_dim,
         hidden_dims=tuple(model_cfg.hidden_dims),
         activation=model_cfg.activation,
+        init=model_cfg.init,
         prior=model_cfg.prior,
         likelihood=model_cfg.likelihood,
         guide=model_cfg.guide,

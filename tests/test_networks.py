@@ -1,0 +1,102 @@
+"""Weight initialization of the encoder and decoder (``networks.INITIALIZERS``, ``VAE(init=...)``)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from pyro_vae.config import Config, ConfigError, apply_overrides
+from pyro_vae.model import VAE
+from pyro_vae.networks import INITIALIZERS, initialize, mlp
+from pyro_vae.runs import build_vae
+
+# 784 x 400 = 313 600 weights per first layer: the sample moments below have standard errors of
+# a few parts in a thousand, and every tolerance is 5 of them.
+X_DIM, WIDTH = 784, 400
+
+
+def linear_layers(vae: VAE) -> list[nn.Linear]:
+    return [m for m in (*vae.encoder.modules(), *vae.decoder.modules()) if type(m) is nn.Linear]
+
+
+def test_he_normal_moments():
+    torch.manual_seed(0)
+    vae = VAE(x_dim=X_DIM, hidden_dims=(WIDTH,), init="he")
+    for layer in linear_layers(vae):
+        w = layer.weight.detach().double().flatten()
+        n, fan_in = w.numel(), layer.in_features
+        sigma = math.sqrt(2 / fan_in)
+        assert abs(w.mean().item()) < 5 * sigma / math.sqrt(n)
+        # sd of a sample sd of n normal draws: sigma / sqrt(2n)
+        assert abs(w.std().item() - sigma) < 5 * sigma / math.sqrt(2 * n)
+        assert torch.count_nonzero(layer.bias) == 0
+
+
+def test_glorot_uniform_support_and_variance():
+    torch.manual_seed(1)
+    vae = VAE(x_dim=X_DIM, hidden_dims=(WIDTH,), init="glorot")
+    for layer in linear_layers(vae):
+        w = layer.weight.detach().double().flatten()
+        n = w.numel()
+        a = math.sqrt(6 / (layer.in_features + layer.out_features))
+        assert w.abs().max().item() <= a
+        # U(-a, a): variance a^2/3; the sample variance's sd is sqrt(mu4 - sigma^4)/sqrt(n), mu4 = a^4/5
+        se = a**2 * math.sqrt(1 / 5 - 1 / 9) / math.sqrt(n)
+        assert abs(w.var().item() - a**2 / 3) < 5 * se
+        assert torch.count_nonzero(layer.bias) == 0
+
+
+def test_torch_init_is_pytorch_default_and_others_differ():
+    def build(init: str) -> VAE:
+        torch.manual_seed(2)
+        return VAE(x_dim=20, z_dim=3, hidden_dims=(8,), init=init)
+
+    default, torch_init, he = build("torch"), build("torch"), build("he")
+    torch.manual_seed(2)
+    implicit = VAE(x_dim=20, z_dim=3, hidden_dims=(8,))
+    for a, b in zip(implicit.parameters(), torch_init.parameters(), strict=True):
+        assert torch.equal(a, b)
+    # PyTorch's default: |W| <= 1/sqrt(fan_in), biases not zero.
+    first = default.encoder.net.net[0]
+    assert first.weight.abs().max() <= 1 / math.sqrt(20) and torch.count_nonzero(first.bias) > 0
+    assert not torch.equal(he.encoder.net.net[0].weight, first.weight)
+
+
+def test_flow_layers_and_prior_keep_their_own_initialization():
+    """Only plain nn.Linear layers of the encoder/decoder change: Pyro's masked layers and the prior do not."""
+
+    def build(init: str) -> VAE:
+        torch.manual_seed(3)
+        return VAE(x_dim=12, z_dim=4, hidden_dims=(8,), guide="iaf(flows=1)", prior="vamp(components=3)", init=init)
+
+    a, b = build("torch"), build("he")
+    flow_a = [p for n, p in a.encoder.named_parameters() if not n.startswith("net.")]
+    flow_b = [p for n, p in b.encoder.named_parameters() if not n.startswith("net.")]
+    assert flow_a, "the IAF guide should own flow parameters"
+    for p, q in zip(flow_a, flow_b, strict=True):
+        assert torch.equal(p, q)
+    for p, q in zip(a.prior.parameters(), b.prior.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert not torch.equal(a.encoder.net.net[0].weight, b.encoder.net.net[0].weight)
+    assert not torch.equal(a.decoder.net[0].weight, b.decoder.net[0].weight)
+
+
+def test_initialize_unknown_scheme_lists_valid():
+    with pytest.raises(ValueError, match=r"unknown init 'xavier'.*valid: torch, glorot, he"):
+        initialize([mlp(3, [4], 2)], "xavier")
+    with pytest.raises(ValueError, match="unknown init"):
+        VAE(x_dim=4, z_dim=2, hidden_dims=(3,), init="kaiming")
+
+
+def test_config_init_reaches_the_model_and_is_checked():
+    cfg = apply_overrides(Config(), ["model.init=he", "model.hidden_dims=[16]", "model.z_dim=2"])
+    torch.manual_seed(0)
+    vae = build_vae(cfg.model, x_dim=30)
+    assert vae.init == "he"
+    assert all(torch.count_nonzero(layer.bias) == 0 for layer in linear_layers(vae))
+    with pytest.raises(ConfigError, match='did you mean "glorot"'):
+        apply_overrides(Config(), ["model.init=glorrot"])
+    assert set(INITIALIZERS) == {"torch", "glorot", "he"}
