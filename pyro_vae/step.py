@@ -37,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import pyro
+import pyro.distributions as dist
 import torch
 from pyro.distributions.util import scale_and_mask
 from pyro.infer.enum import get_importance_trace
@@ -56,6 +57,18 @@ GRAPH_WARMUP_STEPS = 3
 
 
 # -- the lean loss ------------------------------------------------------------------------------
+LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def _diagonal_normal(fn) -> tuple[dist.Normal, int] | None:
+    """``(normal, event_dims)`` when ``fn`` is a ``Normal``, or an ``Independent`` of one; else None."""
+    event_dims = 0
+    while isinstance(fn, dist.Independent):
+        event_dims += fn.reinterpreted_batch_ndims
+        fn = fn.base_dist
+    return (fn, event_dims) if type(fn) in (dist.Normal, torch.distributions.Normal) else None
+
+
 class SiteLogDensity(Messenger):
     """Sums ``scale * mask * log_prob(value)`` over the sample sites of one run of a Pyro program.
 
@@ -65,12 +78,21 @@ class SiteLogDensity(Messenger):
     sends) are answered with that parameter: the param store holds the very same tensor once the
     step's first call has registered it (:func:`lean_loss_supported` checks), so the values are
     identical and the store lookup is skipped.
+
+    A latent site drawn here from a diagonal ``Normal`` (the default guide) is drawn as Pyro's
+    ``rsample`` draws it, z = loc + scale * e with e ~ N(0, I) from the same random stream (the
+    same z, bit for bit), and its log-density is taken from the noise:
+    log q(z) = sum(-e^2/2 - log scale - log sqrt(2 pi)). That is ``Normal.log_prob(z)`` exactly
+    as a function of the parameters, since (z - loc) / scale = e for every loc and scale: the same
+    value and the same total derivative (d/dloc = 0, d/dscale = -1/scale), to float rounding, for
+    about half the operations.
     """
 
     def __init__(self, replay: dict[str, torch.Tensor] | None = None) -> None:
         super().__init__()
         self.replay = replay
         self.values: dict[str, torch.Tensor] = {}
+        self.noise: dict[str, torch.Tensor] = {}
         self.total: torch.Tensor | float = 0.0
 
     def _pyro_param(self, msg) -> None:
@@ -80,14 +102,32 @@ class SiteLogDensity(Messenger):
             msg["value"], msg["done"], msg["stop"] = args[1], True, True
 
     def _pyro_sample(self, msg) -> None:
-        if self.replay is not None and not msg["is_observed"] and msg["name"] in self.replay:
-            msg["value"], msg["done"] = self.replay[msg["name"]], True
+        if msg["is_observed"] or msg["value"] is not None or msg["done"]:
+            return
+        if self.replay is not None:
+            if msg["name"] in self.replay:
+                msg["value"], msg["done"] = self.replay[msg["name"]], True
+            return
+        normal = _diagonal_normal(msg["fn"])
+        if normal is not None and not msg["args"] and not msg["kwargs"]:
+            loc, scale = normal[0].loc, normal[0].scale
+            # torch.distributions.Normal.rsample's own draw and arithmetic: the same z, bit for bit.
+            noise = torch.empty(normal[0].batch_shape, dtype=loc.dtype, device=loc.device).normal_()
+            msg["value"], msg["done"] = loc + noise * scale, True
+            self.noise[msg["name"]] = noise
 
     def _pyro_post_sample(self, msg) -> None:
         if isinstance(msg["fn"], _Subsample):
             return
         self.values[msg["name"]] = msg["value"]
-        log_p = msg["fn"].log_prob(msg["value"], *msg["args"], **msg["kwargs"])
+        noise = self.noise.get(msg["name"])
+        if noise is not None:
+            normal, event_dims = _diagonal_normal(msg["fn"])
+            log_p = -0.5 * noise.square() - normal.scale.log() - LOG_SQRT_2PI
+            if event_dims:
+                log_p = log_p.sum(tuple(range(-event_dims, 0)))
+        else:
+            log_p = msg["fn"].log_prob(msg["value"], *msg["args"], **msg["kwargs"])
         self.total = self.total + scale_and_mask(log_p, msg["scale"], msg["mask"]).sum()
 
 

@@ -10,11 +10,12 @@ import pyro.distributions as dist
 import pyro.optim
 import pytest
 import torch
+from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO
 
 from pyro_vae import estimators
 from pyro_vae.model import VAE
-from pyro_vae.step import Plan, TrainStep, lean_loss_supported, plan_path, reparameterized_elbo_loss
+from pyro_vae.step import Plan, SiteLogDensity, TrainStep, lean_loss_supported, plan_path, reparameterized_elbo_loss
 
 SMALL = dict(x_dim=12, z_dim=3, hidden_dims=(8,))
 
@@ -71,6 +72,22 @@ def test_lean_loss_equals_trace_elbo_for_every_family(family):
         assert (g is None) == (e is None)
         if g is not None:
             torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("guide, from_noise", [("normal", True), ("lowrank", False), ("iaf", False)])
+def test_lean_guide_draws_pyros_z_and_takes_log_q_from_the_noise(guide, from_noise):
+    """The lean guide run draws the very z that Pyro's rsample draws (same seed, bit for bit); for a
+    diagonal Normal it evaluates log q from the noise, and that equals Normal.log_prob(z) in value."""
+    vae, x = small_vae(guide=guide), binary_batch()
+    pyro.set_rng_seed(11)
+    trace = poutine.trace(vae.guide).get_trace(x)
+    pyro.set_rng_seed(11)
+    with SiteLogDensity() as lean:
+        vae.guide(x)
+    assert torch.equal(lean.values["z"], trace.nodes["z"]["value"])
+    assert ("z" in lean.noise) is from_noise
+    expected = trace.nodes["z"]["fn"].log_prob(trace.nodes["z"]["value"]).sum()
+    assert lean.total.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_lean_loss_is_a_different_number_for_other_noise():
