@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from pyro_vae.networks import MIN_SCALE, mlp
+from pyro_vae.optim import fused_supported
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -153,8 +154,15 @@ def reference_step(model: ReferenceVAE, optimizer: torch.optim.Optimizer) -> Cal
     return step
 
 
-def reference_optimizer(params, lr: float, device: torch.device, kind: str = "foreach") -> torch.optim.Optimizer:
-    """``torch.optim.Adam`` with ``foreach=True`` or ``fused=True``."""
+def reference_optimizer(params, lr: float, device: torch.device, kind: str = "default") -> torch.optim.Optimizer:
+    """``torch.optim.Adam`` with ``foreach=True``, ``fused=True``, or (``"default"``) the implementation
+    that pyro_vae's default ``adam`` picks for these parameters (fused where torch has it), so that
+    the reference and the project step run the same optimizer."""
+    params = list(params)
+    if kind == "default":
+        kind = "fused" if fused_supported(params) else "foreach"
+    if kind not in ("foreach", "fused"):
+        raise ValueError(f"kind must be 'default', 'foreach' or 'fused', got {kind!r}")
     return torch.optim.Adam(params, lr=lr, **{kind: True})
 
 

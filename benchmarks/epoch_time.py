@@ -61,7 +61,7 @@ def build(x: torch.Tensor, batch_size: int, args, device: torch.device) -> dict:
 
     torch.manual_seed(0)
     ref = ReferenceVAE(784, args.z_dim, hidden).to(device)
-    ref_step = reference_step(ref, reference_optimizer(ref.parameters(), LR, device, "foreach"))
+    ref_step = reference_step(ref, reference_optimizer(ref.parameters(), LR, device, "default"))
 
     def torch_epoch():
         total = torch.zeros((), device=device)

@@ -25,11 +25,11 @@ def test_step_time_reports_medians_and_ratios(bench, capsys):
     for entry in out["batches"].values():
         assert set(entry["ms_per_step"]) == {
             "torch",
-            "torch_fused",
+            "torch_foreach",
             "pyro_svi",
             "project",
             "project_plain",
-            "project_fused",
+            "project_foreach",
         }
         assert all(v > 0 for v in entry["ms_per_step"].values())
         assert entry["ratio_project_to_torch"] == pytest.approx(

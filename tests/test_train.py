@@ -338,6 +338,29 @@ def test_optimizer_and_schedule_registries():
         optim.build_schedule("cosin", epochs=3)
 
 
+def test_adam_is_fused_where_torch_has_it_and_foreach_on_request():
+    params = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(2))]
+    default = optim.build_optimizer("adam", params, lr=0.1)
+    assert default.defaults["fused"] is True and not default.defaults["foreach"]
+    forced = optim.build_optimizer("adam(fused=False)", params, lr=0.1)
+    assert forced.defaults["foreach"] is True and not forced.defaults["fused"]
+    # Complex parameters have no fused kernel: the default falls back to foreach, not an error.
+    assert not optim.fused_supported([torch.nn.Parameter(torch.zeros(2, dtype=torch.complex64))])
+    assert not optim.fused_supported([])
+    # Fused and foreach Adam take the same steps up to float rounding.
+    a = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt_a, opt_b = optim.build_optimizer("adam", a, lr=0.1), optim.build_optimizer("adam(fused=False)", b, lr=0.1)
+    for t in range(5):
+        for group, opt in ((a, opt_a), (b, opt_b)):
+            opt.zero_grad()
+            sum(((p - t) ** 2).sum() for p in group).backward()
+            opt.step()
+    for p, q in zip(a, b, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(a[0], params[0])
+
+
 def test_lr_follows_the_schedule_in_the_metrics(tmp_path):
     train(tiny("train.epochs=3", "train.lr_schedule=step(step_size=1, gamma=0.5)"), tmp_path / "run", progress=False)
     assert [r["lr"] for r in _metrics(tmp_path / "run")] == [0.01, 0.005, 0.0025]
