@@ -152,7 +152,17 @@ class VampPrior(Prior):
 
     Needs a guide with ``gaussian_params`` (the diagonal ``normal`` guide); any other guide is
     an error when the prior is first evaluated.
+
+    It needs KL warm-up and an encoder that sees x from the start (``model.init = "he"`` for tanh
+    networks): an encoder that ignores x makes every q(z|x) and every q(z|u_k) the same Gaussian,
+    KL = 0 at any scale, an optimum no fixed prior has; at beta = 1 from the first step training
+    falls into it (docs/families.md). The training loop warns when ``train.warmup_epochs`` is 0.
     """
+
+    needs_warmup = (
+        "the VampPrior collapses onto an encoder that ignores x without KL warm-up "
+        "(Tomczak & Welling 2018 warm up for 100 epochs); set train.warmup_epochs"
+    )
 
     def __init__(
         self, z_dim: int, x_dim: int, components: int = 500, init_mean: float = 0.05, init_std: float = 0.01

@@ -38,6 +38,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -270,6 +271,8 @@ def train(
         dataset = load_dataset_for(cfg, device=device, data_dir=data_dir, download=download or cfg.data.download)
     vae = build_vae(cfg.model, x_dim=dataset.x_dim).to(device)
     vae.likelihood.check(dataset.train[:1024], name=f"{dataset.name} (train)")
+    if tcfg.warmup_epochs == 0 and getattr(vae.prior, "needs_warmup", "") and is_main:
+        warnings.warn(f"train.warmup_epochs is 0: {vae.prior.needs_warmup}", UserWarning, stacklevel=2)
     estimator = estimators.get(tcfg.estimator)
     # The validation ELBO already is the bound of the ELBO estimators: no second pass for them.
     bound_is_elbo = estimator.bound_name == "ELBO"

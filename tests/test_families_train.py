@@ -102,3 +102,15 @@ def test_bad_family_lines_are_clear_errors(tmp_path):
         load_config(write_config(tmp_path, "likelihood", "gausian"))
     with pytest.raises(ValueError, match="prior 'mixture' has no argument 'k'"):
         load_config(write_config(tmp_path, "prior", "mixture(k=3)"))
+
+
+def test_vamp_without_warmup_warns_and_with_warmup_does_not(tmp_path, recwarn):
+    """The VampPrior collapses at beta = 1 from the first step (docs/families.md): the loop says so."""
+    cfg = load_config(write_config(tmp_path, "prior", "vamp(components=4)"))
+    cfg.train.epochs = 1
+    with pytest.warns(UserWarning, match=r"warmup_epochs is 0: the VampPrior collapses.*set train.warmup_epochs"):
+        train(cfg, tmp_path / "no_warmup", progress=False)
+    recwarn.clear()
+    cfg.train.warmup_epochs = 1
+    train(cfg, tmp_path / "warmup", progress=False)
+    assert not [w for w in recwarn if "VampPrior" in str(w.message)]
