@@ -46,6 +46,8 @@ def test_example_runs_in_smoke_mode(script, data_root, tmp_path):
     elif script.stem == "compare_estimators":  # one run folder per estimator, and the NLL table beside them
         rows = json.loads((out / "nll.json").read_text())
         assert rows and all((Path(r["run_dir"]) / "checkpoint.pt").is_file() for r in rows)
+    elif script.stem == "compare_priors":  # tested in process by tests/test_examples_priors.py
+        assert (out / "priors.json").is_file() and (out / "samples.png").is_file()
     else:
         assert (out / "config.toml").is_file() and (out / "checkpoint.pt").is_file()
     if script.stem == "mnist_dynamic_vae":
