@@ -5,29 +5,21 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "compare_estimators.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("compare_estimators", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from example_scripts import load_example
 
 
 def test_slug_makes_folder_names():
-    example = _load()
+    example = load_example("compare_estimators")
     assert example.slug("iwae(k=50)") == "iwae_k50"
     assert example.slug("renyi(alpha=0.5, k=5)") == "renyi_alpha0_5_k5"
 
 
 def test_smoke_run_prints_the_table_beside_the_paper(data_root, tmp_path, capsys):
-    example = _load()
+    example = load_example("compare_estimators")
     out = tmp_path / "runs"
     argv = ["--smoke", "--estimators", "trace,iwae(k=5)", "--out", str(out), "--device", "cpu"]
     rows = example.main([*argv, "--data-dir", str(data_root)])

@@ -5,26 +5,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
-
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "compare_priors.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("compare_priors", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from example_scripts import load_example
 
 
 def test_smoke_runs_pairs_with_normal_and_reuses_finished_runs(data_root, tmp_path, capsys):
-    example = _load()
+    example = load_example("compare_priors")
     out = tmp_path / "priors"
     argv = ["--smoke", "--variants", "normal,vamp", "--out", str(out), "--device", "cpu", "--data-dir", str(data_root)]
     rows = example.main(argv)
@@ -55,5 +45,5 @@ def test_smoke_runs_pairs_with_normal_and_reuses_finished_runs(data_root, tmp_pa
 
 def test_unknown_variant_lists_the_valid_ones(capsys):
     with pytest.raises(SystemExit):
-        _load().main(["--variants", "normal,vampp"])
+        load_example("compare_priors").main(["--variants", "normal,vampp"])
     assert "unknown variant(s) vampp; valid: normal, mixture, vamp, flow, iaf" in capsys.readouterr().err
