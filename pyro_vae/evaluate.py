@@ -258,6 +258,25 @@ def active_units(
     return int((variances > threshold).sum()), variances
 
 
+def ignore_z_baseline(x: torch.Tensor, fit: torch.Tensor | None = None, eps: float = 1e-6) -> float:
+    """Mean log-likelihood (nats per example) of binary ``x`` under independent Bernoulli pixels
+    whose probabilities are the pixel means of ``fit`` (default: ``x`` itself), clamped to
+    [eps, 1 - eps]:
+
+        (1/N) sum_n sum_d [x_nd log p_d + (1 - x_nd) log(1 - p_d)],   p_d = mean of fit[:, d].
+
+    With ``fit = x`` this is the best that *any* decoder which ignores z can score on ``x`` (the
+    maximum-likelihood z-independent Bernoulli model), so a Bernoulli VAE whose reconstruction term
+    sits here with KL near 0 has collapsed (docs/families.md). ``fit`` = the training set gives the
+    held-out score of that model.
+    """
+    x = x.reshape(x.shape[0], -1)
+    fit = x if fit is None else fit.reshape(fit.shape[0], -1)
+    p = fit.double().mean(0).clamp(eps, 1 - eps)
+    x = x.double()
+    return float((x * p.log() + (1 - x) * (1 - p).log()).sum(-1).mean())
+
+
 def _factors(d: tdist.Distribution, z_dim: int) -> tdist.Distribution | None:
     """The univariate factors of a distribution that factorizes over z's dimensions, else ``None``."""
     if (

@@ -298,3 +298,17 @@ def test_evaluate_run_uses_the_runs_loader(monkeypatch, tmp_path):
     assert calls == {"run_dir": tmp_path, "device": "cpu", "data_dir": "d"}
     assert result["num_examples"] == 4 and result["run"] == str(tmp_path)
     assert result["test_nll"] == pytest.approx(float(-lg.log_px(x[:4]).mean()), abs=1e-9)
+
+
+def test_ignore_z_baseline_is_the_best_z_independent_bernoulli_model():
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(300, 20, generator=g) < torch.linspace(0.05, 0.9, 20)).float()
+    best = ev.ignore_z_baseline(x)
+    p = x.double().mean(0)
+    assert best == pytest.approx(torch.distributions.Bernoulli(probs=p).log_prob(x.double()).sum(-1).mean().item())
+    # Any other pixel probabilities score lower on x: the baseline is the maximum.
+    for seed in range(5):
+        other = (torch.rand(300, 20, generator=torch.Generator().manual_seed(seed + 1)) < 0.5).float()
+        assert ev.ignore_z_baseline(x, fit=other) < best
+    # Held-out use: probabilities from one set, scored on another; clamping keeps constant pixels finite.
+    assert math.isfinite(ev.ignore_z_baseline(torch.ones(4, 3), fit=torch.zeros(4, 3)))

@@ -48,6 +48,10 @@ def test_example_runs_in_smoke_mode(script, data_root, tmp_path):
         assert rows and all((Path(r["run_dir"]) / "checkpoint.pt").is_file() for r in rows)
     elif script.stem == "compare_priors":  # tested in process by tests/test_examples_priors.py
         assert (out / "priors.json").is_file() and (out / "samples.png").is_file()
+    elif script.stem == "posterior_collapse_probe":  # a probe every 10 steps, the plateau printed first
+        rows = json.loads((out / "probe.json").read_text())["rows"]
+        assert [r["step"] for r in rows] == [0, 10, 20] and "plateau" in stdout
+        assert all(r["kl"] > -1 and r["posterior_scale"] > 0 for r in rows)
     else:
         assert (out / "config.toml").is_file() and (out / "checkpoint.pt").is_file()
     if script.stem == "mnist_dynamic_vae":

@@ -237,6 +237,7 @@ def test_vamp_leaves_the_ignore_z_plateau_when_the_encoder_sees_x(data_root, ini
     """
     from pyro_vae import estimators
     from pyro_vae.data import load_mnist_static
+    from pyro_vae.evaluate import ignore_z_baseline
     from pyro_vae.optim import build_optimizer
     from pyro_vae.step import TrainStep
 
@@ -253,8 +254,7 @@ def test_vamp_leaves_the_ignore_z_plateau_when_the_encoder_sees_x(data_root, ini
         z = q.sample()
         reconstruction = vae.decode(z).log_prob(scored).mean().item()
         kl = (q.log_prob(z) - vae.prior_distribution().log_prob(z)).mean().item()
-        p = scored.mean(0).clamp(1e-6, 1 - 1e-6)
-        plateau = (scored * p.log() + (1 - scored) * (1 - p).log()).sum(-1).mean().item()
+    plateau = ignore_z_baseline(scored)
     print(f"init={init}: reconstruction {reconstruction:.2f}, plateau {plateau:.2f}, KL {kl:.2f}")
     if escapes:
         assert reconstruction > plateau + 30 and kl > 10, (reconstruction, plateau, kl)
