@@ -5,8 +5,8 @@ Only the ``model.prior`` or ``model.guide`` line of configs/mnist_static.toml ch
 seed, data, budget and KL warm-up for every run. Each run is evaluated with the same importance
 sampler on the same test images (``pyro_vae.evaluate.log_likelihood``, k samples, best epoch by
 validation ELBO), so the paired differences to the N(0, I) prior are far more precise than
-either NLL. Tomczak & Welling (2018) report test NLLs of about 88-89 (standard prior) and 85-86
-(VampPrior) for one-layer VAEs on static MNIST after up to 2000 epochs.
+either NLL. Tomczak & Welling (2018) report test NLLs of about 85-86 nats for a one-layer VampPrior
+VAE on static MNIST (a few nats more with the standard prior), after up to 2000 epochs.
 
     python examples/compare_priors.py --epochs 30 --warmup-epochs 10 --out runs/priors30
     python examples/compare_priors.py --variants normal,vamp --epochs 5
