@@ -12,7 +12,9 @@ Variants, timed interleaved in one run (see benchmarks/README.md):
 - ``project``: ``pyro_vae.step.TrainStep`` with ``estimators.get("trace")`` and the loop's optimizer
   (``pyro_vae.optim.build_optimizer("adam")``), i.e. what ``pyro-vae train`` runs;
 - ``project_plain``: the same with ``fast=False`` (the estimator's loss as written, validation on);
-- ``project_foreach``: ``project`` with ``adam(fused=false)`` (compare with ``torch_foreach``).
+- ``project_foreach``: ``project`` with ``adam(fused=false)`` (compare with ``torch_foreach``);
+- ``project_meanfield``: ``project`` with ``estimators.get("meanfield")`` (analytic KL, the reference's
+  own objective), to separate the Monte Carlo KL's cost from the cost of running Pyro programs.
 
 JSON: per batch size ``ms_per_step`` (median over rounds) for each variant, ``ratio_project_to_torch``
 = project / torch, ``ratio_pyro_to_torch`` = pyro_svi / torch, paired (per-round) ratios, and
@@ -78,15 +80,16 @@ def build_variants(batches: torch.Tensor, args, device: torch.device):
     svi = SVI(vae_b.model, vae_b.guide, pyro.optim.Adam({"lr": LR}), loss=Trace_ELBO())
     variants["pyro_svi"] = lambda i: svi.step(batches[i % n])
 
-    for name, fast, adam in (
-        ("project", True, "adam"),
-        ("project_plain", False, "adam"),
-        ("project_foreach", True, "adam(fused=False)"),
+    for name, fast, adam, estimator in (
+        ("project", True, "adam", "trace"),
+        ("project_plain", False, "adam", "trace"),
+        ("project_foreach", True, "adam(fused=False)", "trace"),
+        ("project_meanfield", True, "adam", "meanfield"),
     ):
         torch.manual_seed(0)
         vae = VAE(z_dim=args.z_dim, hidden_dims=hidden).to(device)
         optimizer = build_optimizer(adam, vae.parameters(), LR)
-        ts = TrainStep(vae, estimators.get("trace"), optimizer, fast=fast)
+        ts = TrainStep(vae, estimators.get(estimator), optimizer, fast=fast)
         variants[name] = _call_on(ts, batches)
         paths[name] = ts
 
@@ -119,6 +122,7 @@ def run(args) -> dict:
             "paired_ratio_project_to_torch": summary["project"]["paired_ratio_to_torch"],
             "paired_ratio_pyro_to_torch": summary["pyro_svi"]["paired_ratio_to_torch"],
             "ratio_project_foreach_to_torch_foreach": ms["project_foreach"] / ms["torch_foreach"],
+            "ratio_project_meanfield_to_torch": ms["project_meanfield"] / ms["torch"],
             "cpu_ratio_project_to_torch": cpu["project"] / cpu["torch"],
             "cpu_ratio_pyro_to_torch": cpu["pyro_svi"] / cpu["torch"],
             "cpu_ratio_project_foreach_to_torch_foreach": cpu["project_foreach"] / cpu["torch_foreach"],

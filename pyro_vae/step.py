@@ -44,7 +44,7 @@ from pyro.infer.enum import get_importance_trace
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.subsample_messenger import _Subsample
 from torch import nn
-from torch.distributions import constraints
+from torch.distributions import constraints, kl_divergence
 
 from pyro_vae import estimators as _estimators
 from pyro_vae.model import module_registration
@@ -70,7 +70,7 @@ def _diagonal_normal(fn) -> tuple[dist.Normal, int] | None:
 
 
 class SiteLogDensity(Messenger):
-    """Sums ``scale * mask * log_prob(value)`` over the sample sites of one run of a Pyro program.
+    """Collects ``scale * mask * log_prob(value)``, summed, for each sample site of one run of a Pyro program.
 
     With ``replay`` (name -> value) the latent sites take those values, as ``poutine.replay``
     would. Plate subsample sites are skipped, as ``Trace_ELBO`` prunes them. Parameter sites
@@ -86,14 +86,30 @@ class SiteLogDensity(Messenger):
     as a function of the parameters, since (z - loc) / scale = e for every loc and scale: the same
     value and the same total derivative (d/dloc = 0, d/dscale = -1/scale), to float rounding, for
     about half the operations.
+
+    With ``kl_from`` (the guide's messenger of the same step) a replayed latent site whose KL to
+    the guide's distribution is registered in torch contributes ``-scale * mask * KL(q || p)``
+    (the guide site's scale and mask, as ``TraceMeanField_ELBO``) instead of its log-density, and
+    is listed in ``analytic``: the guide's term for it is then left out (:meth:`log_density`).
+    Terms are evaluated only when summed, so a log q that the KL replaces is never computed.
     """
 
-    def __init__(self, replay: dict[str, torch.Tensor] | None = None) -> None:
+    def __init__(self, replay: dict[str, torch.Tensor] | None = None, kl_from: SiteLogDensity | None = None) -> None:
         super().__init__()
-        self.replay = replay
+        self.replay, self.kl_from = replay, kl_from
         self.values: dict[str, torch.Tensor] = {}
-        self.noise: dict[str, torch.Tensor] = {}
-        self.total: torch.Tensor | float = 0.0
+        self.noise: dict[str, torch.Tensor] = {}  # name -> e, for the sites drawn here from a diagonal Normal
+        self.sites: dict[str, tuple] = {}  # name -> (fn, scale, mask) of each latent site
+        self.terms: dict[str, Callable[[], torch.Tensor]] = {}
+        self.analytic: set[str] = set()
+
+    def log_density(self, exclude: set[str] | frozenset = frozenset()) -> torch.Tensor | float:
+        """The sum of the sites' terms in site order, leaving out the sites named in ``exclude``."""
+        total: torch.Tensor | float = 0.0
+        for name, term in self.terms.items():
+            if name not in exclude:
+                total = total + term()
+        return total
 
     def _pyro_param(self, msg) -> None:
         args = msg["args"]
@@ -119,16 +135,33 @@ class SiteLogDensity(Messenger):
     def _pyro_post_sample(self, msg) -> None:
         if isinstance(msg["fn"], _Subsample):
             return
-        self.values[msg["name"]] = msg["value"]
-        noise = self.noise.get(msg["name"])
+        name, fn, value, scale, mask = msg["name"], msg["fn"], msg["value"], msg["scale"], msg["mask"]
+        self.values[name] = value
+        if not msg["is_observed"]:
+            self.sites[name] = (fn, scale, mask)
+        guide_site = self.kl_from.sites.get(name) if self.kl_from is not None and not msg["is_observed"] else None
+        if guide_site is not None:
+            try:
+                kl = kl_divergence(guide_site[0], fn)
+            except NotImplementedError:
+                pass
+            else:
+                self.analytic.add(name)
+                self.terms[name] = lambda: -scale_and_mask(kl, guide_site[1], guide_site[2]).sum()
+                return
+        noise = self.noise.get(name)
         if noise is not None:
-            normal, event_dims = _diagonal_normal(msg["fn"])
-            log_p = -0.5 * noise.square() - normal.scale.log() - LOG_SQRT_2PI
-            if event_dims:
-                log_p = log_p.sum(tuple(range(-event_dims, 0)))
+            self.terms[name] = lambda: scale_and_mask(_log_normal_from_noise(fn, noise), scale, mask).sum()
         else:
-            log_p = msg["fn"].log_prob(msg["value"], *msg["args"], **msg["kwargs"])
-        self.total = self.total + scale_and_mask(log_p, msg["scale"], msg["mask"]).sum()
+            args, kwargs = msg["args"], msg["kwargs"]
+            self.terms[name] = lambda: scale_and_mask(fn.log_prob(value, *args, **kwargs), scale, mask).sum()
+
+
+def _log_normal_from_noise(fn, noise: torch.Tensor) -> torch.Tensor:
+    """log N(loc + scale * noise; loc, scale), summed over ``fn``'s event dimensions."""
+    normal, event_dims = _diagonal_normal(fn)
+    log_p = -0.5 * noise.square() - normal.scale.log() - LOG_SQRT_2PI
+    return log_p.sum(tuple(range(-event_dims, 0))) if event_dims else log_p
 
 
 def reparameterized_elbo_loss(vae, x: torch.Tensor, beta: float | torch.Tensor = 1.0) -> torch.Tensor:
@@ -148,7 +181,22 @@ def reparameterized_elbo_loss(vae, x: torch.Tensor, beta: float | torch.Tensor =
             vae.guide(x, beta)
         with SiteLogDensity(replay=guide.values) as model:
             vae.model(x, beta)
-    return -(model.total - guide.total)
+    return -(model.log_density() - guide.log_density())
+
+
+def meanfield_elbo_loss(vae, x: torch.Tensor, beta: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """The surrogate of Pyro's ``TraceMeanField_ELBO``: -(log p(x|z) - KL(q(z|x) || p(z))) at one draw,
+    with the analytic KL wherever torch has one for the pair, and log p(z) - log q(z|x) elsewhere.
+
+    The same programs and messengers as :func:`reparameterized_elbo_loss`; value and gradient
+    agree with ``TraceMeanField_ELBO().differentiable_loss`` to float rounding (tested).
+    """
+    with module_registration(False):
+        with SiteLogDensity() as guide:
+            vae.guide(x, beta)
+        with SiteLogDensity(replay=guide.values, kl_from=guide) as model:
+            vae.model(x, beta)
+    return -(model.log_density() - guide.log_density(exclude=model.analytic))
 
 
 def _sample_sites(trace):
@@ -190,7 +238,10 @@ def lean_loss_supported(vae, x: torch.Tensor, beta: float | torch.Tensor = 1.0) 
 
 # Estimator class -> a loss with the same value and gradient and less overhead. Exact classes
 # only: a subclass may change the objective.
-FAST_LOSSES: dict[type, Callable[..., torch.Tensor]] = {_estimators.TraceELBO: reparameterized_elbo_loss}
+FAST_LOSSES: dict[type, Callable[..., torch.Tensor]] = {
+    _estimators.TraceELBO: reparameterized_elbo_loss,
+    _estimators.MeanFieldELBO: meanfield_elbo_loss,
+}
 
 
 # -- choosing a path ----------------------------------------------------------------------------

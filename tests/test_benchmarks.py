@@ -30,6 +30,7 @@ def test_step_time_reports_medians_and_ratios(bench, capsys):
             "project",
             "project_plain",
             "project_foreach",
+            "project_meanfield",
         }
         assert all(v > 0 for v in entry["ms_per_step"].values())
         assert entry["ratio_project_to_torch"] == pytest.approx(

@@ -11,11 +11,19 @@ import pyro.optim
 import pytest
 import torch
 from pyro import poutine
-from pyro.infer import SVI, Trace_ELBO
+from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 
 from pyro_vae import estimators
 from pyro_vae.model import VAE
-from pyro_vae.step import Plan, SiteLogDensity, TrainStep, lean_loss_supported, plan_path, reparameterized_elbo_loss
+from pyro_vae.step import (
+    Plan,
+    SiteLogDensity,
+    TrainStep,
+    lean_loss_supported,
+    meanfield_elbo_loss,
+    plan_path,
+    reparameterized_elbo_loss,
+)
 
 SMALL = dict(x_dim=12, z_dim=3, hidden_dims=(8,))
 
@@ -87,7 +95,50 @@ def test_lean_guide_draws_pyros_z_and_takes_log_q_from_the_noise(guide, from_noi
     assert torch.equal(lean.values["z"], trace.nodes["z"]["value"])
     assert ("z" in lean.noise) is from_noise
     expected = trace.nodes["z"]["fn"].log_prob(trace.nodes["z"]["value"]).sum()
-    assert lean.total.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert lean.log_density().item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("family", "analytic"),
+    [
+        ({}, True),
+        ({"prior": "learned_normal"}, True),
+        ({"prior": "mixture"}, False),
+        ({"prior": "vamp"}, False),
+        ({"guide": "iaf"}, False),
+        ({"likelihood": "gaussian"}, True),
+    ],
+    ids=lambda v: "-".join(f"{k}={w}" for k, w in v.items()) if isinstance(v, dict) else f"analytic={v}",
+)
+def test_lean_meanfield_loss_equals_trace_meanfield_elbo(family, analytic):
+    """The fast path of ``meanfield``: TraceMeanField_ELBO's value and gradient, analytic KL where torch has one."""
+    vae, x = small_vae(**family), binary_batch() * 0.8 + 0.1
+    pyro.set_rng_seed(9)
+    expected = TraceMeanField_ELBO().differentiable_loss(vae.model, vae.guide, x, 0.5)
+    expected_grads = torch.autograd.grad(expected, list(vae.parameters()), allow_unused=True)
+    pyro.set_rng_seed(9)
+    with SiteLogDensity() as guide:
+        vae.guide(x, 0.5)
+    with SiteLogDensity(replay=guide.values, kl_from=guide) as model:
+        vae.model(x, 0.5)
+    assert model.analytic == ({"z"} if analytic else set())
+    pyro.set_rng_seed(9)
+    loss = meanfield_elbo_loss(vae, x, 0.5)
+    got = torch.autograd.grad(loss, list(vae.parameters()), allow_unused=True)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6, abs=1e-5)
+    for g, e in zip(got, expected_grads, strict=True):
+        assert (g is None) == (e is None)
+        if g is not None:
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+    if analytic:  # and it is not Trace_ELBO's number: the KL term replaced log p(z) - log q(z|x)
+        pyro.set_rng_seed(9)
+        assert abs(reparameterized_elbo_loss(vae, x, 0.5).item() - loss.item()) > 1e-3
+
+
+def test_meanfield_estimator_takes_the_lean_path():
+    vae, x = small_vae(), binary_batch()
+    step = TrainStep(vae, estimators.get("meanfield"), torch.optim.Adam(vae.parameters(), lr=1e-3))
+    assert torch.isfinite(step(x)) and step.path == "fast" and step._loss_fn is meanfield_elbo_loss
 
 
 def test_lean_loss_is_a_different_number_for_other_noise():
