@@ -6,7 +6,7 @@ one optimizer step, and returns the loss as a detached device scalar. It never s
 the host, so the loop accumulates losses on the device and reads them once per epoch.
 
 The step picks one of three paths on its first call (``TrainStep.path``; see docs/speed.md).
-That first call runs with Pyro validation as configured (for ``trace`` it also traces the model
+That first call runs with Pyro validation as configured (for ``trace`` and ``meanfield`` it also traces the model
 and guide once the way ``Trace_ELBO`` does, which checks them and registers their modules); every
 later call runs the same computation with validation off, so a step is bitwise the same whether it
 is the first after a resume or not.
@@ -16,7 +16,7 @@ is the first after a resume or not.
 ``fast``
     The same objective with the per-step overhead removed: Pyro validation off in the hot path
     (scoped, restored after each step) and, for estimators with an entry in :data:`FAST_LOSSES`
-    (``trace``), a lean evaluation of the same Pyro programs: one messenger sums
+    (``trace``, ``meanfield``), a lean evaluation of the same Pyro programs: one messenger sums
     ``scale * mask * log_prob`` over the sample sites of the guide and of the model replayed on
     the guide's draws, with no ``Trace`` objects, no ``.item()`` per site, and no param-store
     walk (``pyro.module`` is skipped once the first call has registered the modules).
