@@ -20,7 +20,7 @@ is the first after a resume or not.
     ``scale * mask * log_prob`` over the sample sites of the guide and of the model replayed on
     the guide's draws, with no ``Trace`` objects, no ``.item()`` per site, and no param-store
     walk (``pyro.module`` is skipped once the first call has registered the modules).
-    Value and gradient equal those of Pyro's ``Trace_ELBO.differentiable_loss``.
+    Value and gradient equal those of Pyro's ``Trace_ELBO`` (``TraceMeanField_ELBO``) ``differentiable_loss``.
 ``cuda_graph``
     On CUDA, the whole fast step (loss, backward, clipping, optimizer) captured once per batch
     shape as a CUDA graph and replayed (``torch.cuda.CUDAGraph``): one launch per step instead of
