@@ -57,6 +57,22 @@ def test_lean_loss_equals_trace_elbo_value_and_gradient(beta):
         torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-7)
 
 
+def assert_same_value_and_gradient(vae, x, pyro_elbo, lean_loss, seed: int) -> torch.Tensor:
+    """``lean_loss`` has the value and gradient of ``pyro_elbo.differentiable_loss`` for the same seed (beta 0.5)."""
+    pyro.set_rng_seed(seed)
+    expected = pyro_elbo.differentiable_loss(vae.model, vae.guide, x, 0.5)
+    expected_grads = torch.autograd.grad(expected, list(vae.parameters()), allow_unused=True)
+    pyro.set_rng_seed(seed)
+    loss = lean_loss(vae, x, 0.5)
+    got = torch.autograd.grad(loss, list(vae.parameters()), allow_unused=True)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6, abs=1e-5)
+    for g, e in zip(got, expected_grads, strict=True):
+        assert (g is None) == (e is None)
+        if g is not None:
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+    return loss
+
+
 FAMILIES = [
     *({"guide": g} for g in ("lowrank", "iaf")),
     *({"prior": p} for p in ("learned_normal", "mixture", "vamp", "flow")),
@@ -69,17 +85,7 @@ def test_lean_loss_equals_trace_elbo_for_every_family(family):
     """The fast path's objective is Trace_ELBO's for every guide, prior and likelihood (all reparameterized)."""
     vae, x = small_vae(**family), binary_batch() * 0.8 + 0.1  # inside (0, 1) for every likelihood
     assert lean_loss_supported(vae, x)[0]
-    pyro.set_rng_seed(7)
-    expected = Trace_ELBO().differentiable_loss(vae.model, vae.guide, x, 0.5)
-    expected_grads = torch.autograd.grad(expected, list(vae.parameters()), allow_unused=True)
-    pyro.set_rng_seed(7)
-    loss = reparameterized_elbo_loss(vae, x, 0.5)
-    got = torch.autograd.grad(loss, list(vae.parameters()), allow_unused=True)
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-6, abs=1e-5)
-    for g, e in zip(got, expected_grads, strict=True):
-        assert (g is None) == (e is None)
-        if g is not None:
-            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+    assert_same_value_and_gradient(vae, x, Trace_ELBO(), reparameterized_elbo_loss, seed=7)
 
 
 @pytest.mark.parametrize("guide, from_noise", [("normal", True), ("lowrank", False), ("iaf", False)])
@@ -113,23 +119,12 @@ def test_lean_guide_draws_pyros_z_and_takes_log_q_from_the_noise(guide, from_noi
 def test_lean_meanfield_loss_equals_trace_meanfield_elbo(family, analytic):
     """The fast path of ``meanfield``: TraceMeanField_ELBO's value and gradient, analytic KL where torch has one."""
     vae, x = small_vae(**family), binary_batch() * 0.8 + 0.1
-    pyro.set_rng_seed(9)
-    expected = TraceMeanField_ELBO().differentiable_loss(vae.model, vae.guide, x, 0.5)
-    expected_grads = torch.autograd.grad(expected, list(vae.parameters()), allow_unused=True)
-    pyro.set_rng_seed(9)
     with SiteLogDensity() as guide:
         vae.guide(x, 0.5)
     with SiteLogDensity(replay=guide.values, kl_from=guide) as model:
         vae.model(x, 0.5)
     assert model.analytic == ({"z"} if analytic else set())
-    pyro.set_rng_seed(9)
-    loss = meanfield_elbo_loss(vae, x, 0.5)
-    got = torch.autograd.grad(loss, list(vae.parameters()), allow_unused=True)
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-6, abs=1e-5)
-    for g, e in zip(got, expected_grads, strict=True):
-        assert (g is None) == (e is None)
-        if g is not None:
-            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+    loss = assert_same_value_and_gradient(vae, x, TraceMeanField_ELBO(), meanfield_elbo_loss, seed=9)
     if analytic:  # and it is not Trace_ELBO's number: the KL term replaced log p(z) - log q(z|x)
         pyro.set_rng_seed(9)
         assert abs(reparameterized_elbo_loss(vae, x, 0.5).item() - loss.item()) > 1e-3
