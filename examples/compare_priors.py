@@ -32,7 +32,7 @@ from matplotlib.figure import Figure  # drawn without pyplot: no backend, no win
 
 from pyro_vae.config import config_to_dict, load_config
 from pyro_vae.evaluate import log_likelihood
-from pyro_vae.runs import load_run
+from pyro_vae.runs import load_run, read_metrics
 from pyro_vae.train import train
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mnist_static.toml"
@@ -83,8 +83,9 @@ def per_image_nll(run_dir: Path, k: int, num_test: int, device, data_dir) -> tor
 
 
 def summarize(name: str, run_dir: Path, nll: torch.Tensor, base: torch.Tensor | None) -> dict:
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    best = max(metrics, key=lambda m: m["val_bound"])
+    metrics = read_metrics(run_dir)
+    evaluated = [m for m in metrics if m["val_bound"] is not None]  # train.eval_every skips epochs
+    best = max(evaluated, key=lambda m: m["val_bound"])
     n = len(nll)
     row = {
         "variant": name,
@@ -96,7 +97,7 @@ def summarize(name: str, run_dir: Path, nll: torch.Tensor, base: torch.Tensor | 
         "test_nll": float(nll.mean()),
         "test_nll_se": float(nll.std()) / math.sqrt(n),
         "seconds_per_epoch": sum(m["seconds"] for m in metrics) / len(metrics),
-        "val_elbo_curve": [m["val_elbo"] for m in metrics],
+        "val_elbo_curve": [[m["epoch"], m["val_elbo"]] for m in evaluated],
     }
     if base is not None:
         diff = nll - base
@@ -121,11 +122,12 @@ def table(rows: list[dict], k: int, num_test: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def draw(rows: list[dict], runs: dict[str, Path], out: Path, device, data_dir) -> None:
+def draw(rows: list[dict], runs: dict[str, Path], out: Path, device) -> None:
     fig = Figure(figsize=(6, 4), dpi=120)
     ax = fig.subplots()
     for r in rows:
-        ax.plot(range(1, len(r["val_elbo_curve"]) + 1), r["val_elbo_curve"], marker=".", label=r["variant"])
+        epochs, values = zip(*r["val_elbo_curve"], strict=True)
+        ax.plot(epochs, values, marker=".", label=r["variant"])
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation ELBO (nats)")
     ax.set_title("static MNIST: one line of the config changed")
@@ -138,9 +140,9 @@ def draw(rows: list[dict], runs: dict[str, Path], out: Path, device, data_dir) -
     fig = Figure(figsize=(per_row * 0.8, len(rows) * 1.0), dpi=120)
     axes = fig.subplots(len(rows), 1, squeeze=False)
     for ax, r in zip(axes[:, 0], rows, strict=True):
-        run = load_run(runs[r["variant"]], device=device, data_dir=data_dir)
+        run = load_run(runs[r["variant"]], device=device, load_data=False)
         pyro.set_rng_seed(0)
-        images = run.vae.sample(per_row).cpu().reshape(per_row, 28, 28)
+        images = run.vae.sample(per_row).cpu().reshape(per_row, *run.image_shape[-2:])
         ax.imshow(torch.cat(list(images), dim=1), cmap="gray", vmin=0, vmax=1)
         ax.set_axis_off()
         ax.set_title(f"{r['variant']}: E[x|z], z ~ p(z)", fontsize=8)
@@ -174,18 +176,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     runs, nlls = {}, {}
     for name in names:
         cfg = load_config(CONFIG, [*common, *args.set, *VARIANTS[name]])
-        runs[name] = out / name
+        runs[name], device = out / name, args.device or cfg.train.device
         how = train_or_reuse(cfg, runs[name], args.device, args.data_dir)
-        nlls[name] = per_image_nll(runs[name], k, num_test, args.device or cfg.train.device, args.data_dir)
+        nlls[name] = per_image_nll(runs[name], k, num_test, device, args.data_dir)
         se = float(nlls[name].std()) / math.sqrt(len(nlls[name]))
         print(f"{name} ({how}): test NLL {float(nlls[name].mean()):.2f} ± {se:.2f}", flush=True)
     base = nlls.get("normal")  # paired differences against the N(0, I) prior, when it was run
     rows = [summarize(name, runs[name], nll, base if name != "normal" else None) for name, nll in nlls.items()]
 
-    text = table(rows, k, len(base if base is not None else next(iter(nlls.values()))))
+    text = table(rows, k, len(next(iter(nlls.values()))))
     (out / "priors.md").write_text(text)
     (out / "priors.json").write_text(json.dumps(rows, indent=2))
-    draw(rows, runs, out, args.device or "auto", args.data_dir)
+    draw(rows, runs, out, device)
     print(text, end="")
     print(f"figures: {out / 'val_elbo.png'}, {out / 'samples.png'}")
     return rows

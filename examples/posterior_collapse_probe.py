@@ -27,7 +27,7 @@ import pyro
 import torch
 
 from pyro_vae import estimators
-from pyro_vae.data import load_mnist_static, resolve_data_root, resolve_device
+from pyro_vae.data import load_mnist_static, make_generator, resolve_data_root, resolve_device
 from pyro_vae.evaluate import ignore_z_baseline
 from pyro_vae.model import VAE
 from pyro_vae.optim import build_optimizer
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     vae = VAE(z_dim=args.z_dim, hidden_dims=hidden, activation=args.activation, prior=args.prior, init=args.init)
     vae.to(device)
     step = TrainStep(vae, estimators.get("trace"), build_optimizer("adam", vae.parameters(), args.lr))
-    generator = torch.Generator(device=device).manual_seed(args.seed)
+    generator = make_generator(args.seed, device)
     baseline = ignore_z_baseline(scored)
     print(f"plateau (best decoder that ignores z) on {len(scored)} images: {baseline:.2f} nats", flush=True)
     rows, start = [], time.perf_counter()
