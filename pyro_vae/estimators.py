@@ -48,6 +48,7 @@ import torch
 from pyro import poutine
 from pyro.infer import JitTrace_ELBO, JitTraceMeanField_ELBO, Trace_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
 from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import site_is_subsample
 from torch import nn
 
 from pyro_vae.closed_form import closed_form_elbo, closed_form_terms
@@ -57,13 +58,19 @@ ESTIMATORS: Registry = Registry("estimator")
 
 
 # -- log weights from Pyro traces ---------------------------------------------------------------
+def guide_particles(vae, x: torch.Tensor, k: int = 1, beta: float | torch.Tensor = 1.0):
+    """The guide's trace with ``k`` draws z ~ q(z|x) per example, on a particle plate at dim -2."""
+    with pyro.plate("particles", k, dim=-2):
+        return poutine.trace(vae.guide).get_trace(x, beta)
+
+
 def particle_traces(vae, x: torch.Tensor, k: int = 1, beta: float | torch.Tensor = 1.0):
     """(guide_trace, model_trace): ``k`` draws z ~ q(z|x) per example and the model replayed on them.
 
     Vectorized over a particle plate at dim -2, so every per-example log-density has shape ``(k, batch)``.
     """
+    guide_trace = guide_particles(vae, x, k, beta)
     with pyro.plate("particles", k, dim=-2):
-        guide_trace = poutine.trace(vae.guide).get_trace(x, beta)
         model_trace = poutine.trace(poutine.replay(vae.model, trace=guide_trace)).get_trace(x, beta)
     return guide_trace, model_trace
 
@@ -82,17 +89,21 @@ def log_weights(vae, x: torch.Tensor, k: int = 1, beta: float | torch.Tensor = 1
 def trace_log_density(trace) -> torch.Tensor:
     """Sum over the trace's sample sites of ``scale * log_prob(value)`` (per example, per particle)."""
     total = 0.0
-    for site in trace.nodes.values():
-        if site["type"] == "sample":
-            total = total + site["fn"].log_prob(site["value"]) * site["scale"]
+    for site in sample_sites(trace):
+        total = total + site["fn"].log_prob(site["value"]) * site["scale"]
     return total
+
+
+def sample_sites(trace) -> list[dict]:
+    """The trace's sample sites, without the plates' subsample sites (which carry no density)."""
+    return [site for site in trace.nodes.values() if site["type"] == "sample" and not site_is_subsample(site)]
 
 
 def _latent_values(trace, detach: bool = False) -> dict[str, torch.Tensor]:
     return {
-        name: site["value"].detach() if detach else site["value"]
-        for name, site in trace.nodes.items()
-        if site["type"] == "sample" and not site["is_observed"]
+        site["name"]: site["value"].detach() if detach else site["value"]
+        for site in sample_sites(trace)
+        if not site["is_observed"]
     }
 
 
@@ -188,9 +199,8 @@ def meanfield_bound(vae, x: torch.Tensor) -> torch.Tensor:
     guide_trace, model_trace = particle_traces(vae, x, 1)
     latent = _latent_values(guide_trace)
     total = 0.0
-    for name, site in model_trace.nodes.items():
-        if site["type"] != "sample":
-            continue
+    for site in sample_sites(model_trace):
+        name = site["name"]
         if name not in latent:
             total = total + site["fn"].log_prob(site["value"]) * site["scale"]
             continue
@@ -286,9 +296,7 @@ class JitMeanFieldELBO(_JitELBO):
         elbo._loss_and_surrogate_loss = elbo._differentiable_loss
         return loss
 
-    @torch.no_grad()
-    def bound(self, vae, x: torch.Tensor) -> torch.Tensor:
-        return meanfield_bound(vae, x)
+    bound = MeanFieldELBO.bound
 
 
 class _ScoreFunctionLatents(Messenger):
@@ -304,7 +312,7 @@ class _ScoreFunctionLatents(Messenger):
         self.baseline = baseline
 
     def _pyro_sample(self, msg) -> None:
-        if msg["is_observed"] or type(msg["fn"]).__name__ == "_Subsample":  # plates send _Subsample sites
+        if msg["is_observed"] or site_is_subsample(msg):
             return
         fn = msg["fn"]
         while True:
@@ -365,7 +373,6 @@ class ImportanceWeighted(Estimator):
     bound, summed over the batch.
     """
 
-    bound_name = "IWAE bound"
     stop_score: bool = False
     doubly_reparameterized: bool = False
 
@@ -373,6 +380,7 @@ class ImportanceWeighted(Estimator):
         if not (isinstance(k, int) and k >= 1):
             raise ValueError(f"k (the number of importance samples) must be an integer >= 1, got {k!r}")
         self.k = k
+        self.bound_name = f"IWAE bound (k={k})"
 
     def aggregate(self, log_w: torch.Tensor) -> torch.Tensor:
         """The IWAE bound log (1/k) sum_i w_i from log weights of shape ``(k, batch)``."""
@@ -401,7 +409,7 @@ class ImportanceWeighted(Estimator):
         (z held fixed); the second, with all parameters stop-gradiented, only the path through
         z_i = z(eps_i, phi): sum_i w~_i^2 (d log w_i / d z_i)(d z_i / d phi).
         """
-        guide_trace = particle_traces(vae, x, self.k, beta)[0]
+        guide_trace = guide_particles(vae, x, self.k, beta)
         values, fixed = _latent_values(guide_trace), _latent_values(guide_trace, detach=True)
         log_p_model = _replayed_log_density(vae.model, fixed, x, self.k, beta)
 
@@ -429,10 +437,6 @@ class IWAE(ImportanceWeighted):
     non-decreasing in k, equal to the ELBO at k = 1 and tending to log p(x) as k grows.
     Gradient: pathwise through the log-sum-exp, sum_i w~_i grad log w_i with w~_i = w_i / sum_j w_j.
     """
-
-    def __init__(self, k: int = 1) -> None:
-        super().__init__(k)
-        self.bound_name = f"IWAE bound (k={k})"
 
 
 @ESTIMATORS.register("renyi")
@@ -507,10 +511,6 @@ class DReG(ImportanceWeighted):
     """
 
     doubly_reparameterized = True
-
-    def __init__(self, k: int = 1) -> None:
-        super().__init__(k)
-        self.bound_name = f"IWAE bound (k={k})"
 
 
 def get(spec) -> Estimator:

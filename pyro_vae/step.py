@@ -42,7 +42,7 @@ import torch
 from pyro.distributions.util import scale_and_mask
 from pyro.infer.enum import get_importance_trace
 from pyro.poutine.messenger import Messenger
-from pyro.poutine.subsample_messenger import _Subsample
+from pyro.poutine.util import site_is_subsample
 from torch import nn
 from torch.distributions import constraints, kl_divergence
 
@@ -133,7 +133,7 @@ class SiteLogDensity(Messenger):
             self.noise[msg["name"]] = noise
 
     def _pyro_post_sample(self, msg) -> None:
-        if isinstance(msg["fn"], _Subsample):
+        if site_is_subsample(msg):
             return
         name, fn, value, scale, mask = msg["name"], msg["fn"], msg["value"], msg["scale"], msg["mask"]
         self.values[name] = value
@@ -199,10 +199,6 @@ def meanfield_elbo_loss(vae, x: torch.Tensor, beta: float | torch.Tensor = 1.0) 
     return -(model.log_density() - guide.log_density(exclude=model.analytic))
 
 
-def _sample_sites(trace):
-    return [s for s in trace.nodes.values() if s["type"] == "sample" and not isinstance(s["fn"], _Subsample)]
-
-
 @torch.no_grad()
 def lean_loss_supported(vae, x: torch.Tensor, beta: float | torch.Tensor = 1.0) -> tuple[bool, str]:
     """Whether :func:`reparameterized_elbo_loss` equals ``Trace_ELBO`` for this model and guide.
@@ -216,7 +212,7 @@ def lean_loss_supported(vae, x: torch.Tensor, beta: float | torch.Tensor = 1.0) 
     """
     model_trace, guide_trace = get_importance_trace("flat", math.inf, vae.model, vae.guide, (x, beta), {})
     guide_latents = set()
-    for site in _sample_sites(guide_trace):
+    for site in _estimators.sample_sites(guide_trace):
         if site["is_observed"]:
             return False, f"the guide observes site {site['name']!r}"
         if not site["fn"].has_rsample:
@@ -224,7 +220,7 @@ def lean_loss_supported(vae, x: torch.Tensor, beta: float | torch.Tensor = 1.0) 
         if site["infer"].get("enumerate"):
             return False, f"guide site {site['name']!r} is enumerated"
         guide_latents.add(site["name"])
-    for site in _sample_sites(model_trace):
+    for site in _estimators.sample_sites(model_trace):
         if not site["is_observed"] and site["name"] not in guide_latents:
             return False, f"model latent {site['name']!r} has no guide site"
     for trace in (guide_trace, model_trace):
