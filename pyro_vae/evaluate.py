@@ -84,15 +84,17 @@ def default_chunk_size(vae, batch: int, budget: int | None = None) -> int:
     return max(1, (budget or MEMORY_BUDGET) // (batch * _width(vae)))
 
 
-def _log_weights(vae, q: tdist.Distribution, x: torch.Tensor, k: int) -> torch.Tensor:
+def _log_weights(vae, p: tdist.Distribution, q: tdist.Distribution, x: torch.Tensor, k: int) -> torch.Tensor:
     """log w = log p(z) + log p(x|z) - log q(z|x) for ``k`` draws z ~ q(z|x), shape ``(k, batch)``.
 
-    ``q`` is ``vae.posterior(x)``, built once per batch and reused across chunks. ``log_prob``
-    follows ``sample`` directly so that flows hit their transform cache instead of inverting.
+    ``p`` is ``vae.prior_distribution()``, built once per evaluation (a VampPrior's costs an encoder
+    pass over its pseudo-inputs); ``q`` is ``vae.posterior(x)``, built once per batch and reused
+    across chunks. ``log_prob`` follows ``sample`` directly so that flows hit their transform cache
+    instead of inverting.
     """
     z = q.sample((k,))
     log_q = q.log_prob(z)
-    return vae.prior_distribution().log_prob(z) + vae.decode(z).log_prob(vae.likelihood.prepare(x)) - log_q
+    return p.log_prob(z) + vae.decode(z).log_prob(vae.likelihood.prepare(x)) - log_q
 
 
 def _progress(total: int, enabled: bool | None, desc: str):
@@ -128,13 +130,14 @@ def _log_weight_moments(
     batch_size = batch_size or min(x.shape[0], DEFAULT_BATCH_SIZE) or 1
     lse1, lse2 = [], []
     with _evaluating(vae), _progress(x.shape[0], progress, f"log p(x), K={num_samples}") as bar:
+        prior = vae.prior_distribution()
         for xb in _batches(x, batch_size):
             chunk = chunk_size or default_chunk_size(vae, xb.shape[0])
             q = vae.posterior(xb)
             s1 = torch.full((xb.shape[0],), -math.inf, dtype=x.dtype, device=x.device)
             s2 = s1.clone()
             for start in range(0, num_samples, chunk):
-                lw = _log_weights(vae, q, xb, min(chunk, num_samples - start))
+                lw = _log_weights(vae, prior, q, xb, min(chunk, num_samples - start))
                 s1 = torch.logaddexp(s1, lw.logsumexp(0))
                 s2 = torch.logaddexp(s2, (2 * lw).logsumexp(0))
             lse1.append(s1)
@@ -215,11 +218,12 @@ def elbo_per_example(
     out = []
     with _evaluating(vae):
         use_closed_form = analytic_kl and has_closed_form(vae)
+        prior = None if use_closed_form else vae.prior_distribution()
         for xb in _batches(x, batch_size):
             if use_closed_form:
                 out.append(closed_form_elbo(vae, xb, num_samples))
             else:
-                out.append(_log_weights(vae, vae.posterior(xb), xb, num_samples).mean(0))
+                out.append(_log_weights(vae, prior, vae.posterior(xb), xb, num_samples).mean(0))
     return torch.cat(out)
 
 
