@@ -350,20 +350,16 @@ def train(
                 lr = schedule.apply(optimizer, tcfg.lr, epoch - 1)
                 vae.train()
                 reporter.start_epoch(epoch, tcfg.epochs, steps_per_epoch)
-                loss_sum = torch.zeros((), device=device)
-                first_bad = torch.full((), -1, dtype=torch.int64, device=device)
-                counter = torch.full((), progress_state.step, dtype=torch.int64, device=device)
+                losses: list[torch.Tensor] = []  # device scalars: the step itself adds no kernel to sum them
                 seen, step, beta = 0, progress_state.step, 1.0
                 for x in batch_source(epoch, generator):
                     beta = warmup_beta(step, warmup_steps)
-                    loss = step_fn(x, beta)
-                    loss_sum += loss
-                    first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), counter, first_bad)
-                    counter += 1
+                    losses.append(step_fn(x, beta))
                     seen += x.shape[0]
                     step += 1
                     reporter.advance()
                 reporter.end_epoch()
+                loss_sum, first_bad = _epoch_losses(losses, progress_state.step, device)
                 evaluated = epoch % tcfg.eval_every == 0 or epoch == tcfg.epochs
                 zero = loss_sum.new_zeros((), dtype=torch.float64)
                 sums = [loss_sum.double(), first_bad.double(), zero, zero, zero]
@@ -442,6 +438,16 @@ def train(
         "metrics": record,
         "evaluation": evaluation,
     }
+
+
+def _epoch_losses(losses: list[torch.Tensor], first_step: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of the epoch's losses, global index of its first non-finite loss or -1), on the device, no host sync."""
+    if not losses:
+        return torch.zeros((), device=device), torch.full((), -1, dtype=torch.int64, device=device)
+    stacked = torch.stack(losses)
+    bad = ~torch.isfinite(stacked)
+    first_bad = torch.where(bad.any(), bad.int().argmax() + first_step, -1)
+    return stacked.sum(), first_bad
 
 
 def _restore(state: dict[str, Any], vae, optimizer, generator: torch.Generator) -> Progress:
