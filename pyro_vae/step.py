@@ -470,3 +470,15 @@ def _make_capturable(optimizer: torch.optim.Optimizer) -> None:
             state = optimizer.state.get(p, {})
             if torch.is_tensor(state.get("step")) and state["step"].device != p.device:
                 state["step"] = state["step"].to(p.device)
+
+
+def release_capturable(optimizer: torch.optim.Optimizer) -> None:
+    """Undo :func:`_make_capturable`'s flag: ``capturable`` back to the optimizer's own default.
+
+    A checkpoint of a CUDA-graph run carries ``capturable=True`` in its parameter groups, and a
+    foreach optimizer on the CPU refuses to step with it; the graph path turns it on again when
+    it is taken.
+    """
+    for group in optimizer.param_groups:
+        if "capturable" in group:
+            group["capturable"] = optimizer.defaults.get("capturable", False)

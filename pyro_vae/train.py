@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -52,11 +51,11 @@ from pyro.infer import SVI, Trace_ELBO
 from pyro_vae import checkpoint as ckpt
 from pyro_vae import distributed, estimators
 from pyro_vae.config import Config, config_to_dict, save_config
-from pyro_vae.data import batches, resolve_device
+from pyro_vae.data import batches, make_generator, resolve_device
 from pyro_vae.evaluate import elbo_per_example, evaluate
 from pyro_vae.optim import build_optimizer, build_schedule
 from pyro_vae.runs import BEST, CHECKPOINT, CONFIG, METRICS, build_vae, load_dataset_for, read_metrics
-from pyro_vae.step import TrainStep
+from pyro_vae.step import TrainStep, release_capturable
 
 __all__ = ["NonFiniteLossError", "TrainingError", "fit", "train", "warmup_beta"]
 
@@ -282,13 +281,11 @@ def train(
     train_estimator = distributed.distribute_estimator(vae, estimator, dctx)
     distributed.seed_rank(tcfg.seed, dctx)
     step_fn = TrainStep(vae, train_estimator, optimizer, clip_norm=tcfg.clip_norm)
-    generator = torch.Generator(device=dataset.train.device).manual_seed(tcfg.seed)
+    generator = make_generator(tcfg.seed, dataset.train.device)
     if dctx.enabled and batch_source is None:  # each rank its disjoint shard of one (seed, epoch) permutation
         batch_source = distributed.sharded_batch_source(dataset, tcfg.batch_size, tcfg.seed, dctx)
     batch_source = batch_source or _default_batches(dataset, tcfg.batch_size)
-    steps_per_epoch = steps_per_epoch or math.ceil(len(dataset.train) / tcfg.batch_size)
-    if dctx.enabled:
-        steps_per_epoch = distributed.num_steps(len(dataset.train), tcfg.batch_size, dctx.world_size)
+    steps_per_epoch = steps_per_epoch or distributed.num_steps(len(dataset.train), tcfg.batch_size, dctx.world_size)
     warmup_steps = tcfg.warmup_epochs * steps_per_epoch
     patience = tcfg.patience or 0  # None: off
     has_val = dataset.val is not None and len(dataset.val) > 0
@@ -454,6 +451,7 @@ def _restore(state: dict[str, Any], vae, optimizer, generator: torch.Generator) 
     """Load a checkpoint's weights, optimizer, param store and RNG states; return its counters."""
     vae.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
+    release_capturable(optimizer)  # a CUDA-graph run saved capturable=True, which a CPU optimizer refuses
     ckpt.restore_param_store(state["param_store"], state["param_constraints"])
     ckpt.set_rng_state(state["rng"])
     generator.set_state(state["data_generator"].cpu())

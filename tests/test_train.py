@@ -373,3 +373,28 @@ def test_fit_still_trains():
     history = fit(vae, x, test_x=x[:16], epochs=2, batch_size=32, seed=0)
     assert [h["epoch"] for h in history] == [1, 2]
     assert all(h["train_elbo"] < 0 and h["test_elbo"] < 0 for h in history)
+
+
+def test_resume_on_cpu_after_a_cuda_graph_run_saved_capturable_groups(tmp_path):
+    """A CUDA-graph run turns on ``capturable`` in the optimizer and the checkpoint keeps it; a CPU
+    foreach optimizer refuses to step with it, so resuming releases it (step.release_capturable)."""
+    run = tmp_path / "run"
+    train(tiny("train.epochs=1", "train.optimizer=adamw"), run, progress=False)
+    state = ckpt.load_checkpoint(run / "checkpoint.pt")
+    for group in state["optimizer"]["param_groups"]:
+        group["capturable"] = True  # what step._make_capturable leaves in a CUDA-graph run's checkpoint
+    ckpt.save_checkpoint(state, run / "checkpoint.pt")
+    model = torch.nn.Linear(3, 2)
+    refusing = optim.build_optimizer("adamw", model.parameters(), lr=0.1)
+    refusing.load_state_dict(
+        {
+            **state["optimizer"],
+            "state": {},
+            "param_groups": [{**state["optimizer"]["param_groups"][0], "params": [0, 1]}],
+        }
+    )
+    model(torch.ones(1, 3)).sum().backward()
+    with pytest.raises(AssertionError, match="capturable"):
+        refusing.step()  # the failure a resume hit before
+    result = train(tiny("train.epochs=2", "train.optimizer=adamw"), run, resume=True, progress=False)
+    assert result["status"] == "completed" and result["epoch"] == 2
