@@ -382,13 +382,16 @@ class TrainStep:
     def _graph_step(self, x, beta) -> torch.Tensor:
         try:
             return self._graph(x, beta)
-        except torch.cuda.OutOfMemoryError:
-            raise
-        except RuntimeError as error:  # capture refused (an op that syncs, an uncapturable kernel)
+        except CaptureFailedError as failure:  # only the capture: errors of eager or replayed steps propagate
+            error = failure.__cause__
             log.warning("TrainStep: CUDA graph capture failed (%s); using the fast path", error)
             self.path, self.fallback_reason, self._graph = "fast", f"capture failed: {error}", None
             with pyro.validation_enabled(False):
                 return self._eager(self._loss_fn, x, beta)
+
+
+class CaptureFailedError(RuntimeError):
+    """CUDA graph capture refused the step (an op that syncs, an uncapturable kernel); its cause is the error."""
 
 
 class _GraphedStep:
@@ -426,7 +429,12 @@ class _GraphedStep:
             if self.warmup_left > 0:
                 self.warmup_left -= 1
                 return self._side_stream_eager(x, beta)
-            self._capture(x, key)
+            try:
+                self._capture(x, key)
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except RuntimeError as error:
+                raise CaptureFailedError(str(error)) from error
         self.static_x.copy_(x)
         if torch.is_tensor(beta):
             self.static_beta.copy_(beta)

@@ -16,6 +16,7 @@ from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 from pyro_vae import estimators
 from pyro_vae.model import VAE
 from pyro_vae.step import (
+    CaptureFailedError,
     Plan,
     SiteLogDensity,
     TrainStep,
@@ -399,3 +400,30 @@ def test_cuda_graph_step_matches_the_eager_fast_step(caplog):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
     assert "captured the step as a CUDA graph" in caplog.text
     assert "differs from the captured" in caplog.text
+
+
+class _FakeGraph:
+    """Stands in for _GraphedStep on the CPU: raises what a capture or a replay would."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def __call__(self, x, beta):
+        raise self.error
+
+
+def test_failed_capture_falls_back_and_other_errors_propagate(caplog):
+    vae, x = small_vae(), binary_batch()
+    step = TrainStep(vae, estimators.get("trace"), torch.optim.Adam(vae.parameters(), lr=1e-3))
+    step(x)  # chooses the fast path on the CPU
+    step.path, step._graph = "cuda_graph", _FakeGraph(RuntimeError("a bug in an eager step"))
+    with pytest.raises(RuntimeError, match="a bug in an eager step"):
+        step(x)  # not hidden as a capture failure
+    assert step.path == "cuda_graph"
+    failure = CaptureFailedError("operation not permitted when stream is capturing")
+    failure.__cause__ = RuntimeError("operation not permitted when stream is capturing")
+    step._graph = _FakeGraph(failure)
+    with caplog.at_level(logging.WARNING, logger="pyro_vae.step"):
+        loss = step(x)
+    assert torch.isfinite(loss) and step.path == "fast" and step._graph is None
+    assert "capture failed" in step.fallback_reason and "CUDA graph capture failed" in caplog.text
