@@ -97,9 +97,9 @@ class SiteLogDensity(Messenger):
     def __init__(self, replay: dict[str, torch.Tensor] | None = None, kl_from: SiteLogDensity | None = None) -> None:
         super().__init__()
         self.replay, self.kl_from = replay, kl_from
-        self.values: dict[str, torch.Tensor] = {}
-        self.noise: dict[str, torch.Tensor] = {}  # name -> e, for the sites drawn here from a diagonal Normal
+        self.values: dict[str, torch.Tensor] = {}  # name -> value of each latent site
         self.sites: dict[str, tuple] = {}  # name -> (fn, scale, mask) of each latent site
+        self.noise: dict[str, tuple] = {}  # name -> (Normal, event dims, e) of the sites drawn here from one
         self.terms: dict[str, Callable[[], torch.Tensor]] = {}
         self.analytic: set[str] = set()
 
@@ -124,21 +124,20 @@ class SiteLogDensity(Messenger):
             if msg["name"] in self.replay:
                 msg["value"], msg["done"] = self.replay[msg["name"]], True
             return
-        normal = _diagonal_normal(msg["fn"])
-        if normal is not None and not msg["args"] and not msg["kwargs"]:
-            loc, scale = normal[0].loc, normal[0].scale
+        found = _diagonal_normal(msg["fn"])
+        if found is not None and not msg["args"] and not msg["kwargs"]:
+            normal, event_dims = found
             # torch.distributions.Normal.rsample's own draw and arithmetic: the same z, bit for bit.
-            noise = torch.empty(normal[0].batch_shape, dtype=loc.dtype, device=loc.device).normal_()
-            msg["value"], msg["done"] = loc + noise * scale, True
-            self.noise[msg["name"]] = noise
+            noise = torch.empty(normal.batch_shape, dtype=normal.loc.dtype, device=normal.loc.device).normal_()
+            msg["value"], msg["done"] = normal.loc + noise * normal.scale, True
+            self.noise[msg["name"]] = (normal, event_dims, noise)
 
     def _pyro_post_sample(self, msg) -> None:
         if site_is_subsample(msg):
             return
         name, fn, value, scale, mask = msg["name"], msg["fn"], msg["value"], msg["scale"], msg["mask"]
-        self.values[name] = value
         if not msg["is_observed"]:
-            self.sites[name] = (fn, scale, mask)
+            self.values[name], self.sites[name] = value, (fn, scale, mask)
         guide_site = self.kl_from.sites.get(name) if self.kl_from is not None and not msg["is_observed"] else None
         if guide_site is not None:
             try:
@@ -149,19 +148,28 @@ class SiteLogDensity(Messenger):
                 self.analytic.add(name)
                 self.terms[name] = lambda: -scale_and_mask(kl, guide_site[1], guide_site[2]).sum()
                 return
-        noise = self.noise.get(name)
-        if noise is not None:
-            self.terms[name] = lambda: scale_and_mask(_log_normal_from_noise(fn, noise), scale, mask).sum()
+        drawn = self.noise.get(name)
+        if drawn is not None:
+            self.terms[name] = lambda: scale_and_mask(_log_normal_from_noise(*drawn), scale, mask).sum()
         else:
             args, kwargs = msg["args"], msg["kwargs"]
             self.terms[name] = lambda: scale_and_mask(fn.log_prob(value, *args, **kwargs), scale, mask).sum()
 
 
-def _log_normal_from_noise(fn, noise: torch.Tensor) -> torch.Tensor:
-    """log N(loc + scale * noise; loc, scale), summed over ``fn``'s event dimensions."""
-    normal, event_dims = _diagonal_normal(fn)
+def _log_normal_from_noise(normal, event_dims: int, noise: torch.Tensor) -> torch.Tensor:
+    """log N(loc + scale * noise; loc, scale), summed over the last ``event_dims`` dimensions."""
     log_p = -0.5 * noise.square() - normal.scale.log() - LOG_SQRT_2PI
     return log_p.sum(tuple(range(-event_dims, 0))) if event_dims else log_p
+
+
+def _lean_elbo_loss(vae, x: torch.Tensor, beta, analytic_kl: bool) -> torch.Tensor:
+    """The guide under one :class:`SiteLogDensity`, the model replayed on its draws under another."""
+    with module_registration(False):
+        with SiteLogDensity() as guide:
+            vae.guide(x, beta)
+        with SiteLogDensity(replay=guide.values, kl_from=guide if analytic_kl else None) as model:
+            vae.model(x, beta)
+    return -(model.log_density() - guide.log_density(exclude=model.analytic))
 
 
 def reparameterized_elbo_loss(vae, x: torch.Tensor, beta: float | torch.Tensor = 1.0) -> torch.Tensor:
@@ -176,12 +184,7 @@ def reparameterized_elbo_loss(vae, x: torch.Tensor, beta: float | torch.Tensor =
     would answer their parameter sites with the modules' own parameters anyway, and the walk over
     the parameters costs about a tenth of a CPU step. The param store is left as it was.
     """
-    with module_registration(False):
-        with SiteLogDensity() as guide:
-            vae.guide(x, beta)
-        with SiteLogDensity(replay=guide.values) as model:
-            vae.model(x, beta)
-    return -(model.log_density() - guide.log_density())
+    return _lean_elbo_loss(vae, x, beta, analytic_kl=False)
 
 
 def meanfield_elbo_loss(vae, x: torch.Tensor, beta: float | torch.Tensor = 1.0) -> torch.Tensor:
@@ -191,12 +194,7 @@ def meanfield_elbo_loss(vae, x: torch.Tensor, beta: float | torch.Tensor = 1.0) 
     The same programs and messengers as :func:`reparameterized_elbo_loss`; value and gradient
     agree with ``TraceMeanField_ELBO().differentiable_loss`` to float rounding (tested).
     """
-    with module_registration(False):
-        with SiteLogDensity() as guide:
-            vae.guide(x, beta)
-        with SiteLogDensity(replay=guide.values, kl_from=guide) as model:
-            vae.model(x, beta)
-    return -(model.log_density() - guide.log_density(exclude=model.analytic))
+    return _lean_elbo_loss(vae, x, beta, analytic_kl=True)
 
 
 @torch.no_grad()
