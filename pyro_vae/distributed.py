@@ -450,11 +450,6 @@ def map_rows(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> tor
     return gather_rows(fn(shard_rows(x)), sizes)
 
 
-def env_rank() -> int:
-    """The ``RANK`` torchrun gave this process (0 without torchrun); valid before and after the group exists."""
-    return int(os.environ.get("RANK", "0")) if launched_by_torchrun() else 0
-
-
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """Rank ``src``'s ``obj`` on every rank (e.g. a run folder name or a stop decision)."""
     if not dist.is_initialized():

@@ -104,8 +104,8 @@ class VAE(nn.Module):
         x = x.reshape(x.shape[0], -1)
         with pyro.plate("data", x.shape[0]):
             with _kl_scale(beta):
-                z = pyro.sample("z", self.prior(self.encoder))
-            pyro.sample("x", self.likelihood(self.decoder(z)), obs=self.likelihood.prepare(x))
+                z = pyro.sample("z", self.prior_distribution())
+            pyro.sample("x", self.decode(z), obs=self.likelihood.prepare(x))
         return z
 
     def guide(self, x: torch.Tensor, beta: float | torch.Tensor = 1.0) -> torch.Tensor:

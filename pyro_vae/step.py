@@ -335,8 +335,6 @@ class TrainStep:
         with pyro.validation_enabled(False):
             return self._eager(self._loss_fn, x, beta)
 
-    step = __call__
-
     # -- paths ---------------------------------------------------------------------------------
     def _eager(self, loss_fn, x, beta) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)

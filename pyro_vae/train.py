@@ -587,15 +587,14 @@ def fit(
     svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": lr}), loss=Trace_ELBO())
     history, step = [], 0
     for epoch in range(1, epochs + 1):
-        total = torch.zeros((), device=device)
-        seen = 0
+        total, seen = 0.0, 0  # svi.step returns a host float already
         for batch in torch.randperm(len(train_x), device=device).split(batch_size):
             total += svi.step(train_x[batch])
             seen += len(batch)
             step += 1
             if max_steps is not None and step >= max_steps:
                 break
-        record = {"epoch": epoch, "train_elbo": -float(total) / seen}
+        record = {"epoch": epoch, "train_elbo": -total / seen}
         if test_x is not None:
             record["test_elbo"] = evaluate_elbo(vae, test_x, batch_size=1000)
         history.append(record)
