@@ -338,10 +338,7 @@ def train(
         # Distribution argument checks sync with the host on every step; the data were checked above,
         # and a NaN is caught at the end of the epoch with its step named.
         with pyro.validation_enabled(False):
-            while progress_state.epoch < tcfg.epochs:
-                if patience and progress_state.bad_epochs >= patience:
-                    status = "early_stopped"
-                    break
+            while progress_state.epoch < tcfg.epochs and not (patience and progress_state.bad_epochs >= patience):
                 epoch = progress_state.epoch + 1
                 start = time.perf_counter()
                 lr = schedule.apply(optimizer, tcfg.lr, epoch - 1)
@@ -400,9 +397,8 @@ def train(
                 if is_main:
                     _write_epoch(out_dir, record, snapshot(), improved)
                 reporter.line(_format_record(record, tcfg.epochs))
-            else:
-                if patience and progress_state.bad_epochs >= patience:
-                    status = "early_stopped"
+            if patience and progress_state.bad_epochs >= patience:
+                status = "early_stopped"
     except KeyboardInterrupt:
         reporter.end_epoch()
         status = "interrupted"
