@@ -52,8 +52,8 @@ class ModelConfig:
 
     z_dim: int = 50
     hidden_dims: list[int] = field(default_factory=lambda: [400])
-    activation: str = "softplus"
-    init: str = "torch"  # weight initialization: torch, glorot or he (pyro_vae.networks.INITIALIZERS)
+    activation: str = field(default="softplus", metadata={"names": "activation"})
+    init: str = field(default="torch", metadata={"names": "init"})  # weight initialization
     prior: SpecValue = field(default="normal", metadata={"spec": "prior"})
     likelihood: SpecValue = field(default="bernoulli", metadata={"spec": "likelihood"})
     guide: SpecValue = field(default="normal", metadata={"spec": "guide"})
@@ -208,12 +208,6 @@ def _check_ranges(section: str, key: str, value: Any) -> None:
         raise ConfigError(f"{where} must be a positive number, got {value}")
     if (section, key) == ("model", "hidden_dims") and any(h < 1 for h in value):
         raise ConfigError(f"{where} must hold positive widths, got {value}")
-    if (section, key) in (("model", "activation"), ("model", "init")):
-        from pyro_vae import networks  # a leaf still: torch, not the rest of pyro_vae
-
-        valid = networks.ACTIVATIONS if key == "activation" else networks.INITIALIZERS
-        if value not in valid:
-            raise _unknown(key, value, valid, where=f" for {where}")
     if (section, key) == ("train", "device") and value != "auto":
         import torch  # a leaf still: torch, not pyro_vae
 
@@ -438,15 +432,29 @@ def _registries() -> dict[str, tuple[Any, tuple[str, ...]]]:
     }
 
 
+def _name_tables() -> dict[str, Mapping[str, Any]]:
+    """The valid values of each plain-name field (metadata ``{"names": ...}``): not specs, no arguments."""
+    from pyro_vae import networks
+
+    return {"activation": networks.ACTIVATIONS, "init": networks.INITIALIZERS}
+
+
 def validate(cfg: Config) -> Config:
-    """Check every spec field's name and argument names against its registry; returns ``cfg``.
+    """Check every spec field's name and argument names against its registry, and every plain-name
+    field (``model.activation``, ``model.init``) against its table; returns ``cfg``.
 
     Raises :class:`ConfigError` listing the valid names or arguments and the closest match.
     Values of spec arguments are checked when the object is built.
     """
-    registries = _registries()
+    registries, tables = _registries(), _name_tables()
     for section in SECTIONS:
         for f in dataclasses.fields(SECTIONS[section]):
+            table = f.metadata.get("names")
+            if table is not None:
+                value = getattr(getattr(cfg, section), f.name)
+                if value not in tables[table]:
+                    raise _unknown(f.name, value, tables[table], where=f" for {section}.{f.name}")
+                continue
             kind = f.metadata.get("spec")
             if kind is None:
                 continue
