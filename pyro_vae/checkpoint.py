@@ -108,15 +108,13 @@ def restore_param_store(params: dict[str, torch.Tensor], names: dict[str, str], 
     registers the live tensors again at the next model call (the store must not hold copies
     that the optimizer does not update).
     """
-    store = pyro.get_param_store()
-    for name, value in params.items():
-        if skip_modules and "$$$" in name:
-            continue
-        constraint = _CONSTRAINTS[names.get(name, "real")]
-        unconstrained = value.detach().clone().requires_grad_()
-        store._params[name] = unconstrained
-        store._param_to_name[unconstrained] = name
-        store._constraints[name] = constraint
+    kept = [name for name in params if not (skip_modules and "$$$" in name)]
+    pyro.get_param_store().set_state(
+        {
+            "params": {name: params[name].detach().clone().requires_grad_() for name in kept},
+            "constraints": {name: _CONSTRAINTS[names.get(name, "real")] for name in kept},
+        }
+    )
 
 
 # -- files -----------------------------------------------------------------------------------------
