@@ -477,6 +477,9 @@ def load_dataset(
         seed: seeds the per-epoch binarization of ``mnist-dynamic``.
         download: fetch missing files with torchvision (never done otherwise).
     """
+    if subset is not None and (isinstance(subset, bool) or not isinstance(subset, int) or subset < 1):
+        raise ValueError(f"subset must be a positive integer or None, got {subset!r}")
+    device = resolve_device(device)  # both checked before the files are read
     spec_name, kwargs = parse_spec(name)
     data_root = resolve_data_root(root)
     try:
@@ -485,26 +488,23 @@ def load_dataset(
         if root is None or str(root) == "":
             raise DatasetNotFoundError(f"{err}\nThe data root is {_root_origin(root)}.") from None
         raise
-    if subset is not None and (isinstance(subset, bool) or not isinstance(subset, int) or subset < 1):
-        raise ValueError(f"subset must be a positive integer or None, got {subset!r}")
     train, train_labels, val, val_labels = _hold_out(splits, val_size, format_spec(spec_name, kwargs))
-    device = resolve_device(device)
 
-    def prepare(x: torch.Tensor) -> torch.Tensor:
+    def prepare(x: torch.Tensor, binarize_with: torch.Generator | None = None) -> torch.Tensor:
+        if binarize_with is not None:  # on the CPU: the one fixed binarization is the same on every device
+            probs = x[:subset].to(torch.float32).div_(splits.max_value)
+            return torch.bernoulli(probs, generator=binarize_with).to(device)
         # Subset first, then convert on the device: moves 1 byte per pixel over the bus, not 4.
         return x[:subset].to(device).to(torch.float32).div_(splits.max_value)
 
     def prepare_labels(y: torch.Tensor | None) -> torch.Tensor | None:
         return None if y is None else y[:subset].to(device=device, dtype=torch.int64)
 
-    train_x, val_x, test_x = prepare(train), prepare(val), prepare(splits.test)
-    train_probs = None
-    if splits.binarize_dynamically:
-        train_probs = train_x
-        eval_gen = make_generator(EVAL_BINARIZATION_SEED)
-        # Evaluation sets: one fixed binarization, drawn on the CPU so it is the same on every device.
-        val_x = torch.bernoulli(val_x.cpu(), generator=eval_gen).to(device)
-        test_x = torch.bernoulli(test_x.cpu(), generator=eval_gen).to(device)
+    # mnist-dynamic: the training set keeps its grey levels (redrawn every epoch), the evaluation
+    # sets get one fixed binarization (val first, then test, from one generator).
+    eval_gen = make_generator(EVAL_BINARIZATION_SEED) if splits.binarize_dynamically else None
+    train_x, val_x, test_x = prepare(train), prepare(val, eval_gen), prepare(splits.test, eval_gen)
+    train_probs = train_x if splits.binarize_dynamically else None
     dataset = Dataset(
         name=format_spec(spec_name, kwargs),
         train=train_x,
