@@ -147,7 +147,7 @@ def learning_curves(metrics: Iterable[Mapping[str, Any]], path: str | Path) -> P
 def reconstructions(vae, x: torch.Tensor, image_shape: Sequence[int] | None, path: str | Path, num: int = 10) -> Path:
     """Inputs (top row) over their reconstructions E[x | z = E_q[z|x]] (bottom row), ``num`` of them."""
     x = x[:num].to(_param(vae).device)
-    recon = _decode_mean(vae, _codes(vae, x))
+    recon = vae.reconstruct(x)
     images = _images(torch.cat([x.reshape(x.shape[0], -1), recon]), image_shape)
     return _image_figure(images, x.shape[0], path, "inputs (top) and reconstructions (bottom)")
 
