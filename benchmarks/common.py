@@ -23,6 +23,7 @@ import pyro
 import torch
 import torch.nn.functional as F
 
+from pyro_vae import data
 from pyro_vae.networks import MIN_SCALE, mlp
 from pyro_vae.optim import fused_supported
 
@@ -60,12 +61,11 @@ def machine_info(device: torch.device) -> dict:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda asked for, but torch.cuda.is_available() is False")
-    return device
+    """``data.resolve_device`` (the project's one device reader), its error as the script's exit message."""
+    try:
+        return data.resolve_device(name)
+    except ValueError as err:
+        raise SystemExit(f"--device {name}: {err}") from None
 
 
 def parser(doc: str) -> argparse.ArgumentParser:
@@ -154,7 +154,7 @@ def reference_step(model: ReferenceVAE, optimizer: torch.optim.Optimizer) -> Cal
     return step
 
 
-def reference_optimizer(params, lr: float, device: torch.device, kind: str = "default") -> torch.optim.Optimizer:
+def reference_optimizer(params, lr: float, kind: str = "default") -> torch.optim.Optimizer:
     """``torch.optim.Adam`` with ``foreach=True``, ``fused=True``, or (``"default"``) the implementation
     that pyro_vae's default ``adam`` picks for these parameters (fused where torch has it), so that
     the reference and the project step run the same optimizer."""

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import pyro
@@ -36,6 +35,7 @@ from benchmarks.common import (
     REPO,
     ParamStoreSlot,
     ReferenceVAE,
+    interleaved,
     machine_info,
     mnist_images,
     parser,
@@ -43,7 +43,6 @@ from benchmarks.common import (
     reference_step,
     report,
     setup,
-    sync,
 )
 from pyro_vae import estimators
 from pyro_vae.data import batches
@@ -54,14 +53,14 @@ from pyro_vae.step import TrainStep
 LR = 1e-3
 
 
-def build(x: torch.Tensor, batch_size: int, args, device: torch.device) -> dict:
-    """name -> fn() running one epoch and returning the mean loss per example (read once)."""
+def build(x: torch.Tensor, batch_size: int, args, device: torch.device) -> tuple[dict, TrainStep]:
+    """(name -> fn() running one epoch and returning the mean loss per example (read once), the project's step)."""
     n, hidden = x.shape[0], tuple(args.hidden)
     variants = {}
 
     torch.manual_seed(0)
     ref = ReferenceVAE(784, args.z_dim, hidden).to(device)
-    ref_step = reference_step(ref, reference_optimizer(ref.parameters(), LR, device, "default"))
+    ref_step = reference_step(ref, reference_optimizer(ref.parameters(), LR, "default"))
 
     def torch_epoch():
         total = torch.zeros((), device=device)
@@ -131,23 +130,12 @@ def run(args) -> dict:
     for batch_size in args.batch:
         variants, step = build(x, batch_size, args, device)
         slots = {name: ParamStoreSlot() for name in variants}
-        wall = {name: [] for name in variants}
-        cpu = {name: [] for name in variants}
         losses = {name: [] for name in variants}
-        names = list(variants)
-        for r in range(args.repeats + 1):  # round 0 warms up (first-call checks, allocator, capture)
-            for name in names[r % len(names) :] + names[: r % len(names)]:
-                with slots[name]:
-                    sync(device)
-                    t0, c0 = time.perf_counter(), time.process_time()
-                    loss = variants[name]()
-                    sync(device)
-                    if r > 0:
-                        wall[name].append(time.perf_counter() - t0)
-                        cpu[name].append(time.process_time() - c0)
-                    losses[name].append(loss)
-        sec = {k: statistics.median(v) for k, v in wall.items()}
-        csec = {k: statistics.median(v) for k, v in cpu.items()}
+        epochs = {name: (lambda i, f=f, out=losses[name]: out.append(f())) for name, f in variants.items()}
+        # One untimed epoch each first (first-call checks, allocator, capture), then interleaved rounds.
+        times = interleaved(epochs, slots, device, args.repeats, block=1, warmup=1)
+        sec = {name: statistics.median(times[name]) for name in variants}
+        csec = {name: statistics.median(times[name + ":cpu"]) for name in variants}
         entry = {
             "seconds_per_epoch": sec,
             "cpu_seconds_per_epoch": csec,

@@ -61,24 +61,18 @@ def _call_on(step, batches: torch.Tensor):
 
 def build_variants(batches: torch.Tensor, args, device: torch.device):
     """name -> fn(i) doing one step on batch i (cycling), plus a private param store per variant."""
-    n = batches.shape[0]
     hidden = tuple(args.hidden)
     variants, slots, paths = {}, {}, {}
 
-    torch.manual_seed(0)
-    ref = ReferenceVAE(784, args.z_dim, hidden).to(device)
-    ref_step = reference_step(ref, reference_optimizer(ref.parameters(), LR, device, "default"))
-    variants["torch"] = lambda i: ref_step(batches[i % n])
-
-    torch.manual_seed(0)
-    ref_f = ReferenceVAE(784, args.z_dim, hidden).to(device)
-    ref_f_step = reference_step(ref_f, reference_optimizer(ref_f.parameters(), LR, device, "foreach"))
-    variants["torch_foreach"] = lambda i: ref_f_step(batches[i % n])
+    for name, kind in (("torch", "default"), ("torch_foreach", "foreach")):
+        torch.manual_seed(0)
+        ref = ReferenceVAE(784, args.z_dim, hidden).to(device)
+        variants[name] = _call_on(reference_step(ref, reference_optimizer(ref.parameters(), LR, kind)), batches)
 
     torch.manual_seed(0)
     vae_b = VAE(z_dim=args.z_dim, hidden_dims=hidden).to(device)
     svi = SVI(vae_b.model, vae_b.guide, pyro.optim.Adam({"lr": LR}), loss=Trace_ELBO())
-    variants["pyro_svi"] = lambda i: svi.step(batches[i % n])
+    variants["pyro_svi"] = _call_on(svi.step, batches)
 
     for name, fast, adam, estimator in (
         ("project", True, "adam", "trace"),
