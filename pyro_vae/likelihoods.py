@@ -33,7 +33,7 @@ from pyro.distributions import constraints
 from pyro.distributions.torch_distribution import TorchDistribution
 from torch import nn
 
-from pyro_vae.priors import inverse_softplus
+from pyro_vae.networks import inverse_softplus
 from pyro_vae.registry import Registry
 
 LIKELIHOODS: Registry[nn.Module] = Registry("likelihood")

@@ -93,7 +93,9 @@ class VAE(nn.Module):
         self.decoder = Decoder(z_dim, self.likelihood.out_dim, hidden_dims, activation)
         self.prior = build_prior(prior, z_dim=z_dim, x_dim=x_dim)
         self.init = init
-        initialize((self.encoder, self.decoder), init)
+        # The encoder network and the decoder only: a guide's flow layers and the prior keep their own
+        # (a guide built elsewhere, without an encoder ``net``, has all its linear layers initialized).
+        initialize((getattr(self.encoder, "net", self.encoder), self.decoder), init)
 
     # -- Pyro programs ------------------------------------------------------------------
     def model(self, x: torch.Tensor, beta: float | torch.Tensor = 1.0) -> torch.Tensor:

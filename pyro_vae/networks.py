@@ -19,6 +19,7 @@ depends on x, and a VampPrior then collapses before z carries any information
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -40,6 +41,11 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 # Floor on the encoder's scale: keeps log q finite when a unit collapses (1e-4 nats of
 # reconstruction are far below anything reported).
 MIN_SCALE = 1e-4
+
+
+def inverse_softplus(y: float) -> float:
+    """x with softplus(x) = y > 0, for initializing a raw scale parameter."""
+    return y + math.log(-math.expm1(-y))
 
 
 def activation(name: str) -> nn.Module:
@@ -73,10 +79,10 @@ INITIALIZERS: dict[str, Callable[[nn.Linear], None] | None] = {
 
 
 def initialize(modules: Iterable[nn.Module], scheme: str) -> None:
-    """Re-initialize every plain ``nn.Linear`` inside ``modules`` by ``scheme`` (see :data:`INITIALIZERS`).
+    """Re-initialize every ``nn.Linear`` inside ``modules`` by ``scheme`` (see :data:`INITIALIZERS`).
 
-    Only layers whose type is exactly ``nn.Linear``: the masked layers of Pyro's flows (a subclass)
-    keep the initialization their authors chose for them.
+    Pass the networks this module builds (``mlp``s, :class:`GaussianEncoder`, :class:`Decoder`), not
+    modules that also hold Pyro's flow layers: those keep the initialization their authors chose.
     """
     if scheme not in INITIALIZERS:
         raise ValueError(f"unknown init {scheme!r}{closest(scheme, INITIALIZERS)}; valid: {', '.join(INITIALIZERS)}")
@@ -85,7 +91,7 @@ def initialize(modules: Iterable[nn.Module], scheme: str) -> None:
         return
     for module in modules:
         for layer in module.modules():
-            if type(layer) is nn.Linear:
+            if isinstance(layer, nn.Linear):
                 init(layer)
 
 

@@ -21,7 +21,6 @@ spec                      p(z)                                                  
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import pyro.distributions as dist
@@ -30,23 +29,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# MIN_SCALE floors learned prior scales too: a component that collapses onto a point would make
+# log p(z) unbounded.
+from pyro_vae.networks import MIN_SCALE, inverse_softplus
 from pyro_vae.registry import Registry
 from pyro_vae.specs import closest
 
 PRIORS: Registry[nn.Module] = Registry("prior")
 
-# Floor on learned prior scales: a component that collapses onto a point would make log p(z)
-# unbounded (the same floor as the encoder's, networks.MIN_SCALE).
-MIN_SCALE = 1e-4
-
-
-def inverse_softplus(y: float) -> float:
-    """x with softplus(x) = y > 0, for initializing a raw scale parameter."""
-    return y + math.log(-math.expm1(-y))
-
 
 class Prior(nn.Module):
     """Base class: ``forward(encoder=None)`` returns p(z) with event shape ``(z_dim,)``."""
+
+    #: Non-empty for priors that collapse without KL warm-up: the training loop warns with this text.
+    needs_warmup: str = ""
 
     def __init__(self, z_dim: int) -> None:
         super().__init__()
