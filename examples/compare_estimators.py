@@ -97,8 +97,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     out = args.out or Path("runs") / f"compare_estimators-{time.strftime('%Y%m%d-%H%M%S')}"
     overrides = (SMOKE if args.smoke else []) + [f"train.epochs={epochs}", "train.nll_samples=0", "train.plots=false"]
 
+    specs = split_specs(args.estimators)
+    if not specs:
+        parser.error("--estimators names no estimator")
     rows, per_image = [], {}
-    for spec in split_specs(args.estimators):
+    for spec in specs:
         # Same config, seed and data for every estimator; only the training objective changes.
         cfg = load_config(CONFIG, [*overrides, *args.set, f"train.estimator={spec}"])
         run_dir = out / slug(spec)

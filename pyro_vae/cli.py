@@ -193,7 +193,7 @@ def _run_plot(args: argparse.Namespace) -> int:
 
     run = load_run(args.run, device=args.device, data_dir=args.data_dir)
     written = write_all_figures(run.vae, run.dataset, run.metrics, run.path)
-    for path in written or ():
+    for path in written:
         print(path)
     return 0
 
