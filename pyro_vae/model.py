@@ -35,6 +35,15 @@ def _kl_scale(beta: float | torch.Tensor):
     return poutine.scale(scale=beta)
 
 
+def _data_plate(x: torch.Tensor) -> pyro.plate:
+    """``pyro.plate("data", batch)`` on x's device.
+
+    Naming the device spares Pyro's subsample site a ``torch.tensor(())`` per call to find the
+    default one (a tenth of the plate's cost, and two dead nodes in a recorded loss).
+    """
+    return pyro.plate("data", x.shape[0], device=x.device)
+
+
 # ``pyro.module`` walks a module's parameters through Pyro's param store on every call: about a
 # tenth of a CPU training step. A training step that has registered them once turns it off on its
 # hot path (pyro_vae.step), where the param store already holds these very tensors.
@@ -104,7 +113,7 @@ class VAE(nn.Module):
         _register("likelihood", self.likelihood)
         _register("prior", self.prior)
         x = x.reshape(x.shape[0], -1)
-        with pyro.plate("data", x.shape[0]):
+        with _data_plate(x):
             with _kl_scale(beta):
                 z = pyro.sample("z", self.prior_distribution())
             pyro.sample("x", self.decode(z), obs=self.likelihood.prepare(x))
@@ -114,7 +123,7 @@ class VAE(nn.Module):
         """q(z|x) over a batch, amortized by the encoder."""
         _register("encoder", self.encoder)
         x = x.reshape(x.shape[0], -1)
-        with pyro.plate("data", x.shape[0]), _kl_scale(beta):
+        with _data_plate(x), _kl_scale(beta):
             return pyro.sample("z", self.encoder(x))
 
     # -- plain-torch conveniences ---------------------------------------------------------

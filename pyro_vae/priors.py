@@ -21,6 +21,7 @@ spec                      p(z)                                                  
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import pyro.distributions as dist
@@ -84,7 +85,30 @@ class StandardNormal(Prior):
         self.register_buffer("scale", torch.ones(z_dim))
 
     def forward(self, encoder: nn.Module | None = None) -> dist.Distribution:
-        return dist.Normal(self.loc, self.scale).to_event(1)
+        return UnitNormal(self.loc, self.scale).to_event(1)
+
+
+class UnitNormal(dist.Normal):
+    """``Normal(loc, scale)`` for ``loc = 0``, ``scale = 1`` (the caller's zeros and ones, which
+    :class:`StandardNormal` keeps as buffers), with log N(z; 0, 1) = -z^2/2 - log sqrt(2 pi).
+
+    ``Normal.log_prob`` evaluates -(z - loc)^2 / (2 scale^2) - log scale - log sqrt(2 pi) on the
+    prior broadcast to the batch: five more elementwise operations (and the autograd nodes of the
+    two on z) for the same numbers, bit for bit. Everything else (sampling, KL dispatch, ``expand``)
+    is ``Normal``'s.
+    """
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        log_p = -(value.square() / 2) - LOG_SQRT_2PI
+        if log_p.shape != self.batch_shape:
+            log_p = log_p.expand(torch.broadcast_shapes(log_p.shape, self.batch_shape))
+        return log_p
+
+
+# torch.distributions.Normal's own constant, so that UnitNormal.log_prob rounds the same way.
+LOG_SQRT_2PI = math.log(math.sqrt(2 * math.pi))
 
 
 @PRIORS.register("learned_normal")

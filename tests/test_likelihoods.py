@@ -25,6 +25,7 @@ from pyro_vae.likelihoods import (
     LIKELIHOODS,
     ContinuousBernoulli,
     DiscretizedLogisticMixture,
+    IndependentBernoulli,
     build_likelihood,
     continuous_bernoulli_log_norm,
 )
@@ -308,3 +309,24 @@ def test_prepare_maps_data_to_observations():
 def test_bad_specs_are_clear_errors(spec, message):
     with pytest.raises(SpecError, match=message):
         build_likelihood(spec, x_dim=X_DIM)
+
+
+def test_independent_bernoulli_is_bernoulli_to_event_bit_for_bit():
+    """The Bernoulli likelihood's distribution only negates after summing: same values and
+    gradients as ``Bernoulli(logits).to_event(1)``, the same broadcasting, shapes and samples."""
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(4, 5, X_DIM, generator=g)).requires_grad_()
+    x = torch.bernoulli(torch.full((5, X_DIM), 0.5), generator=g)  # broadcasts against the leading 4
+    ours, torchs = IndependentBernoulli(logits), pyro.distributions.Bernoulli(logits=logits).to_event(1)
+    assert (ours.batch_shape, ours.event_shape) == (torchs.batch_shape, torchs.event_shape) == ((4, 5), (X_DIM,))
+    got, expected = ours.log_prob(x), torchs.log_prob(x)
+    assert got.shape == (4, 5) and torch.equal(got, expected)
+    (g_ours,) = torch.autograd.grad(got.sum(), logits)
+    (g_torch,) = torch.autograd.grad(expected.sum(), logits)
+    assert torch.equal(g_ours, g_torch)
+    wide = ours.expand((3, 4, 5))
+    assert type(wide) is IndependentBernoulli and torch.equal(wide.log_prob(x)[2], expected)
+    torch.testing.assert_close(ours.mean, torch.sigmoid(logits))
+    assert ours.sample((2,)).shape == (2, 4, 5, X_DIM)
+    with pytest.raises(ValueError):  # validated like torch's: a grey level is not a Bernoulli value
+        IndependentBernoulli(logits, validate_args=True).log_prob(torch.full((5, X_DIM), 0.5))

@@ -25,7 +25,7 @@ from torch.distributions import kl_divergence
 from pyro_vae import VAE, closed_form_terms
 from pyro_vae.closed_form import CLOSED_FORM_KL
 from pyro_vae.estimators import log_weights
-from pyro_vae.priors import FLOW_KINDS, PRIORS
+from pyro_vae.priors import FLOW_KINDS, PRIORS, UnitNormal
 from pyro_vae.specs import SpecError, parse_spec
 
 # Every registered prior (and every flow kind) once.
@@ -260,3 +260,22 @@ def test_vamp_leaves_the_ignore_z_plateau_when_the_encoder_sees_x(data_root, ini
         assert reconstruction > plateau + 30 and kl > 10, (reconstruction, plateau, kl)
     else:
         assert reconstruction < plateau + 2 and kl < 1, (reconstruction, plateau, kl)
+
+
+def test_unit_normal_is_normal_0_1_bit_for_bit():
+    """``normal``'s distribution skips the location-scale arithmetic: the same log-density and
+    gradient as ``Normal(0, 1)`` bit for bit, the same broadcasting to the plate, and torch's KL."""
+    prior = PRIORS.build("normal", z_dim=Z_DIM)()
+    assert type(prior.base_dist) is UnitNormal
+    reference = dist.Normal(torch.zeros(Z_DIM), torch.ones(Z_DIM)).to_event(1)
+    z = (3 * torch.randn(7, BATCH, Z_DIM, generator=torch.Generator().manual_seed(0))).requires_grad_()
+    for p, q in ((prior, reference), (prior.expand((BATCH,)), reference.expand((BATCH,)))):
+        got, expected = p.log_prob(z), q.log_prob(z)
+        assert got.shape == expected.shape == (7, BATCH) and torch.equal(got, expected)
+        (g_got,) = torch.autograd.grad(got.sum(), z)
+        (g_expected,) = torch.autograd.grad(expected.sum(), z)
+        assert torch.equal(g_got, g_expected)
+    # a value smaller than the batch is broadcast up to it, as Normal.log_prob does
+    assert prior.expand((3, BATCH)).log_prob(torch.zeros(Z_DIM)).shape == (3, BATCH)
+    q = dist.Normal(torch.randn(BATCH, Z_DIM), torch.rand(BATCH, Z_DIM) + 0.5).to_event(1)
+    assert torch.equal(kl_divergence(q, prior.expand((BATCH,))), kl_divergence(q, reference.expand((BATCH,))))
