@@ -48,6 +48,7 @@ from torch.distributions import constraints, kl_divergence
 
 from pyro_vae import estimators as _estimators
 from pyro_vae.model import module_registration
+from pyro_vae.recorded import RecordedLoss
 
 log = logging.getLogger(__name__)
 
@@ -104,12 +105,12 @@ class SiteLogDensity(Messenger):
         self.analytic: set[str] = set()
 
     def log_density(self, exclude: set[str] | frozenset = frozenset()) -> torch.Tensor | float:
-        """The sum of the sites' terms in site order, leaving out the sites named in ``exclude``."""
-        total: torch.Tensor | float = 0.0
+        """The sum of the sites' terms in site order, leaving out the sites named in ``exclude`` (0.0 if none)."""
+        total: torch.Tensor | None = None
         for name, term in self.terms.items():
             if name not in exclude:
-                total = total + term()
-        return total
+                total = term() if total is None else total + term()
+        return 0.0 if total is None else total
 
     def _pyro_param(self, msg) -> None:
         args = msg["args"]
@@ -313,21 +314,24 @@ class TrainStep:
         *,
         fast: bool = True,
         cuda_graph: bool | str = "auto",
+        record: bool = True,
     ) -> None:
         if cuda_graph not in (True, False, "auto"):
             raise ValueError(f"cuda_graph must be True, False or 'auto', got {cuda_graph!r}")
         self.vae, self.estimator, self.optimizer, self.clip_norm = vae, estimator, optimizer, clip_norm
-        self.fast, self.cuda_graph = fast, cuda_graph
+        self.fast, self.cuda_graph, self.record = fast, cuda_graph, record
         self.path: str | None = None
         self.fallback_reason = ""
+        self.recorded: RecordedLoss | None = None
         self._loss_fn: Callable[..., torch.Tensor] | None = None
         self._graph: _GraphedStep | None = None
 
     def __call__(self, x: torch.Tensor, beta: float | torch.Tensor = 1.0) -> torch.Tensor:
         if self.path is None:
-            # Validation as configured on this first step (and in the lean-loss check), off after.
+            # Validation as configured on this first step (and in the lean-loss check), off after;
+            # the first step runs the loss eagerly, a recorded loss records from the second on.
             self._choose(x, beta)
-            return self._eager(self._loss_fn, x, beta)
+            return self._eager(self._first_loss_fn, x, beta)
         if self.path == "plain":
             return self._eager(self._loss_fn, x, beta)
         if self.path == "cuda_graph":
@@ -370,7 +374,9 @@ class TrainStep:
                 "TrainStep: lean loss not used (%s); the estimator's own loss runs without validation", lean_reason
             )
         # The estimator's own loss when there is no lean loss (validation off after the first step).
-        self._loss_fn = lean if lean_ok else self.estimator.loss
+        self._first_loss_fn = self._loss_fn = lean if lean_ok else self.estimator.loss
+        if lean_ok and self.record:
+            self.recorded = self._loss_fn = RecordedLoss(lean, self.vae)
         if plan.path == "cuda_graph":
             self._graph = _GraphedStep(self)
         log.debug("TrainStep: %s path", self.path)
@@ -452,6 +458,8 @@ class _GraphedStep:
         self.graph, self.key = None, key
         self.static_x = torch.empty_like(x)
         self.static_beta = torch.ones((), dtype=x.dtype, device=x.device)
+        if ts.recorded is not None:  # recording checks itself against the eager loss: not inside the capture
+            ts.recorded.record(x, self.static_beta)
         ts.optimizer.zero_grad(set_to_none=True)  # backward inside the graph allocates the gradients
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph), pyro.validation_enabled(False):

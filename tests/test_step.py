@@ -134,7 +134,7 @@ def test_lean_meanfield_loss_equals_trace_meanfield_elbo(family, analytic):
 def test_meanfield_estimator_takes_the_lean_path():
     vae, x = small_vae(), binary_batch()
     step = TrainStep(vae, estimators.get("meanfield"), torch.optim.Adam(vae.parameters(), lr=1e-3))
-    assert torch.isfinite(step(x)) and step.path == "fast" and step._loss_fn is meanfield_elbo_loss
+    assert torch.isfinite(step(x)) and step.path == "fast" and step.recorded.loss_fn is meanfield_elbo_loss
 
 
 def test_lean_loss_is_a_different_number_for_other_noise():
@@ -167,8 +167,17 @@ def test_fast_step_follows_plain_svi_step_for_step():
         assert loss.item() == pytest.approx(svi_losses[t], rel=1e-5)
         for p, q in zip(vae_fast.parameters(), svi_params[t], strict=True):
             torch.testing.assert_close(p.detach(), q, rtol=1e-5, atol=1e-6)
-    assert step.path == "fast" and step._loss_fn is reparameterized_elbo_loss
+    # The steps after the first replayed the recorded loss (pyro_vae.recorded), one graph for this batch.
+    assert step.path == "fast" and step.recorded.loss_fn is reparameterized_elbo_loss
+    assert len(step.recorded.replays) == 1 and None not in step.recorded.replays.values()
     assert any(not torch.equal(p, q) for p, q in zip(svi_params[0], svi_params[-1], strict=True))  # it did train
+
+
+def test_step_without_recording_runs_the_lean_loss_itself():
+    vae, x = small_vae(), binary_batch()
+    step = TrainStep(vae, estimators.get("trace"), torch.optim.Adam(vae.parameters(), lr=1e-3), record=False)
+    step(x)
+    assert torch.isfinite(step(x)) and step.recorded is None and step._loss_fn is reparameterized_elbo_loss
 
 
 def run_steps(vae, x, steps=4, **kwargs):

@@ -1,0 +1,275 @@
+"""A loss recorded once per input signature as a graph of ATen operations, and replayed.
+
+The lean losses of :mod:`pyro_vae.step` run the model and the guide as Pyro programs on every
+call: effect-handler messages for every site, plate frames, distribution objects broadcast to the
+plate. On a CPU at batch 128 that Python costs about half a millisecond per step, 10-14% of a
+hand-written PyTorch step, and it is the same work every time: for a fixed batch shape the
+programs issue the same tensor operations in the same order. :class:`RecordedLoss` runs them
+once under ``make_fx`` with fake tensors (no data, no arithmetic: the operations are recorded,
+not computed), keeps the graph of ATen operations, and from then on calls the graph. The model
+and guide remain the Pyro programs that produced it; only their per-call interpretation is
+skipped. It is the CPU counterpart of capturing the step as a CUDA graph (``pyro_vae.step``),
+and on CUDA the captured step replays the recorded loss.
+
+What a replay computes is what the eager loss computes, operation for operation:
+
+- the model's parameters and buffers are held by the graph as the very tensors (not copies), so
+  a replay reads their current values and autograd reaches them as usual; any other tensor the
+  programs read (a value a transform cached on an earlier call) refuses the recording, since the
+  replay would freeze it;
+- random draws are operations of the graph (``normal_`` on a fresh tensor), drawn from the same
+  generator in the same order: for the same seed a replay gives the same loss and gradients as the
+  eager loss, bit for bit on a CPU (checked when a signature is recorded, and tested);
+- tracing with fake tensors refuses Python that reads tensor values (``.item()``, ``if t > 0``),
+  so a program whose control flow depends on the data cannot be recorded wrongly: it fails to
+  record and runs eagerly, with a logged reason.
+
+A signature is (batch shape, dtype, device, whether ``beta`` is the number 1): a KL warm-up's
+``beta`` is a graph input, so the schedule does not re-record. What the graph cannot see is Python
+state that changes between calls without changing the signature (an attribute a program reads
+and someone else updates, a module swapped for another after the first record); such programs
+should train with ``TrainStep(record=False)``. Before a recorded graph is used it is checked
+against the eager loss on the same random numbers (value and gradient); a mismatch keeps the
+eager loss for that signature.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import operator
+import time
+from collections.abc import Callable, Iterator
+
+import pyro
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+# Signatures recorded per loss: a training loop needs one or two (the full batch and the epoch's
+# last one). Beyond this the loss runs eagerly instead of growing the cache without bound.
+MAX_SIGNATURES = 8
+
+_VIEW_OPS = (torch.ops.aten.expand.default, torch.ops.aten.reshape.default, torch.ops.aten.view.default)
+
+
+class _Replay:
+    """One recorded graph; it reads the model's parameters and buffers itself (they are its attributes)."""
+
+    def __init__(self, graph_module: torch.fx.GraphModule, takes_beta: bool) -> None:
+        self.graph_module, self.takes_beta = graph_module, takes_beta
+
+    @property
+    def num_ops(self) -> int:
+        return sum(node.op == "call_function" for node in self.graph_module.graph.nodes)
+
+    def __call__(self, x: torch.Tensor, beta) -> torch.Tensor:
+        if self.takes_beta:
+            return self.graph_module(x, _beta_tensor(beta, x))
+        return self.graph_module(x)
+
+
+def _beta_is_one(beta) -> bool:
+    return isinstance(beta, (int, float)) and beta == 1
+
+
+def _beta_tensor(beta, x: torch.Tensor) -> torch.Tensor:
+    """``beta`` as a 0-d tensor of x's dtype on x's device; a number is filled in on the device (no host copy)."""
+    if torch.is_tensor(beta):
+        return beta.to(dtype=x.dtype, device=x.device)
+    return x.new_full((), beta)
+
+
+class RecordedLoss:
+    """``loss_fn(vae, x, beta)`` recorded once per signature and replayed (see the module docstring).
+
+    Args:
+        loss_fn: a loss of the form ``loss_fn(vae, x, beta) -> scalar`` that touches the model only
+            through its parameters, buffers and the Pyro programs (the lean losses of ``pyro_vae.step``).
+        vae: the module it is evaluated on.
+
+    Call it as the loss itself: ``recorded(vae, x, beta)``. ``replays`` maps each signature to its
+    replay, or to ``None`` where the signature runs eagerly (``fallback_reason`` says why).
+    """
+
+    def __init__(self, loss_fn: Callable[..., torch.Tensor], vae: nn.Module) -> None:
+        self.loss_fn, self.vae = loss_fn, vae
+        self.replays: dict[tuple, _Replay | None] = {}
+        self.fallback_reason = ""
+
+    def __call__(self, vae: nn.Module, x: torch.Tensor, beta: float | torch.Tensor = 1.0) -> torch.Tensor:
+        if vae is not self.vae:
+            raise ValueError("RecordedLoss was built for another module")
+        key = (x.shape, x.dtype, x.device, _beta_is_one(beta))
+        replay = self.replays[key] if key in self.replays else self.record(x, beta)
+        if replay is None:
+            return self.loss_fn(vae, x, beta)
+        return replay(x, beta)
+
+    # -- recording -------------------------------------------------------------------------------
+    def record(self, x: torch.Tensor, beta: float | torch.Tensor = 1.0) -> _Replay | None:
+        """Record (and check) the graph for this signature if it is new; ``None`` where it runs eagerly.
+
+        Call it before a CUDA graph capture: recording runs the eager loss for its check, which a
+        capture must not see.
+        """
+        key = (x.shape, x.dtype, x.device, _beta_is_one(beta))
+        if key in self.replays:
+            return self.replays[key]
+        if len(self.replays) >= MAX_SIGNATURES:
+            return self._eager(key, f"more than {MAX_SIGNATURES} input signatures (batch shapes)")
+        start = time.perf_counter()
+        try:
+            with pyro.validation_enabled(False):
+                replay = self._trace(x, beta)
+                mismatch = self._mismatch(replay, x, beta)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as error:  # any failure to trace: data-dependent Python, an op fake tensors lack, ...
+            return self._eager(key, f"recording failed ({type(error).__name__}: {error})")
+        if mismatch:
+            return self._eager(key, f"the recorded graph differs from the eager loss ({mismatch})")
+        log.info(
+            "RecordedLoss: recorded %s for batch shape %s in %.2f s: %d operations",
+            getattr(self.loss_fn, "__name__", "the loss"),
+            tuple(x.shape),
+            time.perf_counter() - start,
+            replay.num_ops,
+        )
+        self.replays[key] = replay
+        return replay
+
+    def _eager(self, key: tuple, reason: str) -> None:
+        log.warning("RecordedLoss: %s; batch shape %s runs the eager loss", reason, tuple(key[0]))
+        self.fallback_reason = reason
+        self.replays[key] = None
+        return None
+
+    def _trace(self, x: torch.Tensor, beta) -> _Replay:
+        from torch.fx.experimental.proxy_tensor import make_fx  # torch's own tracer (used by export)
+
+        takes_beta = not _beta_is_one(beta)
+        inputs = (x, _beta_tensor(beta, x)) if takes_beta else (x,)
+
+        def loss(*args):
+            return self.loss_fn(self.vae, *args)
+
+        # Fake tensors for the inputs; the model's parameters and buffers stay real and become
+        # attributes of the graph (the very tensors, so a replay reads their current values and
+        # autograd reaches them). Pre-dispatch: ATen operations above autograd (``linear``, not its
+        # decomposition), which autograd differentiates at replay exactly as it does the eager calls.
+        with _attributes_restored(self.vae):
+            graph_module = make_fx(loss, tracing_mode="fake", pre_dispatch=True, _allow_non_fake_inputs=True)(*inputs)
+        _check_constants(graph_module, self.vae)
+        _simplify(graph_module)
+        return _Replay(graph_module, takes_beta)
+
+    def _mismatch(self, replay: _Replay, x: torch.Tensor, beta) -> str:
+        """'' when replay and eager loss agree in value and gradient on the same random numbers."""
+        params = [p for p in self.vae.parameters() if p.requires_grad]
+        devices = [x.device] if x.device.type == "cuda" else []
+        results = []
+        for fn in (lambda: self.loss_fn(self.vae, x, beta), lambda: replay(x, beta)):
+            # Both from the generator's current state, which is restored after each: the training
+            # run draws as if the check had not happened.
+            with torch.random.fork_rng(devices=devices):
+                loss = fn()
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+            results.append((loss.detach(), grads))
+        (eager, eager_grads), (replayed, replayed_grads) = results
+        try:
+            torch.testing.assert_close(replayed, eager)
+            for a, b in zip(replayed_grads, eager_grads, strict=True):
+                if (a is None) != (b is None):
+                    return "a parameter's gradient is missing in one of them"
+                if a is not None:
+                    torch.testing.assert_close(a, b)
+        except AssertionError as error:
+            return str(error).splitlines()[0]
+        return ""
+
+
+@contextlib.contextmanager
+def _attributes_restored(vae: nn.Module) -> Iterator[None]:
+    """Undo what the traced call did to the modules' plain attributes (a transform's cache, a counter).
+
+    The tracing call computes on fake tensors; whatever the programs store on a module (Pyro's
+    transforms cache their last input and output) would be a fake tensor that later eager calls
+    trip over. Recording is meant to have no effect on the model, so every module's attributes are
+    put back as they were (parameters, buffers and submodules are not touched by tracing).
+    """
+    saved = [(module, dict(vars(module))) for module in vae.modules()]
+    try:
+        yield
+    finally:
+        for module, attributes in saved:
+            current = vars(module)
+            for name in [name for name in current if name not in attributes]:
+                del current[name]
+            current.update(attributes)
+
+
+def _check_constants(graph_module: torch.fx.GraphModule, vae: nn.Module) -> None:
+    """Refuse a graph that froze a tensor other than the model's parameters and buffers.
+
+    Literals the program creates (``torch.tensor(0.0)``) are recorded as constants lifted by
+    ``lift_fresh_copy`` and are constants indeed. Any other tensor the tracing met (a value cached
+    by a transform on an earlier call, a tensor held by some object) would be replayed with the
+    value it had when recorded.
+    """
+    own = {id(t) for t in (*vae.parameters(), *vae.buffers())}
+    for node in graph_module.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        value = operator.attrgetter(node.target)(graph_module)
+        literal = all(user.target is torch.ops.aten.lift_fresh_copy.default for user in node.users)
+        if torch.is_tensor(value) and id(value) not in own and not literal:
+            raise ValueError(
+                f"the programs read a tensor of shape {tuple(value.shape)} that is neither a parameter nor a buffer "
+                "of the model; a replay would use its value at recording time"
+            )
+
+
+def _simplify(graph_module: torch.fx.GraphModule) -> None:
+    """Drop what the replay does not need, keeping every operation that computes or draws.
+
+    Views to the shape they already have (``expand``, ``reshape``, ``view``: distributions
+    broadcast to the plate they already fill) and ``broadcast_tensors`` of same-shape tensors are
+    identities; dead pure nodes go (Pyro's unused subsample indices); random draws stay even when
+    unused, so the random stream matches the eager loss. The graph is then called with flat
+    arguments (no pytree flattening per call).
+    """
+    graph = graph_module.graph
+
+    def same(node, source) -> bool:
+        a, b = node.meta.get("val"), getattr(source, "meta", {}).get("val")
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype
+
+    def only_read(node) -> bool:  # an in-place user would write through the view into its source
+        return not any(isinstance(u.target, torch._ops.OpOverload) and u.target._schema.is_mutable for u in node.users)
+
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target in _VIEW_OPS and same(node, node.args[0]) and only_read(node):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+        elif node.target is torch.ops.aten.broadcast_tensors.default:
+            sources, users = node.args[0], list(node.users)
+            if (
+                all(same(source, sources[0]) for source in sources)
+                and all(user.target is operator.getitem for user in users)
+                and all(only_read(user) for user in users)
+            ):
+                for user in users:
+                    user.replace_all_uses_with(sources[user.args[1]])
+                    graph.erase_node(user)
+                graph.erase_node(node)
+    graph.eliminate_dead_code()
+    # One loss tensor out, not a one-element list.
+    output = next(node for node in reversed(graph.nodes) if node.op == "output")
+    if isinstance(output.args[0], (list, tuple)) and len(output.args[0]) == 1:
+        output.args = (output.args[0][0],)
+    graph._codegen = torch.fx.graph.CodeGen()
+    graph_module.recompile()
