@@ -11,6 +11,8 @@ Variants, timed interleaved in one run (see benchmarks/README.md):
   (``svi.step`` returns a float: one host sync per step, as in every Pyro example);
 - ``project``: ``pyro_vae.step.TrainStep`` with ``estimators.get("trace")`` and the loop's optimizer
   (``pyro_vae.optim.build_optimizer("adam")``), i.e. what ``pyro-vae train`` runs;
+- ``project_unrecorded``: ``project`` with ``record=False``: the lean loss runs the Pyro programs on
+  every step instead of replaying their recorded graph (``pyro_vae.recorded``);
 - ``project_plain``: the same with ``fast=False`` (the estimator's loss as written, validation on);
 - ``project_foreach``: ``project`` with ``adam(fused=false)`` (compare with ``torch_foreach``);
 - ``project_meanfield``: ``project`` with ``estimators.get("meanfield")`` (analytic KL, the reference's
@@ -74,22 +76,29 @@ def build_variants(batches: torch.Tensor, args, device: torch.device):
     svi = SVI(vae_b.model, vae_b.guide, pyro.optim.Adam({"lr": LR}), loss=Trace_ELBO())
     variants["pyro_svi"] = _call_on(svi.step, batches)
 
-    for name, fast, adam, estimator in (
-        ("project", True, "adam", "trace"),
-        ("project_plain", False, "adam", "trace"),
-        ("project_foreach", True, "adam(fused=False)", "trace"),
-        ("project_meanfield", True, "adam", "meanfield"),
+    for name, fast, record, adam, estimator in (
+        ("project", True, True, "adam", "trace"),
+        ("project_unrecorded", True, False, "adam", "trace"),
+        ("project_plain", False, False, "adam", "trace"),
+        ("project_foreach", True, True, "adam(fused=False)", "trace"),
+        ("project_meanfield", True, True, "adam", "meanfield"),
     ):
         torch.manual_seed(0)
         vae = VAE(z_dim=args.z_dim, hidden_dims=hidden).to(device)
         optimizer = build_optimizer(adam, vae.parameters(), LR)
-        ts = TrainStep(vae, estimators.get(estimator), optimizer, fast=fast)
+        ts = TrainStep(vae, estimators.get(estimator), optimizer, fast=fast, record=record)
         variants[name] = _call_on(ts, batches)
         paths[name] = ts
 
     for name in variants:
         slots[name] = ParamStoreSlot()
     return variants, slots, paths
+
+
+def _replayed(step: TrainStep) -> bool:
+    """Whether the step's loss ran as a recorded graph for every batch shape it saw."""
+    replays = step.recorded.replays if step.recorded is not None else {}
+    return bool(replays) and all(r is not None for r in replays.values())
 
 
 def run(args) -> dict:
@@ -111,6 +120,7 @@ def run(args) -> dict:
             "quartiles_ms": {k: [v["q1"], v["q3"]] for k, v in summary.items() if ":" not in k},
             "ratio_project_to_torch": ms["project"] / ms["torch"],
             "ratio_pyro_to_torch": ms["pyro_svi"] / ms["torch"],
+            "ratio_project_unrecorded_to_torch": ms["project_unrecorded"] / ms["torch"],
             "ratio_project_plain_to_torch": ms["project_plain"] / ms["torch"],
             "ratio_project_to_torch_foreach": ms["project"] / ms["torch_foreach"],
             "paired_ratio_project_to_torch": summary["project"]["paired_ratio_to_torch"],
@@ -121,6 +131,7 @@ def run(args) -> dict:
             "cpu_ratio_pyro_to_torch": cpu["pyro_svi"] / cpu["torch"],
             "cpu_ratio_project_foreach_to_torch_foreach": cpu["project_foreach"] / cpu["torch_foreach"],
             "project_path": steps["project"].path,
+            "project_recorded": _replayed(steps["project"]),
             "rounds": args.repeats,
             "steps_per_round": args.block,
         }
@@ -144,7 +155,8 @@ def summary(result: dict) -> str:
         lines.append(
             f"  project/torch {r['ratio_project_to_torch']:.3f} (paired {r['paired_ratio_project_to_torch']:.3f}), "
             f"pyro/torch {r['ratio_pyro_to_torch']:.3f} (paired {r['paired_ratio_pyro_to_torch']:.3f}), "
-            f"project path: {r['project_path']}"
+            f"project path: {r['project_path']}{' (recorded)' if r['project_recorded'] else ''}, "
+            f"unrecorded/torch {r['ratio_project_unrecorded_to_torch']:.3f}"
         )
         lines.append(
             f"  CPU time: project/torch {r['cpu_ratio_project_to_torch']:.3f}, pyro/torch "
