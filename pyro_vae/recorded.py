@@ -118,7 +118,7 @@ class RecordedLoss:
         if key in self.replays:
             return self.replays[key]
         if len(self.replays) >= MAX_SIGNATURES:
-            return self._eager(key, f"more than {MAX_SIGNATURES} input signatures (batch shapes)")
+            return self._eager(key, f"more than {MAX_SIGNATURES} input signatures (batch shapes)", logging.WARNING)
         start = time.perf_counter()
         try:
             with pyro.validation_enabled(False):
@@ -126,13 +126,16 @@ class RecordedLoss:
                 mismatch = self._mismatch(replay, x, beta)
         except torch.cuda.OutOfMemoryError:
             raise
-        except Exception as error:  # any failure to trace: data-dependent Python, an op fake tensors lack, ...
-            return self._eager(key, f"recording failed ({type(error).__name__}: {error})")
+        except FrozenTensorError as error:
+            return self._eager(key, f"recording refused: {error}", logging.WARNING)
+        except Exception as error:  # cannot be traced: data-dependent Python, a host read, an op fake tensors lack
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            return self._eager(key, f"recording failed ({type(error).__name__}: {first_line})", logging.INFO)
         if mismatch:
-            return self._eager(key, f"the recorded graph differs from the eager loss ({mismatch})")
+            return self._eager(key, f"the recorded graph differs from the eager loss ({mismatch})", logging.WARNING)
         log.info(
             "RecordedLoss: recorded %s for batch shape %s in %.2f s: %d operations",
-            getattr(self.loss_fn, "__name__", "the loss"),
+            self.name,
             tuple(x.shape),
             time.perf_counter() - start,
             replay.num_ops,
@@ -140,8 +143,14 @@ class RecordedLoss:
         self.replays[key] = replay
         return replay
 
-    def _eager(self, key: tuple, reason: str) -> None:
-        log.warning("RecordedLoss: %s; batch shape %s runs the eager loss", reason, tuple(key[0]))
+    @property
+    def name(self) -> str:
+        return getattr(self.loss_fn, "__qualname__", None) or type(self.loss_fn).__name__
+
+    def _eager(self, key: tuple, reason: str, level: int) -> None:
+        # INFO where a loss simply cannot be traced (Pyro's own ELBOs read values to the host);
+        # WARNING where the programs hold state that a replay would freeze.
+        log.log(level, "RecordedLoss: %s: %s; batch shape %s runs the eager loss", self.name, reason, tuple(key[0]))
         self.fallback_reason = reason
         self.replays[key] = None
         return None
@@ -190,6 +199,10 @@ class RecordedLoss:
         return ""
 
 
+class FrozenTensorError(ValueError):
+    """The programs read a tensor that a replay would freeze at its recorded value."""
+
+
 @contextlib.contextmanager
 def _attributes_restored(vae: nn.Module) -> Iterator[None]:
     """Undo what the traced call did to the modules' plain attributes (a transform's cache, a counter).
@@ -225,7 +238,7 @@ def _check_constants(graph_module: torch.fx.GraphModule, vae: nn.Module) -> None
         value = operator.attrgetter(node.target)(graph_module)
         literal = all(user.target is torch.ops.aten.lift_fresh_copy.default for user in node.users)
         if torch.is_tensor(value) and id(value) not in own and not literal:
-            raise ValueError(
+            raise FrozenTensorError(
                 f"the programs read a tensor of shape {tuple(value.shape)} that is neither a parameter nor a buffer "
                 "of the model; a replay would use its value at recording time"
             )
