@@ -15,6 +15,8 @@ Variants, timed interleaved in one run (see benchmarks/README.md):
   every step instead of replaying their recorded graph (``pyro_vae.recorded``);
 - ``project_plain``: the same with ``fast=False`` (the estimator's loss as written, validation on);
 - ``project_foreach``: ``project`` with ``adam(fused=false)`` (compare with ``torch_foreach``);
+- ``est_<spec>`` and ``est_<spec>_unrecorded`` for every ``--estimators`` spec (e.g. ``iwae(k=5)``):
+  the fast step with that estimator, recorded and not;
 - ``project_meanfield``: ``project`` with ``estimators.get("meanfield")`` (analytic KL, the reference's
   own objective), to separate the Monte Carlo KL's cost from the cost of running Pyro programs.
 
@@ -25,6 +27,7 @@ JSON: per batch size ``ms_per_step`` (median over rounds) for each variant, ``ra
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -52,6 +55,7 @@ from benchmarks.common import (
 from pyro_vae import estimators
 from pyro_vae.model import VAE
 from pyro_vae.optim import build_optimizer
+from pyro_vae.specs import split_specs
 from pyro_vae.step import TrainStep
 
 LR = 1e-3
@@ -76,13 +80,17 @@ def build_variants(batches: torch.Tensor, args, device: torch.device):
     svi = SVI(vae_b.model, vae_b.guide, pyro.optim.Adam({"lr": LR}), loss=Trace_ELBO())
     variants["pyro_svi"] = _call_on(svi.step, batches)
 
-    for name, fast, record, adam, estimator in (
+    project = [
         ("project", True, True, "adam", "trace"),
         ("project_unrecorded", True, False, "adam", "trace"),
         ("project_plain", False, False, "adam", "trace"),
         ("project_foreach", True, True, "adam(fused=False)", "trace"),
         ("project_meanfield", True, True, "adam", "meanfield"),
-    ):
+    ]
+    for spec in args.estimators:  # other estimators, recorded and not: what recording buys them
+        name = f"est_{_safe(spec)}"
+        project += [(name, True, True, "adam", spec), (f"{name}_unrecorded", True, False, "adam", spec)]
+    for name, fast, record, adam, estimator in project:
         torch.manual_seed(0)
         vae = VAE(z_dim=args.z_dim, hidden_dims=hidden).to(device)
         optimizer = build_optimizer(adam, vae.parameters(), LR)
@@ -93,6 +101,11 @@ def build_variants(batches: torch.Tensor, args, device: torch.device):
     for name in variants:
         slots[name] = ParamStoreSlot()
     return variants, slots, paths
+
+
+def _safe(spec: str) -> str:
+    """A variant name for an estimator spec: ``iwae(k=5)`` -> ``iwae_k_5``."""
+    return re.sub(r"\W+", "_", spec).strip("_")
 
 
 def _replayed(step: TrainStep) -> bool:
@@ -130,6 +143,15 @@ def run(args) -> dict:
             "cpu_ratio_project_to_torch": cpu["project"] / cpu["torch"],
             "cpu_ratio_pyro_to_torch": cpu["pyro_svi"] / cpu["torch"],
             "cpu_ratio_project_foreach_to_torch_foreach": cpu["project_foreach"] / cpu["torch_foreach"],
+            "estimators": {
+                spec: {
+                    "ms_per_step": ms[f"est_{_safe(spec)}"],
+                    "ms_per_step_unrecorded": ms[f"est_{_safe(spec)}_unrecorded"],
+                    "ratio_recorded_to_unrecorded": ms[f"est_{_safe(spec)}"] / ms[f"est_{_safe(spec)}_unrecorded"],
+                    "recorded": _replayed(steps[f"est_{_safe(spec)}"]),
+                }
+                for spec in args.estimators
+            },
             "project_path": steps["project"].path,
             "project_recorded": _replayed(steps["project"]),
             "rounds": args.repeats,
@@ -145,6 +167,12 @@ def parse_args(argv=None):
     p.add_argument("--block", type=int, default=5, help="steps per variant per round")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps per variant")
     p.add_argument("--num-batches", type=int, default=8, help="distinct batches cycled through")
+    p.add_argument(
+        "--estimators",
+        type=split_specs,
+        default=[],
+        help='also time these estimators recorded and unrecorded, e.g. "iwae(k=5),dreg(k=5)"',
+    )
     return p.parse_args(argv)
 
 
@@ -163,6 +191,11 @@ def summary(result: dict) -> str:
             f"{r['cpu_ratio_pyro_to_torch']:.3f}, "
             f"foreach project/torch {r['cpu_ratio_project_foreach_to_torch_foreach']:.3f}"
         )
+        for spec, e in r["estimators"].items():
+            lines.append(
+                f"  {spec}: {e['ms_per_step']:.3f} ms recorded ({e['recorded']}), "
+                f"{e['ms_per_step_unrecorded']:.3f} ms unrecorded: ratio {e['ratio_recorded_to_unrecorded']:.3f}"
+            )
     return "\n".join(lines)
 
 

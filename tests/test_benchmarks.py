@@ -19,7 +19,9 @@ def bench(monkeypatch):
 
 
 def test_step_time_reports_medians_and_ratios(bench, capsys):
-    bench("step_time").main(["--batch", "8,16", "--repeats", "3", "--block", "1", "--warmup", "1", *TINY])
+    bench("step_time").main(
+        ["--batch", "8,16", "--repeats", "3", "--block", "1", "--warmup", "2", "--estimators", "iwae(k=2)", *TINY]
+    )
     out = json.loads(capsys.readouterr().out)
     assert set(out["batches"]) == {"8", "16"}
     for entry in out["batches"].values():
@@ -32,7 +34,13 @@ def test_step_time_reports_medians_and_ratios(bench, capsys):
             "project_plain",
             "project_foreach",
             "project_meanfield",
+            "est_iwae_k_2",
+            "est_iwae_k_2_unrecorded",
         }
+        iwae = entry["estimators"]["iwae(k=2)"]
+        assert iwae["recorded"] and iwae["ratio_recorded_to_unrecorded"] == pytest.approx(
+            iwae["ms_per_step"] / iwae["ms_per_step_unrecorded"]
+        )
         assert all(v > 0 for v in entry["ms_per_step"].values())
         assert entry["ratio_project_to_torch"] == pytest.approx(
             entry["ms_per_step"]["project"] / entry["ms_per_step"]["torch"]
