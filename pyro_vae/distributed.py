@@ -349,6 +349,10 @@ class DistributedEstimator:
     gradients. Everything else (``bound``, ``log_weights``, ``spec``) is the wrapped estimator's.
     """
 
+    # DDP's forward prepares its gradient reducer for every iteration; a replayed recording of the
+    # loss would skip it, so the distributed step runs the loss itself.
+    recordable = False
+
     def __init__(self, module: nn.Module, estimator) -> None:
         self.module, self.estimator = module, estimator
 

@@ -144,6 +144,8 @@ class Estimator:
     """Base class; subclasses implement ``loss`` and ``bound`` and name their bound in ``bound_name``."""
 
     bound_name: str = "ELBO"
+    #: Whether the training step may record ``loss`` as a graph and replay it (``pyro_vae.recorded``).
+    recordable: bool = True
 
     def loss(self, vae, x: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
         raise NotImplementedError
@@ -250,6 +252,10 @@ class _JitELBO(_PyroELBO):
     does not recompile) and fixed shapes: one compiled ELBO is kept per (model, input shape, dtype,
     device), so a smaller last batch compiles once more rather than failing.
     """
+
+    # It compiles itself (the comparison these estimators exist for); its compiled function holds
+    # tensors of its own, which a recording would freeze.
+    recordable = False
 
     def __init__(self) -> None:
         self._compiled: dict[tuple, tuple] = {}

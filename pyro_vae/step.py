@@ -375,7 +375,7 @@ class TrainStep:
             )
         # The estimator's own loss when there is no lean loss (validation off after the first step).
         self._first_loss_fn = self._loss_fn = lean if lean_ok else self.estimator.loss
-        if self.fast and self.record:
+        if self.fast and self.record and getattr(self.estimator, "recordable", True):
             self.recorded = self._loss_fn = RecordedLoss(self._loss_fn, self.vae)
         if plan.path == "cuda_graph":
             self._graph = _GraphedStep(self)

@@ -14,6 +14,7 @@ from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 
 from pyro_vae import estimators
+from pyro_vae.distributed import DistributedEstimator, LossModule
 from pyro_vae.model import VAE
 from pyro_vae.step import (
     CaptureFailedError,
@@ -193,6 +194,17 @@ def test_estimators_without_a_lean_loss_are_recorded_too(name):
     assert recorded[1] == plain[1]
     for p, q in zip(recorded[2], plain[2], strict=True):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("name", ["jit_trace", "distributed"])
+def test_estimators_that_compile_or_synchronize_themselves_are_not_recorded(name):
+    vae, x = small_vae(), binary_batch()
+    estimator = estimators.get(name) if name != "distributed" else None
+    if estimator is None:  # the DDP wrapper's type, around a plain module (no process group needed)
+        estimator = DistributedEstimator(LossModule(vae, estimators.get("trace")), estimators.get("trace"))
+    step = TrainStep(vae, estimator, torch.optim.Adam(vae.parameters(), lr=1e-3))
+    step(x)
+    assert torch.isfinite(step(x)) and step.path == "fast" and step.recorded is None
 
 
 def test_step_without_recording_runs_the_lean_loss_itself():

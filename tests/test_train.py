@@ -121,6 +121,9 @@ def test_resume_refuses_another_model_and_a_missing_checkpoint(tmp_path):
 class _NaNEstimator:
     """Wraps an estimator; the loss becomes NaN from the ``at``-th call on, as after a blow-up."""
 
+    # Python state (a call counter) decides the loss: a recorded replay would freeze it.
+    recordable = False
+
     def __init__(self, inner, at: int, on_nan=None) -> None:
         self.inner, self.at, self.calls, self.on_nan = inner, at, 0, on_nan
         self.bound_name = inner.bound_name
