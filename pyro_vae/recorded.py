@@ -19,18 +19,20 @@ What a replay computes is what the eager loss computes, operation for operation:
   replay would freeze it;
 - random draws are operations of the graph (``normal_`` on a fresh tensor), drawn from the same
   generator in the same order: for the same seed a replay gives the same loss and gradients as the
-  eager loss, bit for bit on a CPU (checked when a signature is recorded, and tested);
+  eager loss (checked to float tolerance when a signature is recorded; bit for bit on a CPU in
+  the tests);
 - tracing with fake tensors refuses Python that reads tensor values (``.item()``, ``if t > 0``),
   so a program whose control flow depends on the data cannot be recorded wrongly: it fails to
   record and runs eagerly, with a logged reason.
 
-A signature is (batch shape, dtype, device, whether ``beta`` is the number 1): a KL warm-up's
-``beta`` is a graph input, so the schedule does not re-record. What the graph cannot see is Python
-state that changes between calls without changing the signature (an attribute a program reads
-and someone else updates, a module swapped for another after the first record); such programs
-should train with ``TrainStep(record=False)``. Before a recorded graph is used it is checked
-against the eager loss on the same random numbers (value and gradient); a mismatch keeps the
-eager loss for that signature.
+A signature is (batch shape, dtype, device, whether ``beta`` is the number 1, whether the model is
+in training mode): a KL warm-up's ``beta`` is a graph input, so the schedule does not re-record.
+What the graph cannot see is Python state that changes between calls without changing the
+signature (an attribute a program reads and someone else updates, a module swapped for another
+after the first record); such programs should train with ``TrainStep(record=False)`` (an
+estimator can say so itself: ``recordable = False``). Before a recorded graph is used it is
+checked against the eager loss on the same random numbers (value and gradient); a mismatch keeps
+the eager loss for that signature.
 """
 
 from __future__ import annotations
@@ -101,11 +103,15 @@ class RecordedLoss:
     def __call__(self, vae: nn.Module, x: torch.Tensor, beta: float | torch.Tensor = 1.0) -> torch.Tensor:
         if vae is not self.vae:
             raise ValueError("RecordedLoss was built for another module")
-        key = (x.shape, x.dtype, x.device, _beta_is_one(beta))
+        key = self._signature(x, beta)
         replay = self.replays[key] if key in self.replays else self.record(x, beta)
         if replay is None:
             return self.loss_fn(vae, x, beta)
         return replay(x, beta)
+
+    def _signature(self, x: torch.Tensor, beta) -> tuple:
+        # Module mode too: a network with dropout records what it does in the mode it is in.
+        return x.shape, x.dtype, x.device, _beta_is_one(beta), self.vae.training
 
     # -- recording -------------------------------------------------------------------------------
     def record(self, x: torch.Tensor, beta: float | torch.Tensor = 1.0) -> _Replay | None:
@@ -114,7 +120,7 @@ class RecordedLoss:
         Call it before a CUDA graph capture: recording runs the eager loss for its check, which a
         capture must not see.
         """
-        key = (x.shape, x.dtype, x.device, _beta_is_one(beta))
+        key = self._signature(x, beta)
         if key in self.replays:
             return self.replays[key]
         if len(self.replays) >= MAX_SIGNATURES:
