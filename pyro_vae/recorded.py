@@ -49,8 +49,9 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-# Signatures recorded per loss: a training loop needs one or two (the full batch and the epoch's
-# last one). Beyond this the loss runs eagerly instead of growing the cache without bound.
+# Signatures recorded per loss: a training loop needs two to four (the full batch and the epoch's
+# last one, during and after KL warm-up). Beyond this the loss runs eagerly instead of growing the
+# cache without bound.
 MAX_SIGNATURES = 8
 
 _VIEW_OPS = (torch.ops.aten.expand.default, torch.ops.aten.reshape.default, torch.ops.aten.view.default)
