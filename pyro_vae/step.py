@@ -21,6 +21,9 @@ is the first after a resume or not.
     the guide's draws, with no ``Trace`` objects, no ``.item()`` per site, and no param-store
     walk (``pyro.module`` is skipped once the first call has registered the modules).
     Value and gradient equal those of Pyro's ``Trace_ELBO`` (``TraceMeanField_ELBO``) ``differentiable_loss``.
+    From the second call on, whatever loss the path runs (lean or the estimator's own) is recorded
+    once per batch shape as a graph of ATen operations and replayed (``record=True``, the
+    default; :mod:`pyro_vae.recorded`): the Pyro programs are interpreted once, not every step.
 ``cuda_graph``
     On CUDA, the whole fast step (loss, backward, clipping, optimizer) captured once per batch
     shape as a CUDA graph and replayed (``torch.cuda.CUDAGraph``): one launch per step instead of
@@ -300,6 +303,10 @@ class TrainStep:
         fast: ``False`` keeps the plain path for every step.
         cuda_graph: ``"auto"`` (capture on CUDA when possible), ``True`` (capture, and log why
             not when impossible), ``False``.
+        record: on the fast path, record the loss once per batch shape and replay it
+            (``pyro_vae.recorded.RecordedLoss``, exposed as ``self.recorded``); ``False`` runs the
+            programs on every step (for programs whose Python state changes between steps).
+            Estimators with ``recordable = False`` are never recorded.
 
     The first call chooses the path (``self.path``; the reason for a fallback from a faster one
     in ``self.fallback_reason``) and runs its loss with Pyro validation as configured.
