@@ -83,6 +83,7 @@ class TrainConfig:
     optimizer: SpecValue = field(default="adam", metadata={"spec": "optimizer"})
     lr_schedule: SpecValue = field(default="constant", metadata={"spec": "lr_schedule"})
     clip_norm: float | None = None  # gradient-norm clipping; None: off
+    record: bool = True  # record the loss once per batch shape and replay it (docs/speed.md)
     patience: int | None = None  # early stopping on val_bound (the estimator's validation bound); None: off
     eval_every: int = 1  # epochs between evaluations on the validation and test sets
     eval_batch_size: int = 1000

@@ -280,7 +280,7 @@ def train(
     # Distributed: DDP around the estimator's loss, and each rank's own Monte Carlo noise from here on.
     train_estimator = distributed.distribute_estimator(vae, estimator, dctx)
     distributed.seed_rank(tcfg.seed, dctx)
-    step_fn = TrainStep(vae, train_estimator, optimizer, clip_norm=tcfg.clip_norm)
+    step_fn = TrainStep(vae, train_estimator, optimizer, clip_norm=tcfg.clip_norm, record=tcfg.record)
     generator = make_generator(tcfg.seed, dataset.train.device)
     if dctx.enabled and batch_source is None:  # each rank its disjoint shard of one (seed, epoch) permutation
         batch_source = distributed.sharded_batch_source(dataset, tcfg.batch_size, tcfg.seed, dctx)

@@ -300,7 +300,7 @@ def test_the_loop_reads_the_host_once_per_epoch(tmp_path, monkeypatch):
 
         monkeypatch.setattr(torch.Tensor, name, spy)
 
-    def fake_step_factory(vae, estimator, optimizer, clip_norm=None):
+    def fake_step_factory(vae, estimator, optimizer, clip_norm=None, record=True):
         def step(x, beta=1.0):
             if not marks:
                 marks.append(len(reads))  # the first step: setup reads are behind us
@@ -401,3 +401,27 @@ def test_resume_on_cpu_after_a_cuda_graph_run_saved_capturable_groups(tmp_path):
         refusing.step()  # the failure a resume hit before
     result = train(tiny("train.epochs=2", "train.optimizer=adamw"), run, resume=True, progress=False)
     assert result["status"] == "completed" and result["epoch"] == 2
+
+
+def test_the_loop_records_its_loss_unless_told_not_to_and_trains_the_same(tmp_path, monkeypatch):
+    """``train.record`` reaches the step; recording changes the speed, not one number of the run."""
+    steps = []
+    real = train_module.TrainStep
+
+    def spy(*args, **kwargs):
+        steps.append(real(*args, **kwargs))
+        return steps[-1]
+
+    monkeypatch.setattr(train_module, "TrainStep", spy)
+    train(tiny("train.epochs=2", "train.warmup_epochs=1"), tmp_path / "recorded", progress=False)
+    train(tiny("train.epochs=2", "train.warmup_epochs=1", "train.record=false"), tmp_path / "eager", progress=False)
+    recorded, eager = steps
+    assert eager.recorded is None
+    replays = recorded.recorded.replays
+    assert replays and None not in replays.values()  # warm-up (beta an input) and beta = 1: two graphs
+    assert {key[3] for key in replays} == {False, True}
+    assert _metrics(tmp_path / "recorded") == _metrics(tmp_path / "eager")
+    _assert_same_state(
+        ckpt.load_checkpoint(tmp_path / "recorded" / "checkpoint.pt"),
+        ckpt.load_checkpoint(tmp_path / "eager" / "checkpoint.pt"),
+    )
