@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
-from torch.distributions import Distribution, LowRankMultivariateNormal, kl_divergence
+from torch.distributions import Distribution, Independent, LowRankMultivariateNormal, Normal, kl_divergence, register_kl
 
 # Closed-form KL(q || p) for (guide name, prior name) pairs: fn(q, p) -> (batch,).
 CLOSED_FORM_KL: dict[tuple[str, str], Callable[[Distribution, Distribution], torch.Tensor]] = {}
@@ -56,11 +56,26 @@ def _as_low_rank(d: Distribution) -> LowRankMultivariateNormal:
     return LowRankMultivariateNormal(loc, factor, scale.square())
 
 
+@register_kl(LowRankMultivariateNormal, Independent)
+def _kl_low_rank_diagonal(q: LowRankMultivariateNormal, p: Independent) -> torch.Tensor:
+    """KL(low-rank Gaussian || ``Normal(loc, scale).to_event(1)``), which torch lacks (it has the
+    pair with a low-rank p only): the diagonal Gaussian is a low-rank one with a zero factor.
+
+    Registered with torch so that every ``kl_divergence`` caller finds it: ``meanfield``
+    (Pyro's ``TraceMeanField_ELBO`` and the lean loss) takes the analytic KL for the ``lowrank``
+    guide against ``normal`` and ``learned_normal`` instead of falling back to Monte Carlo.
+    Any other ``Independent`` p raises ``NotImplementedError``, which those callers expect.
+    """
+    if p.reinterpreted_batch_ndims != 1 or not isinstance(p.base_dist, Normal):
+        raise NotImplementedError
+    return kl_divergence(q, _as_low_rank(p))
+
+
 CLOSED_FORM_KL[("normal", "normal")] = lambda q, p: gaussian_kl_standard_normal(*_diagonal(q))
 CLOSED_FORM_KL[("normal", "learned_normal")] = lambda q, p: gaussian_kl_diagonal(*_diagonal(q), *_diagonal(p))
 # Full-covariance Gaussian against a diagonal one: torch's registered KL
 # 1/2 [tr(S0^-1 S) + (m0 - m)^T S0^-1 (m0 - m) - d + log det S0 - log det S], with S low rank + diagonal.
-CLOSED_FORM_KL[("lowrank", "normal")] = lambda q, p: kl_divergence(q, _as_low_rank(p))
+CLOSED_FORM_KL[("lowrank", "normal")] = lambda q, p: kl_divergence(q, p)  # _kl_low_rank_diagonal
 CLOSED_FORM_KL[("lowrank", "learned_normal")] = CLOSED_FORM_KL[("lowrank", "normal")]
 
 

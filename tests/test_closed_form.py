@@ -143,3 +143,23 @@ def test_no_closed_form_is_a_value_error_naming_the_pair(x):
         closed_form_terms(vae, x)
     # The Pyro model itself is fine: a Monte Carlo estimator still works for this pair.
     assert torch.isfinite(torch.tensor(Trace_ELBO().loss(vae.model, vae.guide, x)))
+
+
+@pytest.mark.parametrize("prior_batch", [(), (4,)])
+def test_low_rank_to_diagonal_kl_is_registered_with_torch(prior_batch):
+    """KL(LowRankMVN || Normal.to_event(1)) equals the full-covariance formula of MultivariateNormal,
+    for a prior broadcast to the batch or not; other Independent priors stay NotImplementedError."""
+    g = torch.Generator().manual_seed(0)
+    q = dist.LowRankMultivariateNormal(
+        torch.randn(4, 3, generator=g, dtype=torch.float64),
+        torch.randn(4, 3, 2, generator=g, dtype=torch.float64),
+        torch.rand(4, 3, generator=g, dtype=torch.float64) + 0.5,
+    )
+    loc, scale = torch.tensor([0.3, -1.0, 2.0], dtype=torch.float64), torch.tensor([1.5, 0.5, 2.0], dtype=torch.float64)
+    p = dist.Normal(loc, scale).to_event(1).expand(prior_batch)
+    full = kl_divergence(
+        dist.MultivariateNormal(q.loc, q.covariance_matrix), dist.MultivariateNormal(loc, torch.diag(scale**2))
+    )
+    torch.testing.assert_close(kl_divergence(q, p), full, rtol=1e-12, atol=1e-12)
+    with pytest.raises(NotImplementedError):
+        kl_divergence(q, dist.Laplace(loc, scale).to_event(1))

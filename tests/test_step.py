@@ -114,6 +114,8 @@ def test_lean_guide_draws_pyros_z_and_takes_log_q_from_the_noise(guide, from_noi
         ({"prior": "mixture"}, False),
         ({"prior": "vamp"}, False),
         ({"guide": "iaf"}, False),
+        ({"guide": "lowrank"}, True),  # closed_form registers the low-rank/diagonal pair with torch
+        ({"guide": "lowrank", "prior": "learned_normal"}, True),
         ({"likelihood": "gaussian"}, True),
     ],
     ids=lambda v: "-".join(f"{k}={w}" for k, w in v.items()) if isinstance(v, dict) else f"analytic={v}",
