@@ -29,6 +29,7 @@ import pyro.distributions.transforms as T
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributions import register_kl
 
 # MIN_SCALE floors learned prior scales too: a component that collapses onto a point would make
 # log p(z) unbounded.
@@ -109,6 +110,15 @@ class UnitNormal(dist.Normal):
 
 # torch.distributions.Normal's own constant, so that UnitNormal.log_prob rounds the same way.
 LOG_SQRT_2PI = math.log(math.sqrt(2 * math.pi))
+
+
+@register_kl(torch.distributions.Normal, UnitNormal)
+def _kl_normal_unit_normal(p: torch.distributions.Normal, q: UnitNormal) -> torch.Tensor:
+    """KL(N(m, s^2) || N(0, 1)) = (s^2 + m^2 - 1 - log s^2) / 2: torch's Normal/Normal formula
+    without its divisions by q's scale of ones and subtraction of q's zeros, so the same bits in
+    fewer operations (what ``meanfield`` evaluates every step with the default prior)."""
+    var_ratio = p.scale.pow(2)
+    return 0.5 * (var_ratio + p.loc.pow(2) - 1 - var_ratio.log())
 
 
 @PRIORS.register("learned_normal")

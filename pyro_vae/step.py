@@ -173,7 +173,9 @@ def _lean_elbo_loss(vae, x: torch.Tensor, beta, analytic_kl: bool) -> torch.Tens
             vae.guide(x, beta)
         with SiteLogDensity(replay=guide.values, kl_from=guide if analytic_kl else None) as model:
             vae.model(x, beta)
-    return -(model.log_density() - guide.log_density(exclude=model.analytic))
+    elbo, log_q = model.log_density(), guide.log_density(exclude=model.analytic)
+    # meanfield with every latent's KL analytic leaves no log q: nothing to subtract.
+    return -(elbo - log_q) if torch.is_tensor(log_q) else -elbo
 
 
 def reparameterized_elbo_loss(vae, x: torch.Tensor, beta: float | torch.Tensor = 1.0) -> torch.Tensor:

@@ -25,7 +25,7 @@ from torch.distributions import kl_divergence
 from pyro_vae import VAE, closed_form_terms
 from pyro_vae.closed_form import CLOSED_FORM_KL
 from pyro_vae.estimators import log_weights
-from pyro_vae.priors import FLOW_KINDS, PRIORS, UnitNormal
+from pyro_vae.priors import FLOW_KINDS, PRIORS, UnitNormal, _kl_normal_unit_normal
 from pyro_vae.specs import SpecError, parse_spec
 
 # Every registered prior (and every flow kind) once.
@@ -263,8 +263,8 @@ def test_vamp_leaves_the_ignore_z_plateau_when_the_encoder_sees_x(data_root, ini
 
 
 def test_unit_normal_is_normal_0_1_bit_for_bit():
-    """``normal``'s distribution skips the location-scale arithmetic: the same log-density and
-    gradient as ``Normal(0, 1)`` bit for bit, the same broadcasting to the plate, and torch's KL."""
+    """``normal``'s distribution skips the location-scale arithmetic: the same log-density, KL and
+    gradients as ``Normal(0, 1)`` bit for bit, and the same broadcasting to the plate."""
     prior = PRIORS.build("normal", z_dim=Z_DIM)()
     assert type(prior.base_dist) is UnitNormal
     reference = dist.Normal(torch.zeros(Z_DIM), torch.ones(Z_DIM)).to_event(1)
@@ -277,5 +277,11 @@ def test_unit_normal_is_normal_0_1_bit_for_bit():
         assert torch.equal(g_got, g_expected)
     # a value smaller than the batch is broadcast up to it, as Normal.log_prob does
     assert prior.expand((3, BATCH)).log_prob(torch.zeros(Z_DIM)).shape == (3, BATCH)
-    q = dist.Normal(torch.randn(BATCH, Z_DIM), torch.rand(BATCH, Z_DIM) + 0.5).to_event(1)
-    assert torch.equal(kl_divergence(q, prior.expand((BATCH,))), kl_divergence(q, reference.expand((BATCH,))))
+    # its own KL (registered: fewer operations), the same bits as torch's Normal/Normal formula
+    loc, scale = torch.randn(BATCH, Z_DIM).requires_grad_(), (torch.rand(BATCH, Z_DIM) + 0.5).requires_grad_()
+    q = dist.Normal(loc, scale).to_event(1)
+    assert torch.distributions.kl._dispatch_kl(dist.Normal, UnitNormal) is _kl_normal_unit_normal
+    ours, torchs = kl_divergence(q, prior.expand((BATCH,))), kl_divergence(q, reference.expand((BATCH,)))
+    assert torch.equal(ours, torchs)
+    grads = [torch.autograd.grad(kl.sum(), (loc, scale)) for kl in (ours, torchs)]
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
