@@ -350,6 +350,9 @@ class TraceGraphELBO(_PyroELBO):
 
     elbo_class = TraceGraph_ELBO
 
+    # Its baseline is a running average kept between calls: state a recorded replay would freeze.
+    recordable = False
+
     def __init__(self, baseline_beta: float = 0.9) -> None:
         if not 0 <= baseline_beta < 1:
             raise ValueError(f"baseline_beta must be in [0, 1), got {baseline_beta!r}")

@@ -28,9 +28,15 @@ from pyro_vae.priors import build_prior
 MEAN_SAMPLES = 1000
 
 
+def is_unit_beta(beta: float | torch.Tensor) -> bool:
+    """Whether ``beta`` is the number 1, for which the model has no scale at all (a tensor never is:
+    a recorded loss takes a tensor ``beta`` as an input, ``pyro_vae.recorded``)."""
+    return isinstance(beta, (int, float)) and beta == 1
+
+
 def _kl_scale(beta: float | torch.Tensor):
     """``poutine.scale`` on the latent site for KL warm-up; nothing at all at beta = 1."""
-    if isinstance(beta, (int, float)) and beta == 1:
+    if is_unit_beta(beta):
         return contextlib.nullcontext()
     return poutine.scale(scale=beta)
 

@@ -27,12 +27,21 @@ What a replay computes is what the eager loss computes, operation for operation:
 
 A signature is (batch shape, dtype, device, whether ``beta`` is the number 1, whether the model is
 in training mode): a KL warm-up's ``beta`` is a graph input, so the schedule does not re-record.
+A parameter or buffer replaced by another tensor (``module.to()`` replaces buffers,
+``load_state_dict(assign=True)`` parameters) is noticed at the next call, which records again.
 What the graph cannot see is Python state that changes between calls without changing the
-signature (an attribute a program reads and someone else updates, a module swapped for another
-after the first record); such programs should train with ``TrainStep(record=False)`` (an
-estimator can say so itself: ``recordable = False``). Before a recorded graph is used it is
-checked against the eager loss on the same random numbers (value and gradient); a mismatch keeps
-the eager loss for that signature.
+signature (a counter, an attribute someone else updates); such programs should train with
+``TrainStep(record=False)`` (an estimator can say so itself: ``recordable = False``). Before a
+recorded graph is used it is checked against the eager loss on the same random numbers (value and
+gradient); a mismatch keeps the eager loss for that signature. Called inside a Pyro handler
+(``poutine.scale``, ``poutine.trace``, ...), or with a number ``beta <= 0``, the loss runs eagerly:
+the handler must see the programs' sites, and Pyro's own check of ``beta`` must run.
+
+Recording has no lasting effect on the model: the random generators are forked, the buffers
+(a batch norm's running statistics) are put back after the trace and the check, and so are the
+attributes the traced call stores on the modules and on the loss's owner (Pyro's transforms cache
+their last input and output). Python side effects elsewhere (a counter in a closure) happen once
+for the trace and once for each run of the check.
 """
 
 from __future__ import annotations
@@ -45,9 +54,14 @@ from collections.abc import Callable, Iterator
 
 import pyro
 import torch
+from pyro.poutine.runtime import am_i_wrapped
 from torch import nn
 
+from pyro_vae.model import is_unit_beta
+
 log = logging.getLogger(__name__)
+
+_MISSING = object()
 
 # Signatures recorded per loss: a training loop needs two to four (the full batch and the epoch's
 # last one, during and after KL warm-up). Beyond this the loss runs eagerly instead of growing the
@@ -57,24 +71,27 @@ MAX_SIGNATURES = 8
 _VIEW_OPS = (torch.ops.aten.expand.default, torch.ops.aten.reshape.default, torch.ops.aten.view.default)
 
 
-class _Replay:
-    """One recorded graph; it reads the model's parameters and buffers itself (they are its attributes)."""
+class Replay:
+    """One recorded graph. It holds the model's parameters and buffers as attributes (the very
+    tensors) and, for :meth:`current`, where each of them lives in the model."""
 
-    def __init__(self, graph_module: torch.fx.GraphModule, takes_beta: bool) -> None:
-        self.graph_module, self.takes_beta = graph_module, takes_beta
+    def __init__(
+        self, graph_module: torch.fx.GraphModule, takes_beta: bool, owners: list[tuple[dict, str, torch.Tensor]]
+    ) -> None:
+        self.graph_module, self.takes_beta, self.owners = graph_module, takes_beta, owners
 
     @property
     def num_ops(self) -> int:
         return sum(node.op == "call_function" for node in self.graph_module.graph.nodes)
 
+    def current(self) -> bool:
+        """Whether every parameter and buffer the graph holds is still the one its module holds."""
+        return all(slots.get(name) is tensor for slots, name, tensor in self.owners)
+
     def __call__(self, x: torch.Tensor, beta) -> torch.Tensor:
         if self.takes_beta:
             return self.graph_module(x, _beta_tensor(beta, x))
         return self.graph_module(x)
-
-
-def _beta_is_one(beta) -> bool:
-    return isinstance(beta, (int, float)) and beta == 1
 
 
 def _beta_tensor(beta, x: torch.Tensor) -> torch.Tensor:
@@ -98,37 +115,52 @@ class RecordedLoss:
 
     def __init__(self, loss_fn: Callable[..., torch.Tensor], vae: nn.Module) -> None:
         self.loss_fn, self.vae = loss_fn, vae
-        self.replays: dict[tuple, _Replay | None] = {}
+        self.replays: dict[tuple, Replay | None] = {}
+        self._over_capacity_logged = False
         self.fallback_reason = ""
 
     def __call__(self, vae: nn.Module, x: torch.Tensor, beta: float | torch.Tensor = 1.0) -> torch.Tensor:
         if vae is not self.vae:
             raise ValueError("RecordedLoss was built for another module")
-        key = self._signature(x, beta)
-        replay = self.replays[key] if key in self.replays else self.record(x, beta)
+        if am_i_wrapped() or (not torch.is_tensor(beta) and beta <= 0):
+            return self.loss_fn(vae, x, beta)
+        replay = self.record(x, beta)
         if replay is None:
             return self.loss_fn(vae, x, beta)
         return replay(x, beta)
 
     def _signature(self, x: torch.Tensor, beta) -> tuple:
         # Module mode too: a network with dropout records what it does in the mode it is in.
-        return x.shape, x.dtype, x.device, _beta_is_one(beta), self.vae.training
+        return x.shape, x.dtype, x.device, is_unit_beta(beta), self.vae.training
 
     # -- recording -------------------------------------------------------------------------------
-    def record(self, x: torch.Tensor, beta: float | torch.Tensor = 1.0) -> _Replay | None:
-        """Record (and check) the graph for this signature if it is new; ``None`` where it runs eagerly.
+    def record(self, x: torch.Tensor, beta: float | torch.Tensor = 1.0) -> Replay | None:
+        """The replay for this signature, recorded (and checked) if it is new or holds a replaced
+        parameter or buffer; ``None`` where the signature runs eagerly.
 
         Call it before a CUDA graph capture: recording runs the eager loss for its check, which a
         capture must not see.
         """
         key = self._signature(x, beta)
-        if key in self.replays:
-            return self.replays[key]
+        replay = self.replays.get(key, _MISSING)
+        if replay is None or (replay is not _MISSING and replay.current()):
+            return replay
+        if replay is not _MISSING:
+            log.info("RecordedLoss: a parameter or buffer of the model was replaced; recording again")
+            del self.replays[key]
         if len(self.replays) >= MAX_SIGNATURES:
-            return self._eager(key, f"more than {MAX_SIGNATURES} input signatures (batch shapes)", logging.WARNING)
+            if not self._over_capacity_logged:  # logged once; nothing stored, so the cache stays bounded
+                self._over_capacity_logged = True
+                log.warning(
+                    "RecordedLoss: %s: more than %d input signatures; new ones run the eager loss",
+                    self.name,
+                    MAX_SIGNATURES,
+                )
+            self.fallback_reason = f"more than {MAX_SIGNATURES} input signatures (batch shapes)"
+            return None
         start = time.perf_counter()
         try:
-            with pyro.validation_enabled(False):
+            with pyro.validation_enabled(False), _buffers_restored(self.vae):
                 replay = self._trace(x, beta)
                 mismatch = self._mismatch(replay, x, beta)
         except torch.cuda.OutOfMemoryError:
@@ -162,10 +194,12 @@ class RecordedLoss:
         self.replays[key] = None
         return None
 
-    def _trace(self, x: torch.Tensor, beta) -> _Replay:
-        from torch.fx.experimental.proxy_tensor import make_fx  # torch's own tracer (used by export)
+    def _trace(self, x: torch.Tensor, beta) -> Replay:
+        # Imported here: torch.fx's tracer pulls in much of torch._subclasses, which a process that
+        # never records (evaluation, plotting) need not load.
+        from torch.fx.experimental.proxy_tensor import make_fx
 
-        takes_beta = not _beta_is_one(beta)
+        takes_beta = not is_unit_beta(beta)
         inputs = (x, _beta_tensor(beta, x)) if takes_beta else (x,)
 
         def loss(*args):
@@ -175,13 +209,14 @@ class RecordedLoss:
         # attributes of the graph (the very tensors, so a replay reads their current values and
         # autograd reaches them). Pre-dispatch: ATen operations above autograd (``linear``, not its
         # decomposition), which autograd differentiates at replay exactly as it does the eager calls.
-        with _attributes_restored(self.vae):
+        owner = getattr(self.loss_fn, "__self__", None)  # an estimator's state, for a bound ``loss``
+        with _attributes_restored([*self.vae.modules(), *([owner] if owner is not None else [])]):
             graph_module = make_fx(loss, tracing_mode="fake", pre_dispatch=True, _allow_non_fake_inputs=True)(*inputs)
-        _check_constants(graph_module, self.vae)
+        owners = _check_constants(graph_module, self.vae)
         _simplify(graph_module)
-        return _Replay(graph_module, takes_beta)
+        return Replay(graph_module, takes_beta, owners)
 
-    def _mismatch(self, replay: _Replay, x: torch.Tensor, beta) -> str:
+    def _mismatch(self, replay: Replay, x: torch.Tensor, beta) -> str:
         """'' when replay and eager loss agree in value and gradient on the same random numbers."""
         params = [p for p in self.vae.parameters() if p.requires_grad]
         devices = [x.device] if x.device.type == "cuda" else []
@@ -211,44 +246,69 @@ class FrozenTensorError(ValueError):
 
 
 @contextlib.contextmanager
-def _attributes_restored(vae: nn.Module) -> Iterator[None]:
-    """Undo what the traced call did to the modules' plain attributes (a transform's cache, a counter).
+def _attributes_restored(objects: list) -> Iterator[None]:
+    """Undo what the traced call did to the objects' plain attributes (a transform's cache, a counter).
 
     The tracing call computes on fake tensors; whatever the programs store on a module (Pyro's
-    transforms cache their last input and output) would be a fake tensor that later eager calls
-    trip over. Recording is meant to have no effect on the model, so every module's attributes are
-    put back as they were (parameters, buffers and submodules are not touched by tracing).
+    transforms cache their last input and output) or on the loss's owner would be a fake tensor
+    that later eager calls trip over. Recording is meant to have no effect, so every object's
+    attributes are put back as they were.
     """
-    saved = [(module, dict(vars(module))) for module in vae.modules()]
+    saved = [(obj, dict(vars(obj))) for obj in objects if hasattr(obj, "__dict__")]
     try:
         yield
     finally:
-        for module, attributes in saved:
-            current = vars(module)
+        for obj, attributes in saved:
+            current = vars(obj)
             for name in [name for name in current if name not in attributes]:
                 del current[name]
             current.update(attributes)
 
 
-def _check_constants(graph_module: torch.fx.GraphModule, vae: nn.Module) -> None:
-    """Refuse a graph that froze a tensor other than the model's parameters and buffers.
+@contextlib.contextmanager
+def _buffers_restored(vae: nn.Module) -> Iterator[None]:
+    """Put the buffers' values back after recording: the trace and the check's two runs would
+    otherwise update a batch norm's running statistics (or any in-place buffer) three extra times."""
+    saved = [(buffer, buffer.detach().clone()) for buffer in vae.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+
+
+def _check_constants(graph_module: torch.fx.GraphModule, vae: nn.Module) -> list[tuple[dict, str, torch.Tensor]]:
+    """Refuse a graph that froze a tensor other than the model's parameters and buffers; return, for
+    each of those it holds, (the module's parameter or buffer dict, the name, the tensor).
 
     Literals the program creates (``torch.tensor(0.0)``) are recorded as constants lifted by
     ``lift_fresh_copy`` and are constants indeed. Any other tensor the tracing met (a value cached
     by a transform on an earlier call, a tensor held by some object) would be replayed with the
     value it had when recorded.
     """
-    own = {id(t) for t in (*vae.parameters(), *vae.buffers())}
+    slots = {
+        id(tensor): (module_slots, name)
+        for module in vae.modules()
+        for module_slots in (module._parameters, module._buffers)
+        for name, tensor in module_slots.items()
+        if tensor is not None
+    }
+    owners = []
     for node in graph_module.graph.nodes:
         if node.op != "get_attr":
             continue
         value = operator.attrgetter(node.target)(graph_module)
-        literal = all(user.target is torch.ops.aten.lift_fresh_copy.default for user in node.users)
-        if torch.is_tensor(value) and id(value) not in own and not literal:
+        if not torch.is_tensor(value):
+            continue
+        if id(value) in slots:
+            owners.append((*slots[id(value)], value))
+        elif not all(user.target is torch.ops.aten.lift_fresh_copy.default for user in node.users):
             raise FrozenTensorError(
                 f"the programs read a tensor of shape {tuple(value.shape)} that is neither a parameter nor a buffer "
                 "of the model; a replay would use its value at recording time"
             )
+    return owners
 
 
 def _simplify(graph_module: torch.fx.GraphModule) -> None:

@@ -332,6 +332,7 @@ class TrainStep:
         self.path: str | None = None
         self.fallback_reason = ""
         self.recorded: RecordedLoss | None = None
+        self._first_loss_fn: Callable[..., torch.Tensor] | None = None  # the loss of the validated first step
         self._loss_fn: Callable[..., torch.Tensor] | None = None
         self._graph: _GraphedStep | None = None
 
@@ -384,7 +385,9 @@ class TrainStep:
             )
         # The estimator's own loss when there is no lean loss (validation off after the first step).
         self._first_loss_fn = self._loss_fn = lean if lean_ok else self.estimator.loss
-        if self.fast and self.record and getattr(self.estimator, "recordable", True):
+        # Only estimators that say what they are: a duck-typed one may keep state a replay would freeze.
+        declared = isinstance(self.estimator, _estimators.Estimator) and self.estimator.recordable
+        if self.fast and self.record and declared:
             self.recorded = self._loss_fn = RecordedLoss(self._loss_fn, self.vae)
         if plan.path == "cuda_graph":
             self._graph = _GraphedStep(self)

@@ -8,9 +8,10 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from pyro import poutine
 from pyro.poutine import runtime
 
-from pyro_vae import recorded
+from pyro_vae import estimators, recorded
 from pyro_vae.model import VAE
 from pyro_vae.priors import Prior
 from pyro_vae.recorded import RecordedLoss
@@ -124,10 +125,10 @@ def test_too_many_batch_shapes_run_eagerly(monkeypatch, caplog):
     vae = small_vae()
     rec = RecordedLoss(reparameterized_elbo_loss, vae)
     with caplog.at_level(logging.WARNING, logger="pyro_vae.recorded"):
-        for n in (2, 3, 4):
+        for n in (2, 3, 4, 5, 4):
             rec(vae, batch(n))
-    assert [r is None for r in rec.replays.values()] == [False, False, True]
-    assert "more than 2 input signatures" in caplog.text
+    assert len(rec.replays) == 2 and None not in rec.replays.values()  # nothing stored past the cap
+    assert caplog.text.count("more than 2 input signatures") == 1  # said once
     assert_bitwise_equal(
         value_and_grads(rec, vae, batch(4), 1.0, seed=1),
         value_and_grads(reparameterized_elbo_loss, vae, batch(4), 1.0, seed=1),
@@ -212,3 +213,105 @@ def test_simplify_drops_identity_views_and_keeps_every_draw():
         if node.target in (aten.expand.default, aten.reshape.default, aten.view.default):
             assert node.meta["val"].shape != node.args[0].meta["val"].shape
     assert targets.count(aten.linear.default) == 4  # encoder and decoder, two layers each
+
+
+class _BatchNormGuide(torch.nn.Module):
+    """A diagonal-Normal guide whose encoder has a batch norm: buffers updated in place every call."""
+
+    def __init__(self, x_dim: int = 12, z_dim: int = 3) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(x_dim, 8), torch.nn.BatchNorm1d(8), torch.nn.Softplus())
+        self.loc, self.scale = torch.nn.Linear(8, z_dim), torch.nn.Linear(8, z_dim)
+
+    def forward(self, x):
+        h = self.net(x)
+        return dist.Normal(self.loc(h), torch.nn.functional.softplus(self.scale(h)) + 1e-3).to_event(1)
+
+
+def test_recording_leaves_buffers_as_they_were_and_the_replay_updates_them_like_eager():
+    """The trace and the check run the loss three times; a batch norm's running statistics must
+    not remember that. The replay then updates them exactly as an eager call does."""
+    torch.manual_seed(1)
+    vae, x = VAE(**SMALL, guide=_BatchNormGuide()), batch()
+    twin = VAE(**SMALL, guide=_BatchNormGuide())
+    twin.load_state_dict(vae.state_dict())
+    bn = vae.encoder.net[1]
+    rec = RecordedLoss(reparameterized_elbo_loss, vae)
+    assert rec.record(x) is not None, rec.fallback_reason
+    assert int(bn.num_batches_tracked) == 0 and torch.equal(bn.running_mean, torch.zeros(8))
+    pyro.set_rng_seed(8)
+    rec(vae, x)
+    pyro.set_rng_seed(8)
+    reparameterized_elbo_loss(twin, x)
+    for (name, a), (_, b) in zip(vae.named_buffers(), twin.named_buffers(), strict=True):
+        assert torch.equal(a, b), name
+    assert int(bn.num_batches_tracked) == 1
+
+
+def test_a_replaced_parameter_or_buffer_is_recorded_again():
+    """``module.to()`` replaces buffers and ``load_state_dict(assign=True)`` parameters: a replay
+    holding the old tensors would compute with stale values, so the call records again."""
+    vae, x = small_vae(), batch()
+    rec = RecordedLoss(reparameterized_elbo_loss, vae)
+    first = rec.record(x)
+    vae.double().float()  # back on the same signature, with new buffer objects
+    state = {k: v.clone() * 1.5 for k, v in vae.state_dict().items()}
+    vae.load_state_dict(state, assign=True)
+    assert not first.current()
+    assert_bitwise_equal(
+        value_and_grads(rec, vae, x, 1.0, seed=2), value_and_grads(reparameterized_elbo_loss, vae, x, 1.0, seed=2)
+    )
+    assert rec.replays[rec._signature(x, 1.0)] is not first
+
+
+def test_inside_a_pyro_handler_or_with_beta_not_positive_the_loss_runs_eagerly():
+    vae, x = small_vae(), batch()
+    rec = RecordedLoss(reparameterized_elbo_loss, vae)
+    rec.record(x, 0.5)
+    with poutine.scale(scale=2.0):  # the handler must see the sites: a replay would not
+        got = value_and_grads(rec, vae, x, 0.5, seed=3)
+        expected = value_and_grads(reparameterized_elbo_loss, vae, x, 0.5, seed=3)
+    assert_bitwise_equal(got, expected)
+    with pytest.raises(ValueError):  # Pyro's own check of the scale, as without recording
+        rec(vae, x, 0.0)
+
+
+def _with_an_unused_draw(vae, x, beta=1.0):
+    torch.randn(5)  # drawn and never used: dead code that must stay, or the random stream shifts
+    return reparameterized_elbo_loss(vae, x, beta)
+
+
+def test_an_unused_random_draw_stays_in_the_graph():
+    vae, x = small_vae(), batch()
+    rec = RecordedLoss(_with_an_unused_draw, vae)
+    replay = rec.record(x)
+    assert replay is not None
+    targets = [node.target for node in replay.graph_module.graph.nodes]
+    assert torch.ops.aten.randn.default in targets
+    expected = value_and_grads(_with_an_unused_draw, vae, x, 1.0, seed=6)
+    assert_bitwise_equal(value_and_grads(rec, vae, x, 1.0, seed=6), expected)
+    pyro.set_rng_seed(6)
+    rec(vae, x)
+    after_replay = torch.get_rng_state()
+    pyro.set_rng_seed(6)
+    _with_an_unused_draw(vae, x)
+    assert torch.equal(after_replay, torch.get_rng_state())
+
+
+class _RememberingIWAE(estimators.IWAE):
+    """Keeps the last loss on itself, then branches on the data: the trace stores a fake tensor
+    and fails, and no eager run of the check comes to overwrite it."""
+
+    def loss(self, vae, x, beta=1.0):
+        self.last = super().loss(vae, x, beta)
+        return self.last if self.last > 0 else -self.last
+
+
+def test_attributes_the_trace_stores_on_the_estimator_are_put_back():
+    vae, x = small_vae(), batch()
+    estimator = _RememberingIWAE(k=2)
+    estimator.last = None
+    rec = RecordedLoss(estimator.loss, vae)
+    assert rec.record(x) is None and "recording failed" in rec.fallback_reason
+    assert estimator.last is None
+    assert torch.isfinite(rec(vae, x)) and type(estimator.last) is torch.Tensor

@@ -198,12 +198,23 @@ def test_estimators_without_a_lean_loss_are_recorded_too(name):
         assert torch.equal(p, q)
 
 
-@pytest.mark.parametrize("name", ["jit_trace", "distributed"])
-def test_estimators_that_compile_or_synchronize_themselves_are_not_recorded(name):
+class _DuckTypedTrace:
+    """An estimator by duck typing only: it does not say whether it keeps state, so it is not recorded."""
+
+    def __init__(self) -> None:
+        self.inner = estimators.get("trace")
+
+    def loss(self, vae, x, beta=1.0):
+        return self.inner.loss(vae, x, beta)
+
+
+@pytest.mark.parametrize("name", ["jit_trace", "tracegraph", "distributed", "duck-typed"])
+def test_estimators_that_keep_state_compile_or_synchronize_themselves_are_not_recorded(name):
     vae, x = small_vae(), binary_batch()
-    estimator = estimators.get(name) if name != "distributed" else None
-    if estimator is None:  # the DDP wrapper's type, around a plain module (no process group needed)
+    if name == "distributed":  # the DDP wrapper's type, around a plain module (no process group needed)
         estimator = DistributedEstimator(LossModule(vae, estimators.get("trace")), estimators.get("trace"))
+    else:
+        estimator = _DuckTypedTrace() if name == "duck-typed" else estimators.get(name)
     step = TrainStep(vae, estimator, torch.optim.Adam(vae.parameters(), lr=1e-3))
     step(x)
     assert torch.isfinite(step(x)) and step.path == "fast" and step.recorded is None
@@ -443,6 +454,8 @@ def test_cuda_graph_step_matches_the_eager_fast_step(caplog):
                 losses.append(step(batch, 0.5 if t < 4 else 1.0).item())
         runs[name] = (step, losses)
     assert runs["graph"][0].path == "cuda_graph" and runs["eager"][0].path == "fast"
+    # the captured step replays the recorded loss (a graph per signature, none refused)
+    assert None not in runs["graph"][0].recorded.replays.values()
     assert runs["graph"][1] == pytest.approx(runs["eager"][1], rel=1e-4)
     for p, q in zip(vae_graph.parameters(), vae_eager.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)

@@ -121,7 +121,8 @@ def test_resume_refuses_another_model_and_a_missing_checkpoint(tmp_path):
 class _NaNEstimator:
     """Wraps an estimator; the loss becomes NaN from the ``at``-th call on, as after a blow-up."""
 
-    # Python state (a call counter) decides the loss: a recorded replay would freeze it.
+    # Python state (a call counter) decides the loss: a recorded replay would freeze it. (Duck-typed
+    # estimators are not recorded anyway; said here for the reader.)
     recordable = False
 
     def __init__(self, inner, at: int, on_nan=None) -> None:
