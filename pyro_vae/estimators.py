@@ -52,6 +52,7 @@ from pyro.poutine.util import site_is_subsample
 from torch import nn
 
 from pyro_vae.closed_form import closed_form_elbo, closed_form_terms
+from pyro_vae.model import beta_tensor
 from pyro_vae.registry import Registry
 
 ESTIMATORS: Registry = Registry("estimator")
@@ -268,12 +269,7 @@ class _JitELBO(_PyroELBO):
         elbo, model, guide = self._compiled[key]
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch.jit.trace.* is deprecated", category=FutureWarning)
-            # torch.full fills on the device; torch.as_tensor(float, device=cuda) would copy host to device per step.
-            if torch.is_tensor(beta):
-                beta = beta.to(dtype=x.dtype, device=x.device)
-            else:
-                beta = torch.full((), beta, dtype=x.dtype, device=x.device)
-            return self._pyro_loss(elbo, model, guide, x, beta)
+            return self._pyro_loss(elbo, model, guide, x, beta_tensor(beta, x))
 
 
 @ESTIMATORS.register("jit_trace")

@@ -34,6 +34,15 @@ def is_unit_beta(beta: float | torch.Tensor) -> bool:
     return isinstance(beta, (int, float)) and beta == 1
 
 
+def beta_tensor(beta: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``beta`` as a 0-d tensor of ``like``'s dtype on its device, for programs traced with a tensor
+    ``beta`` (Pyro's JIT, ``pyro_vae.recorded``): a number is filled in on the device, so a training
+    step makes no host-to-device copy for it."""
+    if torch.is_tensor(beta):
+        return beta.to(dtype=like.dtype, device=like.device)
+    return like.new_full((), beta)
+
+
 def _kl_scale(beta: float | torch.Tensor):
     """``poutine.scale`` on the latent site for KL warm-up; nothing at all at beta = 1."""
     if is_unit_beta(beta):

@@ -57,7 +57,7 @@ import torch
 from pyro.poutine.runtime import am_i_wrapped
 from torch import nn
 
-from pyro_vae.model import is_unit_beta
+from pyro_vae.model import beta_tensor, is_unit_beta
 
 log = logging.getLogger(__name__)
 
@@ -90,15 +90,8 @@ class Replay:
 
     def __call__(self, x: torch.Tensor, beta) -> torch.Tensor:
         if self.takes_beta:
-            return self.graph_module(x, _beta_tensor(beta, x))
+            return self.graph_module(x, beta_tensor(beta, x))
         return self.graph_module(x)
-
-
-def _beta_tensor(beta, x: torch.Tensor) -> torch.Tensor:
-    """``beta`` as a 0-d tensor of x's dtype on x's device; a number is filled in on the device (no host copy)."""
-    if torch.is_tensor(beta):
-        return beta.to(dtype=x.dtype, device=x.device)
-    return x.new_full((), beta)
 
 
 class RecordedLoss:
@@ -200,7 +193,7 @@ class RecordedLoss:
         from torch.fx.experimental.proxy_tensor import make_fx
 
         takes_beta = not is_unit_beta(beta)
-        inputs = (x, _beta_tensor(beta, x)) if takes_beta else (x,)
+        inputs = (x, beta_tensor(beta, x)) if takes_beta else (x,)
 
         def loss(*args):
             return self.loss_fn(self.vae, *args)
