@@ -29,7 +29,6 @@ import pyro.distributions.transforms as T
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributions import register_kl
 
 # MIN_SCALE floors learned prior scales too: a component that collapses onto a point would make
 # log p(z) unbounded.
@@ -89,6 +88,10 @@ class StandardNormal(Prior):
         return UnitNormal(self.loc, self.scale).to_event(1)
 
 
+# log sqrt(2 pi), as torch.distributions.Normal computes it (the lean loss's log q uses it too).
+LOG_SQRT_2PI = math.log(math.sqrt(2 * math.pi))
+
+
 class UnitNormal(dist.Normal):
     """``Normal(loc, scale)`` for ``loc = 0``, ``scale = 1`` (the caller's zeros and ones, which
     :class:`StandardNormal` keeps as buffers), with log N(z; 0, 1) = -z^2/2 - log sqrt(2 pi).
@@ -106,19 +109,6 @@ class UnitNormal(dist.Normal):
         if log_p.shape != self.batch_shape:
             log_p = log_p.expand(torch.broadcast_shapes(log_p.shape, self.batch_shape))
         return log_p
-
-
-# torch.distributions.Normal's own constant, so that UnitNormal.log_prob rounds the same way.
-LOG_SQRT_2PI = math.log(math.sqrt(2 * math.pi))
-
-
-@register_kl(torch.distributions.Normal, UnitNormal)
-def _kl_normal_unit_normal(p: torch.distributions.Normal, q: UnitNormal) -> torch.Tensor:
-    """KL(N(m, s^2) || N(0, 1)) = (s^2 + m^2 - 1 - log s^2) / 2: torch's Normal/Normal formula
-    without its divisions by q's scale of ones and subtraction of q's zeros, so the same bits in
-    fewer operations (what ``meanfield`` evaluates every step with the default prior)."""
-    var_ratio = p.scale.pow(2)
-    return 0.5 * (var_ratio + p.loc.pow(2) - 1 - var_ratio.log())
 
 
 @PRIORS.register("learned_normal")

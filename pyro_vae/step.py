@@ -51,6 +51,7 @@ from torch.distributions import constraints, kl_divergence
 
 from pyro_vae import estimators as _estimators
 from pyro_vae.model import module_registration
+from pyro_vae.priors import LOG_SQRT_2PI
 from pyro_vae.recorded import RecordedLoss
 
 log = logging.getLogger(__name__)
@@ -61,9 +62,6 @@ GRAPH_WARMUP_STEPS = 3
 
 
 # -- the lean loss ------------------------------------------------------------------------------
-LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
-
-
 def _diagonal_normal(fn) -> tuple[dist.Normal, int] | None:
     """``(normal, event_dims)`` when ``fn`` is a ``Normal``, or an ``Independent`` of one; else None."""
     event_dims = 0
