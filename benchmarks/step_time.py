@@ -110,8 +110,7 @@ def _safe(spec: str) -> str:
 
 def _replayed(step: TrainStep) -> bool:
     """Whether the step's loss ran as a recorded graph for every batch shape it saw."""
-    replays = step.recorded.replays if step.recorded is not None else {}
-    return bool(replays) and all(r is not None for r in replays.values())
+    return step.recorded is not None and step.recorded.all_replayed
 
 
 def run(args) -> dict:

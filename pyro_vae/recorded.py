@@ -152,19 +152,20 @@ class RecordedLoss:
             self.fallback_reason = f"more than {MAX_SIGNATURES} input signatures (batch shapes)"
             return None
         start = time.perf_counter()
+        owner = getattr(self.loss_fn, "__self__", None)  # an estimator's state, for a bound ``loss``
         try:
-            with pyro.validation_enabled(False), _buffers_restored(self.vae):
+            with pyro.validation_enabled(False), _state_restored(self.vae, owner):
                 replay = self._trace(x, beta)
                 mismatch = self._mismatch(replay, x, beta)
         except torch.cuda.OutOfMemoryError:
             raise
         except FrozenTensorError as error:
-            return self._eager(key, f"recording refused: {error}", logging.WARNING)
+            return self._refuse(key, f"recording refused: {error}", logging.WARNING)
         except Exception as error:  # cannot be traced: data-dependent Python, a host read, an op fake tensors lack
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            return self._eager(key, f"recording failed ({type(error).__name__}: {first_line})", logging.INFO)
+            first_line = next(iter(str(error).strip().splitlines()), "")
+            return self._refuse(key, f"recording failed ({type(error).__name__}: {first_line})", logging.INFO)
         if mismatch:
-            return self._eager(key, f"the recorded graph differs from the eager loss ({mismatch})", logging.WARNING)
+            return self._refuse(key, f"the recorded graph differs from the eager loss ({mismatch})", logging.WARNING)
         log.info(
             "RecordedLoss: recorded %s for batch shape %s in %.2f s: %d operations",
             self.name,
@@ -176,10 +177,15 @@ class RecordedLoss:
         return replay
 
     @property
+    def all_replayed(self) -> bool:
+        """Whether every signature seen so far runs a replay (none runs the eager loss)."""
+        return bool(self.replays) and None not in self.replays.values()
+
+    @property
     def name(self) -> str:
         return getattr(self.loss_fn, "__qualname__", None) or type(self.loss_fn).__name__
 
-    def _eager(self, key: tuple, reason: str, level: int) -> None:
+    def _refuse(self, key: tuple, reason: str, level: int) -> None:
         # INFO where a loss simply cannot be traced (Pyro's own ELBOs read values to the host);
         # WARNING where the programs hold state that a replay would freeze.
         log.log(level, "RecordedLoss: %s: %s; batch shape %s runs the eager loss", self.name, reason, tuple(key[0]))
@@ -202,9 +208,7 @@ class RecordedLoss:
         # attributes of the graph (the very tensors, so a replay reads their current values and
         # autograd reaches them). Pre-dispatch: ATen operations above autograd (``linear``, not its
         # decomposition), which autograd differentiates at replay exactly as it does the eager calls.
-        owner = getattr(self.loss_fn, "__self__", None)  # an estimator's state, for a bound ``loss``
-        with _attributes_restored([*self.vae.modules(), *([owner] if owner is not None else [])]):
-            graph_module = make_fx(loss, tracing_mode="fake", pre_dispatch=True, _allow_non_fake_inputs=True)(*inputs)
+        graph_module = make_fx(loss, tracing_mode="fake", pre_dispatch=True, _allow_non_fake_inputs=True)(*inputs)
         owners = _check_constants(graph_module, self.vae)
         _simplify(graph_module)
         return Replay(graph_module, takes_beta, owners)
@@ -239,35 +243,28 @@ class FrozenTensorError(ValueError):
 
 
 @contextlib.contextmanager
-def _attributes_restored(objects: list) -> Iterator[None]:
-    """Undo what the traced call did to the objects' plain attributes (a transform's cache, a counter).
+def _state_restored(vae: nn.Module, owner: object | None) -> Iterator[None]:
+    """Put back what recording did to the model: its buffers' values and the plain attributes of
+    its modules and of the loss's owner (an estimator).
 
-    The tracing call computes on fake tensors; whatever the programs store on a module (Pyro's
-    transforms cache their last input and output) or on the loss's owner would be a fake tensor
-    that later eager calls trip over. Recording is meant to have no effect, so every object's
-    attributes are put back as they were.
+    The trace and the check's two runs would otherwise update a batch norm's running statistics
+    three extra times, and the trace computes on fake tensors: whatever the programs store on an
+    object (Pyro's transforms cache their last input and output) would be a fake tensor that later
+    eager calls trip over.
     """
-    saved = [(obj, dict(vars(obj))) for obj in objects if hasattr(obj, "__dict__")]
+    objects = [*vae.modules(), *([owner] if owner is not None and hasattr(owner, "__dict__") else [])]
+    attributes = [(obj, dict(vars(obj))) for obj in objects]
+    buffers = [(buffer, buffer.detach().clone()) for buffer in vae.buffers()]
     try:
         yield
     finally:
-        for obj, attributes in saved:
+        for obj, saved in attributes:
             current = vars(obj)
-            for name in [name for name in current if name not in attributes]:
+            for name in [name for name in current if name not in saved]:
                 del current[name]
-            current.update(attributes)
-
-
-@contextlib.contextmanager
-def _buffers_restored(vae: nn.Module) -> Iterator[None]:
-    """Put the buffers' values back after recording: the trace and the check's two runs would
-    otherwise update a batch norm's running statistics (or any in-place buffer) three extra times."""
-    saved = [(buffer, buffer.detach().clone()) for buffer in vae.buffers()]
-    try:
-        yield
-    finally:
+            current.update(saved)
         with torch.no_grad():
-            for buffer, value in saved:
+            for buffer, value in buffers:
                 buffer.copy_(value)
 
 

@@ -330,7 +330,6 @@ class TrainStep:
         self.path: str | None = None
         self.fallback_reason = ""
         self.recorded: RecordedLoss | None = None
-        self._first_loss_fn: Callable[..., torch.Tensor] | None = None  # the loss of the validated first step
         self._loss_fn: Callable[..., torch.Tensor] | None = None
         self._graph: _GraphedStep | None = None
 
@@ -339,7 +338,7 @@ class TrainStep:
             # Validation as configured on this first step (and in the lean-loss check), off after;
             # the first step runs the loss eagerly, a recorded loss records from the second on.
             self._choose(x, beta)
-            return self._eager(self._first_loss_fn, x, beta)
+            return self._eager(self.recorded.loss_fn if self.recorded is not None else self._loss_fn, x, beta)
         if self.path == "plain":
             return self._eager(self._loss_fn, x, beta)
         if self.path == "cuda_graph":
@@ -382,7 +381,7 @@ class TrainStep:
                 "TrainStep: lean loss not used (%s); the estimator's own loss runs without validation", lean_reason
             )
         # The estimator's own loss when there is no lean loss (validation off after the first step).
-        self._first_loss_fn = self._loss_fn = lean if lean_ok else self.estimator.loss
+        self._loss_fn = lean if lean_ok else self.estimator.loss
         # Only estimators that say what they are: a duck-typed one may keep state a replay would freeze.
         declared = isinstance(self.estimator, _estimators.Estimator) and self.estimator.recordable
         if self.fast and self.record and declared:
