@@ -66,9 +66,10 @@ def _call_on(step, batches: torch.Tensor):
 
 
 def build_variants(batches: torch.Tensor, args, device: torch.device):
-    """name -> fn(i) doing one step on batch i (cycling), plus a private param store per variant."""
+    """name -> fn(i) doing one step on batch i (cycling), a private param store per variant, and
+    the project variants' TrainSteps (for their path and recording)."""
     hidden = tuple(args.hidden)
-    variants, slots, paths = {}, {}, {}
+    variants, slots, steps = {}, {}, {}
 
     for name, kind in (("torch", "default"), ("torch_foreach", "foreach")):
         torch.manual_seed(0)
@@ -88,7 +89,7 @@ def build_variants(batches: torch.Tensor, args, device: torch.device):
         ("project_meanfield", True, True, "adam", "meanfield"),
     ]
     for spec in args.estimators:  # other estimators, recorded and not: what recording buys them
-        name = f"est_{_safe(spec)}"
+        name = _estimator_variant(spec)
         project += [(name, True, True, "adam", spec), (f"{name}_unrecorded", True, False, "adam", spec)]
     for name, fast, record, adam, estimator in project:
         torch.manual_seed(0)
@@ -96,16 +97,27 @@ def build_variants(batches: torch.Tensor, args, device: torch.device):
         optimizer = build_optimizer(adam, vae.parameters(), LR)
         ts = TrainStep(vae, estimators.get(estimator), optimizer, fast=fast, record=record)
         variants[name] = _call_on(ts, batches)
-        paths[name] = ts
+        steps[name] = ts
 
     for name in variants:
         slots[name] = ParamStoreSlot()
-    return variants, slots, paths
+    return variants, slots, steps
 
 
-def _safe(spec: str) -> str:
-    """A variant name for an estimator spec: ``iwae(k=5)`` -> ``iwae_k_5``."""
-    return re.sub(r"\W+", "_", spec).strip("_")
+def _estimator_variant(spec: str) -> str:
+    """The variant name of an ``--estimators`` spec: ``iwae(k=5)`` -> ``est_iwae_k_5``."""
+    return "est_" + re.sub(r"\W+", "_", spec).strip("_")
+
+
+def _estimator_entry(spec: str, ms: dict[str, float], steps: dict[str, TrainStep]) -> dict:
+    name = _estimator_variant(spec)
+    recorded, unrecorded = ms[name], ms[f"{name}_unrecorded"]
+    return {
+        "ms_per_step": recorded,
+        "ms_per_step_unrecorded": unrecorded,
+        "ratio_recorded_to_unrecorded": recorded / unrecorded,
+        "recorded": _replayed(steps[name]),
+    }
 
 
 def _replayed(step: TrainStep) -> bool:
@@ -142,15 +154,7 @@ def run(args) -> dict:
             "cpu_ratio_project_to_torch": cpu["project"] / cpu["torch"],
             "cpu_ratio_pyro_to_torch": cpu["pyro_svi"] / cpu["torch"],
             "cpu_ratio_project_foreach_to_torch_foreach": cpu["project_foreach"] / cpu["torch_foreach"],
-            "estimators": {
-                spec: {
-                    "ms_per_step": ms[f"est_{_safe(spec)}"],
-                    "ms_per_step_unrecorded": ms[f"est_{_safe(spec)}_unrecorded"],
-                    "ratio_recorded_to_unrecorded": ms[f"est_{_safe(spec)}"] / ms[f"est_{_safe(spec)}_unrecorded"],
-                    "recorded": _replayed(steps[f"est_{_safe(spec)}"]),
-                }
-                for spec in args.estimators
-            },
+            "estimators": {spec: _estimator_entry(spec, ms, steps) for spec in args.estimators},
             "project_path": steps["project"].path,
             "project_recorded": _replayed(steps["project"]),
             "rounds": args.repeats,
