@@ -108,13 +108,11 @@ def mnist_images(
     """MNIST images of ``split`` (all 60000 training or 10000 test images, grey levels in [0, 1],
     flattened) on ``device``, the first ``n`` if given; random binary data of the same shape when
     the data is not found. Returns (x, description)."""
-    from pyro_vae.data import DatasetNotFoundError, load_dataset
-
     root = Path(data_dir) if data_dir else REPO.parent / "shared" / "data"
     try:
-        x = getattr(load_dataset("mnist", root=root, device=device, val_size=0), split)
+        x = getattr(data.load_dataset("mnist", root=root, device=device, val_size=0), split)
         what = f"MNIST {split} (grey levels, all {len(x)}), {root}"
-    except (DatasetNotFoundError, FileNotFoundError, OSError):
+    except (data.DatasetNotFoundError, FileNotFoundError, OSError):
         g = torch.Generator().manual_seed(0)
         size = 60000 if split == "train" else 10000
         x = (torch.rand(size, 784, generator=g) < 0.13).float().to(device)
