@@ -352,6 +352,8 @@ class DistributedEstimator:
     # DDP's forward prepares its gradient reducer for every iteration; a replayed recording of the
     # loss would skip it, so the distributed step runs the loss itself.
     recordable = False
+    # Its loss is the DDP module's forward, whose backward all-reduces the gradients: no lean loss may stand in.
+    fast_loss = None
 
     def __init__(self, module: nn.Module, estimator) -> None:
         self.module, self.estimator = module, estimator

@@ -42,10 +42,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 
-import pyro
 import torch
-from pyro import poutine
 from pyro.infer import JitTrace_ELBO, JitTraceMeanField_ELBO, Trace_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
@@ -54,60 +53,21 @@ from torch import nn
 from pyro_vae.closed_form import closed_form_elbo, closed_form_terms
 from pyro_vae.model import beta_tensor
 from pyro_vae.registry import Registry
+from pyro_vae.traces import (
+    guide_particles,
+    latent_values,
+    log_weights,
+    meanfield_elbo_loss,
+    particle_traces,
+    reparameterized_elbo_loss,
+    replayed_log_density,
+    trace_log_density,
+)
 
 ESTIMATORS: Registry = Registry("estimator")
 
 
-# -- log weights from Pyro traces ---------------------------------------------------------------
-def guide_particles(vae, x: torch.Tensor, k: int = 1, beta: float | torch.Tensor = 1.0):
-    """The guide's trace with ``k`` draws z ~ q(z|x) per example, on a particle plate at dim -2."""
-    with pyro.plate("particles", k, dim=-2):
-        return poutine.trace(vae.guide).get_trace(x, beta)
-
-
-def particle_traces(vae, x: torch.Tensor, k: int = 1, beta: float | torch.Tensor = 1.0):
-    """(guide_trace, model_trace): ``k`` draws z ~ q(z|x) per example and the model replayed on them.
-
-    Vectorized over a particle plate at dim -2, so every per-example log-density has shape ``(k, batch)``.
-    """
-    guide_trace = guide_particles(vae, x, k, beta)
-    with pyro.plate("particles", k, dim=-2):
-        model_trace = poutine.trace(poutine.replay(vae.model, trace=guide_trace)).get_trace(x, beta)
-    return guide_trace, model_trace
-
-
-def log_weights(vae, x: torch.Tensor, k: int = 1, beta: float | torch.Tensor = 1.0) -> torch.Tensor:
-    """log w = log p(x, z) - log q(z|x) for ``k`` draws z ~ q(z|x) per example, shape ``(k, batch)``.
-
-    Computed from Pyro traces of ``vae.guide`` and ``vae.model`` (replayed on the guide's z),
-    vectorized over a particle plate at dim -2. Each site's log-density is multiplied by its
-    ``poutine.scale`` (the KL warm-up ``beta`` on ``"z"``).
-    """
-    guide_trace, model_trace = particle_traces(vae, x, k, beta)
-    return trace_log_density(model_trace) - trace_log_density(guide_trace)
-
-
-def trace_log_density(trace) -> torch.Tensor:
-    """Sum over the trace's sample sites of ``scale * log_prob(value)`` (per example, per particle)."""
-    total = 0.0
-    for site in sample_sites(trace):
-        total = total + site["fn"].log_prob(site["value"]) * site["scale"]
-    return total
-
-
-def sample_sites(trace) -> list[dict]:
-    """The trace's sample sites, without the plates' subsample sites (which carry no density)."""
-    return [site for site in trace.nodes.values() if site["type"] == "sample" and not site_is_subsample(site)]
-
-
-def _latent_values(trace, detach: bool = False) -> dict[str, torch.Tensor]:
-    return {
-        site["name"]: site["value"].detach() if detach else site["value"]
-        for site in sample_sites(trace)
-        if not site["is_observed"]
-    }
-
-
+# -- a stop-gradient on the parameters (STL, DReG) ------------------------------------------------
 class _Call(nn.Module):
     """Holds the VAE as a submodule so that ``functional_call`` can swap all of its parameters."""
 
@@ -133,20 +93,35 @@ def call_with_stopped_parameters(vae: nn.Module, fn, *args):
         return torch.func.functional_call(_Call(vae), params, (fn, *args))
 
 
-def _replayed_log_density(program, values: dict[str, torch.Tensor], x, k, beta) -> torch.Tensor:
-    """log density of ``program(x, beta)`` with its latent sites set to ``values``, shape ``(k, batch)``."""
-    with pyro.plate("particles", k, dim=-2):
-        trace = poutine.trace(poutine.condition(program, data=values)).get_trace(x, beta)
-    return trace_log_density(trace)
-
-
 # -- the estimators ---------------------------------------------------------------------------
 class Estimator:
-    """Base class; subclasses implement ``loss`` and ``bound`` and name their bound in ``bound_name``."""
+    """Base class; subclasses implement ``loss`` and ``bound`` and name their bound in ``bound_name``.
+
+    What an estimator declares, so that the training loop and step never test its class or name:
+
+    - ``bound_is_elbo``: ``bound`` is the one-draw ELBO, so the loop's validation ELBO already is
+      the validation bound (no second pass);
+    - ``particles``: draws per example that ``bound`` and ``loss`` take (the loop sizes its
+      validation chunks by it, so that k draws per example keep the memory of one);
+    - ``fast_loss``: ``None``, or a function ``(vae, x, beta) -> loss`` with the value and gradient
+      of ``loss`` and less overhead, used by the training step where ``traces.lean_loss_supported``
+      says it applies to the model;
+    - ``recordable``: whether the training step may record ``loss`` (or ``fast_loss``) as a graph
+      and replay it (``pyro_vae.train.recorded``).
+    """
 
     bound_name: str = "ELBO"
-    #: Whether the training step may record ``loss`` as a graph and replay it (``pyro_vae.recorded``).
+    bound_is_elbo: bool = True
+    particles: int = 1
+    fast_loss: Callable[..., torch.Tensor] | None = None
     recordable: bool = True
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        # A fast loss stands for the loss of the class that declared it: a subclass that writes its
+        # own ``loss`` (and may change the objective) drops the inherited one unless it declares its own.
+        if "loss" in cls.__dict__ and "fast_loss" not in cls.__dict__:
+            cls.fast_loss = None
 
     def loss(self, vae, x: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
         raise NotImplementedError
@@ -193,41 +168,23 @@ class TraceELBO(_PyroELBO):
     """
 
     elbo_class = Trace_ELBO
-
-
-def meanfield_bound(vae, x: torch.Tensor) -> torch.Tensor:
-    """Per-example ELBO with analytic KL(q || p) at each latent site where torch/Pyro register one,
-    log p(z) - log q(z|x) at the draw elsewhere: the per-example value ``TraceMeanField_ELBO`` sums.
-    """
-    guide_trace, model_trace = particle_traces(vae, x, 1)
-    latent = _latent_values(guide_trace)
-    total = 0.0
-    for site in sample_sites(model_trace):
-        name = site["name"]
-        if name not in latent:
-            total = total + site["fn"].log_prob(site["value"]) * site["scale"]
-            continue
-        q = guide_trace.nodes[name]["fn"]
-        try:
-            total = total - torch.distributions.kl_divergence(q, site["fn"]) * site["scale"]
-        except NotImplementedError:
-            total = total + (site["fn"].log_prob(site["value"]) - q.log_prob(site["value"])) * site["scale"]
-    return total[0]
+    fast_loss = staticmethod(reparameterized_elbo_loss)
 
 
 @ESTIMATORS.register("meanfield")
 class MeanFieldELBO(_PyroELBO):
     """Pyro's ``TraceMeanField_ELBO``: Monte Carlo reconstruction, analytic KL where registered.
 
-    The bound is :func:`meanfield_bound`; its variance over draws is that of the reconstruction term
-    only. Pyro requires the guide's latent sites to be independent of each other (mean field).
+    The bound is ``traces.log_weights(..., analytic_kl=True)``; its variance over draws is that of the
+    reconstruction term only. Pyro requires the guide's latent sites to be independent of each other (mean field).
     """
 
     elbo_class = TraceMeanField_ELBO
+    fast_loss = staticmethod(meanfield_elbo_loss)
 
     @torch.no_grad()
     def bound(self, vae, x: torch.Tensor) -> torch.Tensor:
-        return meanfield_bound(vae, x)
+        return log_weights(vae, x, 1, analytic_kl=True)[0]
 
 
 @ESTIMATORS.register("closed_form")
@@ -384,8 +341,9 @@ class ImportanceWeighted(Estimator):
     def __init__(self, k: int = 1) -> None:
         if not (isinstance(k, int) and k >= 1):
             raise ValueError(f"k (the number of importance samples) must be an integer >= 1, got {k!r}")
-        self.k = k
+        self.k = self.particles = k
         self.bound_name = f"IWAE bound (k={k})"
+        self.bound_is_elbo = False
 
     def aggregate(self, log_w: torch.Tensor) -> torch.Tensor:
         """The IWAE bound log (1/k) sum_i w_i from log weights of shape ``(k, batch)``."""
@@ -397,12 +355,12 @@ class ImportanceWeighted(Estimator):
         if not self.stop_score:
             return -self.aggregate(log_weights(vae, x, self.k, beta)).sum()
         guide_trace, model_trace = particle_traces(vae, x, self.k, beta)
-        log_q = self._stopped_log_q(vae, x, beta, _latent_values(guide_trace))
+        log_q = self._stopped_log_q(vae, x, beta, latent_values(guide_trace))
         return -self.aggregate(trace_log_density(model_trace) - log_q).sum()
 
     def _stopped_log_q(self, vae, x, beta, values) -> torch.Tensor:
         """log q(z|x) with the guide's parameters stop-gradiented and z on its reparameterized path."""
-        return call_with_stopped_parameters(vae, _replayed_log_density, vae.guide, values, x, self.k, beta)
+        return call_with_stopped_parameters(vae, replayed_log_density, vae.guide, values, x, self.k, beta)
 
     def _dreg_loss(self, vae, x: torch.Tensor, beta) -> torch.Tensor:
         """The DReG surrogate (Tucker et al. 2019, eq. 7 for phi; the IWAE gradient for theta):
@@ -415,12 +373,12 @@ class ImportanceWeighted(Estimator):
         z_i = z(eps_i, phi): sum_i w~_i^2 (d log w_i / d z_i)(d z_i / d phi).
         """
         guide_trace = guide_particles(vae, x, self.k, beta)
-        values, fixed = _latent_values(guide_trace), _latent_values(guide_trace, detach=True)
-        log_p_model = _replayed_log_density(vae.model, fixed, x, self.k, beta)
+        values, fixed = latent_values(guide_trace), latent_values(guide_trace, detach=True)
+        log_p_model = replayed_log_density(vae.model, fixed, x, self.k, beta)
 
         def pathwise(values):
-            log_p = _replayed_log_density(vae.model, values, x, self.k, beta)
-            return log_p - _replayed_log_density(vae.guide, values, x, self.k, beta)
+            log_p = replayed_log_density(vae.model, values, x, self.k, beta)
+            return log_p - replayed_log_density(vae.guide, values, x, self.k, beta)
 
         log_w_path = call_with_stopped_parameters(vae, pathwise, values)
         log_w = log_w_path.detach()  # log p(x, z_i) - log q(z_i|x): the values, without a graph
@@ -496,6 +454,7 @@ class StickingTheLanding(ImportanceWeighted):
 
     def __init__(self, k: int = 1) -> None:
         super().__init__(k)
+        self.bound_is_elbo = k == 1
         self.bound_name = "ELBO" if k == 1 else f"IWAE bound (k={k})"
 
 

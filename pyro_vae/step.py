@@ -15,7 +15,7 @@ is the first after a resume or not.
     ``estimator.loss`` as written, validation as configured, on every call (``fast=False``).
 ``fast``
     The same objective with the per-step overhead removed: Pyro validation off in the hot path
-    (scoped, restored after each step) and, for estimators with an entry in :data:`FAST_LOSSES`
+    (scoped, restored after each step) and, for estimators that declare a ``fast_loss``
     (``trace``, ``meanfield``), a lean evaluation of the same Pyro programs: one messenger sums
     ``scale * mask * log_prob`` over the sample sites of the guide and of the model replayed on
     the guide's draws, with no ``Trace`` objects, no ``.item()`` per site, and no param-store
@@ -35,211 +35,21 @@ Anything the step cannot speed up falls back, with a logged message, to the next
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import pyro
-import pyro.distributions as dist
 import torch
-from pyro.distributions.util import scale_and_mask
-from pyro.infer.enum import get_importance_trace
-from pyro.poutine.messenger import Messenger
-from pyro.poutine.util import site_is_subsample
-from torch import nn
-from torch.distributions import constraints, kl_divergence
 
 from pyro_vae import estimators as _estimators
-from pyro_vae.model import module_registration
-from pyro_vae.priors import LOG_SQRT_2PI
 from pyro_vae.recorded import RecordedLoss
+from pyro_vae.traces import lean_loss_supported
 
 log = logging.getLogger(__name__)
 
 # Eager steps before a CUDA graph is captured: they initialize the optimizer's state and let
 # the caching allocator and autograd settle (PyTorch's documented warm-up on a side stream).
 GRAPH_WARMUP_STEPS = 3
-
-
-# -- the lean loss ------------------------------------------------------------------------------
-def _diagonal_normal(fn) -> tuple[dist.Normal, int] | None:
-    """``(normal, event_dims)`` when ``fn`` is a ``Normal``, or an ``Independent`` of one; else None."""
-    event_dims = 0
-    while isinstance(fn, dist.Independent):
-        event_dims += fn.reinterpreted_batch_ndims
-        fn = fn.base_dist
-    return (fn, event_dims) if type(fn) in (dist.Normal, torch.distributions.Normal) else None
-
-
-class SiteLogDensity(Messenger):
-    """Collects ``scale * mask * log_prob(value)``, summed, for each sample site of one run of a Pyro program.
-
-    With ``replay`` (name -> value) the latent sites take those values, as ``poutine.replay``
-    would. Plate subsample sites are skipped, as ``Trace_ELBO`` prunes them. Parameter sites
-    whose initial value is an ``nn.Parameter`` with the real constraint (what ``pyro.module``
-    sends) are answered with that parameter: the param store holds the very same tensor once the
-    step's first call has registered it (:func:`lean_loss_supported` checks), so the values are
-    identical and the store lookup is skipped.
-
-    A latent site drawn here from a diagonal ``Normal`` (the default guide) is drawn as Pyro's
-    ``rsample`` draws it, z = loc + scale * e with e ~ N(0, I) from the same random stream (the
-    same z, bit for bit), and its log-density is taken from the noise:
-    log q(z) = sum(-e^2/2 - log scale - log sqrt(2 pi)). That is ``Normal.log_prob(z)`` exactly
-    as a function of the parameters, since (z - loc) / scale = e for every loc and scale: the same
-    value and the same total derivative (d/dloc = 0, d/dscale = -1/scale), to float rounding, for
-    about half the operations.
-
-    With ``kl_from`` (the guide's messenger of the same step) a replayed latent site whose KL to
-    the guide's distribution is registered in torch contributes ``-scale * mask * KL(q || p)``
-    (the guide site's scale and mask, as ``TraceMeanField_ELBO``) instead of its log-density, and
-    is listed in ``analytic``: the guide's term for it is then left out (:meth:`log_density`).
-    Terms are evaluated only when summed, so a log q that the KL replaces is never computed.
-    """
-
-    def __init__(self, replay: dict[str, torch.Tensor] | None = None, kl_from: SiteLogDensity | None = None) -> None:
-        super().__init__()
-        self.replay, self.kl_from = replay, kl_from
-        self.values: dict[str, torch.Tensor] = {}  # name -> value of each latent site
-        self.sites: dict[str, tuple] = {}  # name -> (fn, scale, mask) of each latent site
-        self.noise: dict[str, tuple] = {}  # name -> (Normal, event dims, e) of the sites drawn here from one
-        self.terms: dict[str, Callable[[], torch.Tensor]] = {}
-        self.analytic: set[str] = set()
-
-    def log_density(self, exclude: set[str] | frozenset = frozenset()) -> torch.Tensor | float:
-        """The sum of the sites' terms in site order, leaving out the sites named in ``exclude`` (0.0 if none)."""
-        total: torch.Tensor | None = None
-        for name, term in self.terms.items():
-            if name not in exclude:
-                total = term() if total is None else total + term()
-        return 0.0 if total is None else total
-
-    def _pyro_param(self, msg) -> None:
-        args = msg["args"]
-        real = msg["kwargs"].get("constraint", constraints.real) is constraints.real
-        if len(args) > 1 and isinstance(args[1], nn.Parameter) and real:
-            msg["value"], msg["done"], msg["stop"] = args[1], True, True
-
-    def _pyro_sample(self, msg) -> None:
-        if msg["is_observed"] or msg["value"] is not None or msg["done"]:
-            return
-        if self.replay is not None:
-            if msg["name"] in self.replay:
-                msg["value"], msg["done"] = self.replay[msg["name"]], True
-            return
-        found = _diagonal_normal(msg["fn"])
-        if found is not None and not msg["args"] and not msg["kwargs"]:
-            normal, event_dims = found
-            # torch.distributions.Normal.rsample's own draw and arithmetic: the same z, bit for bit.
-            noise = torch.empty(normal.batch_shape, dtype=normal.loc.dtype, device=normal.loc.device).normal_()
-            msg["value"], msg["done"] = normal.loc + noise * normal.scale, True
-            self.noise[msg["name"]] = (normal, event_dims, noise)
-
-    def _pyro_post_sample(self, msg) -> None:
-        if site_is_subsample(msg):
-            return
-        name, fn, value, scale, mask = msg["name"], msg["fn"], msg["value"], msg["scale"], msg["mask"]
-        if not msg["is_observed"]:
-            self.values[name], self.sites[name] = value, (fn, scale, mask)
-        guide_site = self.kl_from.sites.get(name) if self.kl_from is not None and not msg["is_observed"] else None
-        if guide_site is not None:
-            try:
-                kl = kl_divergence(guide_site[0], fn)
-            except NotImplementedError:
-                pass
-            else:
-                self.analytic.add(name)
-                self.terms[name] = lambda: -scale_and_mask(kl, guide_site[1], guide_site[2]).sum()
-                return
-        drawn = self.noise.get(name)
-        if drawn is not None:
-            self.terms[name] = lambda: scale_and_mask(_log_normal_from_noise(*drawn), scale, mask).sum()
-        else:
-            args, kwargs = msg["args"], msg["kwargs"]
-            self.terms[name] = lambda: scale_and_mask(fn.log_prob(value, *args, **kwargs), scale, mask).sum()
-
-
-def _log_normal_from_noise(normal, event_dims: int, noise: torch.Tensor) -> torch.Tensor:
-    """log N(loc + scale * noise; loc, scale), summed over the last ``event_dims`` dimensions."""
-    log_p = -0.5 * noise.square() - normal.scale.log() - LOG_SQRT_2PI
-    return log_p.sum(tuple(range(-event_dims, 0))) if event_dims else log_p
-
-
-def _lean_elbo_loss(vae, x: torch.Tensor, beta, analytic_kl: bool) -> torch.Tensor:
-    """The guide under one :class:`SiteLogDensity`, the model replayed on its draws under another."""
-    with module_registration(False):
-        with SiteLogDensity() as guide:
-            vae.guide(x, beta)
-        with SiteLogDensity(replay=guide.values, kl_from=guide if analytic_kl else None) as model:
-            vae.model(x, beta)
-    elbo, log_q = model.log_density(), guide.log_density(exclude=model.analytic)
-    # meanfield with every latent's KL analytic leaves no log q: nothing to subtract.
-    return -(elbo - log_q) if torch.is_tensor(log_q) else -elbo
-
-
-def reparameterized_elbo_loss(vae, x: torch.Tensor, beta: float | torch.Tensor = 1.0) -> torch.Tensor:
-    """-(log p(x, z) - log q(z|x)) summed over the batch at one reparameterized draw z ~ q(z|x).
-
-    The surrogate of Pyro's ``Trace_ELBO`` for fully reparameterized guides (there the score
-    term is zero and the entropy term is log q), summed in the same site order, so value and
-    gradient agree with ``Trace_ELBO().differentiable_loss(vae.model, vae.guide, x, beta)`` to
-    float rounding. Valid only where :func:`lean_loss_supported` says so.
-
-    ``VAE``'s ``pyro.module`` calls are skipped (``module_registration(False)``): the messenger
-    would answer their parameter sites with the modules' own parameters anyway, and the walk over
-    the parameters costs about a tenth of a CPU step. The param store is left as it was.
-    """
-    return _lean_elbo_loss(vae, x, beta, analytic_kl=False)
-
-
-def meanfield_elbo_loss(vae, x: torch.Tensor, beta: float | torch.Tensor = 1.0) -> torch.Tensor:
-    """The surrogate of Pyro's ``TraceMeanField_ELBO``: -(log p(x|z) - KL(q(z|x) || p(z))) at one draw,
-    with the analytic KL wherever torch has one for the pair, and log p(z) - log q(z|x) elsewhere.
-
-    The same programs and messengers as :func:`reparameterized_elbo_loss`; value and gradient
-    agree with ``TraceMeanField_ELBO().differentiable_loss`` to float rounding (tested).
-    """
-    return _lean_elbo_loss(vae, x, beta, analytic_kl=True)
-
-
-@torch.no_grad()
-def lean_loss_supported(vae, x: torch.Tensor, beta: float | torch.Tensor = 1.0) -> tuple[bool, str]:
-    """Whether :func:`reparameterized_elbo_loss` equals ``Trace_ELBO`` for this model and guide.
-
-    Traces the programs once the way ``Trace_ELBO`` does (``get_importance_trace``: with Pyro
-    validation on, this checks that model and guide sites match and have valid shapes; it also
-    registers the ``pyro.module`` parameters in the param store) and checks: every guide site is a
-    latent, reparameterized (``has_rsample``), not enumerated; every latent of the model is drawn
-    by the guide; every ``pyro.module`` parameter is the param store's own tensor.
-    Returns (ok, reason). Draws random numbers: call it under ``torch.random.fork_rng``.
-    """
-    model_trace, guide_trace = get_importance_trace("flat", math.inf, vae.model, vae.guide, (x, beta), {})
-    guide_latents = set()
-    for site in _estimators.sample_sites(guide_trace):
-        if site["is_observed"]:
-            return False, f"the guide observes site {site['name']!r}"
-        if not site["fn"].has_rsample:
-            return False, f"guide site {site['name']!r} is not reparameterized"
-        if site["infer"].get("enumerate"):
-            return False, f"guide site {site['name']!r} is enumerated"
-        guide_latents.add(site["name"])
-    for site in _estimators.sample_sites(model_trace):
-        if not site["is_observed"] and site["name"] not in guide_latents:
-            return False, f"model latent {site['name']!r} has no guide site"
-    for trace in (guide_trace, model_trace):
-        for site in trace.nodes.values():
-            args = site.get("args", ())
-            module_param = site["type"] == "param" and len(args) > 1 and isinstance(args[1], nn.Parameter)
-            if module_param and site["value"] is not args[1]:
-                return False, f"param store entry {site['name']!r} is not the module's parameter"
-    return True, ""
-
-
-# Estimator class -> a loss with the same value and gradient and less overhead. Exact classes
-# only: a subclass may change the objective.
-FAST_LOSSES: dict[type, Callable[..., torch.Tensor]] = {
-    _estimators.TraceELBO: reparameterized_elbo_loss,
-    _estimators.MeanFieldELBO: meanfield_elbo_loss,
-}
 
 
 # -- choosing a path ----------------------------------------------------------------------------
@@ -357,7 +167,7 @@ class TrainStep:
         return loss.detach()
 
     def _choose(self, x, beta) -> None:
-        lean = FAST_LOSSES.get(type(self.estimator))
+        lean = getattr(self.estimator, "fast_loss", None)
         lean_ok, lean_reason = (False, f"no fast loss for estimator {self.estimator!r}")
         if self.fast and lean is not None:
             # The check traces the programs once: keep the random stream as if it had not run.

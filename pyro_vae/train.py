@@ -164,9 +164,9 @@ def _sum_elbo(vae, x: torch.Tensor, batch_size: int) -> torch.Tensor:
 def _sum_bound(estimator: estimators.Estimator, vae, x: torch.Tensor, batch_size: int) -> torch.Tensor:
     """Sum over ``x`` of the training estimator's own bound (``estimator.bound``, beta = 1), a device scalar."""
     # k draws per example: k times fewer examples per chunk keep the memory of the one-draw ELBO's.
-    k = estimator.k if isinstance(estimator, estimators.ImportanceWeighted) else 1
+    chunk = max(1, batch_size // estimator.particles)
     with torch.no_grad():
-        return sum((estimator.bound(vae, xb).sum() for xb in x.split(max(1, batch_size // k))), x.new_zeros(()))
+        return sum((estimator.bound(vae, xb).sum() for xb in x.split(chunk)), x.new_zeros(()))
 
 
 def _default_batches(dataset, batch_size: int) -> BatchSource:
@@ -274,7 +274,7 @@ def train(
         warnings.warn(f"train.warmup_epochs is 0: {vae.prior.needs_warmup}", UserWarning, stacklevel=2)
     estimator = estimators.get(tcfg.estimator)
     # The validation ELBO already is the bound of the ELBO estimators: no second pass for them.
-    bound_is_elbo = estimator.bound_name == "ELBO"
+    bound_is_elbo = estimator.bound_is_elbo
     optimizer = build_optimizer(tcfg.optimizer, vae.parameters(), lr=tcfg.lr)
     schedule = build_schedule(tcfg.lr_schedule, epochs=tcfg.epochs)
     # Distributed: DDP around the estimator's loss, and each rank's own Monte Carlo noise from here on.

@@ -18,7 +18,7 @@ import torch
 from mc_stats import assert_within_se, mean_se, report
 from scipy.stats import norm
 
-from pyro_vae import estimators
+from pyro_vae import estimators, traces
 from pyro_vae.closed_form import gaussian_kl_standard_normal
 from pyro_vae.specs import SpecError
 
@@ -117,7 +117,7 @@ def test_beta_tempers_the_latent_terms_the_same_way_everywhere(lg, x):
     vae = lg.build_vae(exact_posterior=False)
     beta = 0.3
     pyro.set_rng_seed(5)
-    guide_trace, model_trace = estimators.particle_traces(vae, x, 1)
+    guide_trace, model_trace = traces.particle_traces(vae, x, 1)
     z = guide_trace.nodes["z"]
     latent = model_trace.nodes["z"]["fn"].log_prob(z["value"]) - z["fn"].log_prob(z["value"])
     observed = model_trace.nodes["x"]["fn"].log_prob(model_trace.nodes["x"]["value"])

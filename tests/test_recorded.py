@@ -15,7 +15,7 @@ from pyro_vae import estimators, recorded
 from pyro_vae.model import VAE
 from pyro_vae.priors import Prior
 from pyro_vae.recorded import RecordedLoss
-from pyro_vae.step import meanfield_elbo_loss, reparameterized_elbo_loss
+from pyro_vae.traces import meanfield_elbo_loss, reparameterized_elbo_loss
 
 SMALL = dict(x_dim=12, z_dim=3, hidden_dims=(8,))
 

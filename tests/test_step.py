@@ -19,13 +19,10 @@ from pyro_vae.model import VAE
 from pyro_vae.step import (
     CaptureFailedError,
     Plan,
-    SiteLogDensity,
     TrainStep,
-    lean_loss_supported,
-    meanfield_elbo_loss,
     plan_path,
-    reparameterized_elbo_loss,
 )
+from pyro_vae.traces import SiteLogDensity, lean_loss_supported, meanfield_elbo_loss, reparameterized_elbo_loss
 
 SMALL = dict(x_dim=12, z_dim=3, hidden_dims=(8,))
 
@@ -218,6 +215,35 @@ def test_estimators_that_keep_state_compile_or_synchronize_themselves_are_not_re
     step = TrainStep(vae, estimator, torch.optim.Adam(vae.parameters(), lr=1e-3))
     step(x)
     assert torch.isfinite(step(x)) and step.path == "fast" and step.recorded is None
+
+
+def test_the_distributed_wrapper_runs_its_ddp_loss_never_the_inner_fast_loss():
+    # The wrapper delegates what the estimator declares (its bound, its draws), but a lean loss in
+    # place of the DDP module's forward would skip the gradient all-reduce.
+    vae, x = small_vae(), binary_batch()
+    inner = estimators.get("trace")
+    estimator = DistributedEstimator(LossModule(vae, inner), inner)
+    assert inner.fast_loss is reparameterized_elbo_loss and estimator.fast_loss is None
+    assert estimator.bound_is_elbo and estimator.particles == 1
+    step = TrainStep(vae, estimator, torch.optim.Adam(vae.parameters(), lr=1e-3))
+    step(x)
+    assert step._loss_fn == estimator.loss
+
+
+def test_a_subclass_that_writes_its_own_loss_drops_the_inherited_fast_loss():
+    class Custom(estimators.TraceELBO):
+        def loss(self, vae, x, beta=1.0):
+            return 2 * super().loss(vae, x, beta)
+
+    class Declared(estimators.TraceELBO):
+        fast_loss = staticmethod(meanfield_elbo_loss)
+
+        def loss(self, vae, x, beta=1.0):
+            return estimators.get("meanfield").loss(vae, x, beta)
+
+    assert Custom().fast_loss is None and Declared().fast_loss is meanfield_elbo_loss
+    assert estimators.get("iwae(k=5)").fast_loss is None
+    assert estimators.get("meanfield").fast_loss is meanfield_elbo_loss
 
 
 def test_step_without_recording_runs_the_lean_loss_itself():

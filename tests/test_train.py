@@ -127,7 +127,7 @@ class _NaNEstimator:
 
     def __init__(self, inner, at: int, on_nan=None) -> None:
         self.inner, self.at, self.calls, self.on_nan = inner, at, 0, on_nan
-        self.bound_name = inner.bound_name
+        self.bound_name, self.bound_is_elbo, self.particles = inner.bound_name, inner.bound_is_elbo, inner.particles
 
     def loss(self, vae, x, beta=1.0):
         self.calls += 1
