@@ -5,9 +5,11 @@ distribution over z with batch shape ``x.shape[:-1]`` and event shape ``(z_dim,)
 is registered in Pyro's guide with ``pyro.module("encoder", ...)``, which registers everything
 it owns (the encoder network, and a flow's layers).
 
-All guides here share one encoder, ``networks.GaussianEncoder``: x -> (loc, scale, extra), where
-``extra`` has ``extra_dim`` further outputs that a richer family reads (a low-rank covariance
-factor, an IAF context). A guide is its ``extra_dim`` and its ``distribution(loc, scale, extra)``.
+A guide receives an already built encoder *body* (``pyro_vae.networks``, chosen by
+``model.encoder``) and adds its head: ``networks.GaussianEncoder`` maps x -> (loc, scale, extra),
+where ``extra`` has ``extra_dim`` further outputs that a richer family reads (a low-rank
+covariance factor, an IAF context). A guide is its ``extra_dim`` and its
+``distribution(loc, scale, extra)``; it never knows what the body is (MLP, conv, ...).
 
 ====================  ============================================================  =======================
 spec                  q(z|x)                                                        reference
@@ -36,9 +38,9 @@ GUIDES: Registry[nn.Module] = Registry("guide")
 class Guide(nn.Module):
     """Base class: ``forward(x)`` returns q(z|x) with batch shape ``x.shape[:-1]``."""
 
-    def __init__(self, x_dim: int, z_dim: int) -> None:
+    def __init__(self, z_dim: int) -> None:
         super().__init__()
-        self.x_dim, self.z_dim = x_dim, z_dim
+        self.z_dim = z_dim
 
     def forward(self, x: torch.Tensor) -> dist.Distribution:
         raise NotImplementedError
@@ -49,18 +51,11 @@ class Guide(nn.Module):
 
 
 class EncoderGuide(Guide):
-    """A guide on ``GaussianEncoder``: subclasses set ``extra_dim`` and implement ``distribution``."""
+    """A guide on ``GaussianEncoder(body)``: subclasses set ``extra_dim`` and implement ``distribution``."""
 
-    def __init__(
-        self,
-        x_dim: int,
-        z_dim: int,
-        hidden_dims: Sequence[int] = (400,),
-        activation: str = "softplus",
-        extra_dim: int = 0,
-    ) -> None:
-        super().__init__(x_dim, z_dim)
-        self.net = GaussianEncoder(x_dim, z_dim, hidden_dims, activation, extra_dim=extra_dim)
+    def __init__(self, body: nn.Module, z_dim: int, extra_dim: int = 0) -> None:
+        super().__init__(z_dim)
+        self.net = GaussianEncoder(body, z_dim, extra_dim=extra_dim)
 
     def distribution(self, loc: torch.Tensor, scale: torch.Tensor, extra: torch.Tensor) -> dist.Distribution:
         raise NotImplementedError
@@ -73,10 +68,8 @@ class EncoderGuide(Guide):
 class DiagonalNormalGuide(EncoderGuide):
     """q(z|x) = N(mu(x), diag(sigma(x)^2)), the amortized mean-field Gaussian (Kingma & Welling 2014)."""
 
-    def __init__(
-        self, x_dim: int, z_dim: int, hidden_dims: Sequence[int] = (400,), activation: str = "softplus"
-    ) -> None:
-        super().__init__(x_dim, z_dim, hidden_dims, activation)
+    def __init__(self, body: nn.Module, z_dim: int) -> None:
+        super().__init__(body, z_dim)
 
     def gaussian_params(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         loc, scale, _ = self.net(x)
@@ -97,18 +90,11 @@ class LowRankGuide(EncoderGuide):
     mean-field guide cannot.
     """
 
-    def __init__(
-        self,
-        x_dim: int,
-        z_dim: int,
-        hidden_dims: Sequence[int] = (400,),
-        activation: str = "softplus",
-        rank: int = 1,
-    ) -> None:
+    def __init__(self, body: nn.Module, z_dim: int, rank: int = 1) -> None:
         if int(rank) != rank or rank < 1:
             raise ValueError(f"rank must be a positive integer, got {rank!r}")
         self.rank = int(rank)
-        super().__init__(x_dim, z_dim, hidden_dims, activation, extra_dim=z_dim * self.rank)
+        super().__init__(body, z_dim, extra_dim=z_dim * self.rank)
 
     def distribution(self, loc: torch.Tensor, scale: torch.Tensor, extra: torch.Tensor) -> dist.Distribution:
         cov_factor = extra.reshape(*extra.shape[:-1], self.z_dim, self.rank)
@@ -135,10 +121,8 @@ class IAFGuide(EncoderGuide):
 
     def __init__(
         self,
-        x_dim: int,
+        body: nn.Module,
         z_dim: int,
-        hidden_dims: Sequence[int] = (400,),
-        activation: str = "softplus",
         flows: int = 2,
         hidden: Sequence[int] | None = None,
         context_dim: int | None = None,
@@ -148,7 +132,7 @@ class IAFGuide(EncoderGuide):
         if z_dim < 2:
             raise ValueError(f"an autoregressive flow needs z_dim >= 2, got {z_dim}")
         self.context_dim = int(context_dim) if context_dim is not None else 2 * z_dim
-        super().__init__(x_dim, z_dim, hidden_dims, activation, extra_dim=self.context_dim)
+        super().__init__(body, z_dim, extra_dim=self.context_dim)
         hidden = list(hidden) if hidden is not None else None
         self.flows = nn.ModuleList(
             T.conditional_affine_autoregressive(z_dim, self.context_dim, hidden_dims=hidden, stable=True)
@@ -167,6 +151,6 @@ class IAFGuide(EncoderGuide):
         return dist.TransformedDistribution(dist.Normal(loc, scale).to_event(1), transforms)
 
 
-def build_guide(spec, x_dim: int, z_dim: int, hidden_dims: Sequence[int], activation: str) -> nn.Module:
-    """Build a guide from a spec such as ``"normal"`` or ``"iaf(flows=2)"``."""
-    return GUIDES.build(spec, x_dim=x_dim, z_dim=z_dim, hidden_dims=hidden_dims, activation=activation)
+def build_guide(spec, body: nn.Module, z_dim: int) -> nn.Module:
+    """Build a guide from a spec such as ``"normal"`` or ``"iaf(flows=2)"`` on an encoder ``body``."""
+    return GUIDES.build(spec, body=body, z_dim=z_dim)

@@ -61,6 +61,10 @@ class Likelihood(nn.Module):
         """Width of the decoder's output layer."""
         return self.x_dim * self.params_per_pixel
 
+    def head(self, in_features: int) -> nn.Module:
+        """The decoder's head: ``in_features`` body outputs -> the ``out_dim`` parameters this likelihood reads."""
+        return nn.Linear(in_features, self.out_dim)
+
     def split_params(self, params: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The ``params_per_pixel`` blocks of shape ``(..., x_dim)``."""
         return params.split(self.x_dim, dim=-1)

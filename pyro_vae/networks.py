@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pyro_vae.registry import Registry
 from pyro_vae.specs import closest
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -48,7 +49,7 @@ def inverse_softplus(y: float) -> float:
     return y + math.log(-math.expm1(-y))
 
 
-def activation(name: str) -> nn.Module:
+def make_activation(name: str) -> nn.Module:
     """An activation module by name; an unknown name lists the valid ones."""
     if name not in ACTIVATIONS:
         raise ValueError(
@@ -100,44 +101,86 @@ def mlp(in_dim: int, hidden_dims: Sequence[int], out_dim: int, act: str = "softp
     dims = [in_dim, *hidden_dims]
     layers: list[nn.Module] = []
     for a, b in itertools.pairwise(dims):
-        layers += [nn.Linear(a, b), activation(act)]
+        layers += [nn.Linear(a, b), make_activation(act)]
     layers.append(nn.Linear(dims[-1], out_dim))
     return nn.Sequential(*layers)
 
 
+# -- network bodies by name ----------------------------------------------------------------------
+NETWORKS: Registry[nn.Module] = Registry("network")
+
+
+@NETWORKS.register("mlp")
+class MLPBody(nn.Module):
+    """A multilayer perceptron body: flatten the event, then ``Linear -> activation`` per hidden width.
+
+    ``in_shape`` is the event shape of the input (``(784,)``, ``(1, 28, 28)``, ``(z_dim,)``); the
+    body flattens those trailing dimensions itself, so data keep their shape up to the network.
+    ``out_features`` is the width it hands to a head (the last hidden width; the input width when
+    ``hidden`` is empty, which makes encoder and decoder single linear layers: the linear-Gaussian
+    model of the exact checks).
+    """
+
+    def __init__(self, in_shape: Sequence[int], hidden: Sequence[int] = (400,), activation: str = "softplus") -> None:
+        super().__init__()
+        hidden = [int(h) for h in hidden]
+        if any(h < 1 for h in hidden):
+            raise ValueError(f"hidden widths must be positive, got {hidden}")
+        self.in_shape = tuple(int(d) for d in in_shape)
+        self.hidden, self.activation = tuple(hidden), activation
+        dims = [math.prod(self.in_shape), *hidden]
+        layers: list[nn.Module] = []
+        for a, b in itertools.pairwise(dims):
+            layers += [nn.Linear(a, b), make_activation(activation)]
+        self.layers = nn.Sequential(*layers)
+        self.out_features = dims[-1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        event_dims = len(self.in_shape)
+        if event_dims != 1:
+            x = x.reshape(*x.shape[: x.dim() - event_dims], -1)
+        return self.layers(x)
+
+
+def build_network(spec, in_shape: Sequence[int]) -> nn.Module:
+    """A network body from a spec such as ``"mlp(hidden=[400])"``, for inputs of event shape ``in_shape``.
+
+    A body maps ``(..., *in_shape)`` to ``(..., out_features)``; heads (the guide's loc/scale, the
+    likelihood's parameters) are added by whoever uses it.
+    """
+    return NETWORKS.build(spec, in_shape=tuple(in_shape))
+
+
+def mlp_spec(hidden: Sequence[int], activation: str) -> dict[str, object]:
+    """The network spec of the ``model.hidden_dims``/``model.activation`` shorthand."""
+    return {"name": "mlp", "hidden": [int(h) for h in hidden], "activation": activation}
+
+
 class GaussianEncoder(nn.Module):
-    """x -> (loc, scale, extra) of a diagonal Gaussian q(z|x) = N(loc, diag(scale^2)).
+    """x -> (loc, scale, extra) of a diagonal Gaussian q(z|x) = N(loc, diag(scale^2)): a body and a linear head.
 
     ``scale = softplus(raw) + MIN_SCALE`` is positive. ``extra_dim`` further outputs (e.g. the
     low-rank factor or an IAF context) are returned as ``extra`` (shape ``(..., 0)`` by default).
     """
 
-    def __init__(
-        self,
-        x_dim: int,
-        z_dim: int,
-        hidden_dims: Sequence[int] = (400,),
-        activation: str = "softplus",
-        extra_dim: int = 0,
-    ) -> None:
+    def __init__(self, body: nn.Module, z_dim: int, extra_dim: int = 0) -> None:
         super().__init__()
         self.z_dim, self.extra_dim = z_dim, extra_dim
-        self.net = mlp(x_dim, hidden_dims, 2 * z_dim + extra_dim, activation)
+        self.body = body
+        self.head = nn.Linear(body.out_features, 2 * z_dim + extra_dim)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        out = self.net(x)
+        out = self.head(self.body(x))
         loc, raw_scale, extra = out.split([self.z_dim, self.z_dim, self.extra_dim], dim=-1)
         return loc, F.softplus(raw_scale) + MIN_SCALE, extra
 
 
 class Decoder(nn.Module):
-    """z -> the likelihood's parameters, shape ``(..., out_dim)`` (e.g. Bernoulli logits)."""
+    """z -> the likelihood's parameters: a body, then the head the likelihood asks for (``Likelihood.head``)."""
 
-    def __init__(
-        self, z_dim: int, out_dim: int, hidden_dims: Sequence[int] = (400,), activation: str = "softplus"
-    ) -> None:
+    def __init__(self, body: nn.Module, head: nn.Module) -> None:
         super().__init__()
-        self.net = mlp(z_dim, list(reversed(hidden_dims)), out_dim, activation)
+        self.body, self.head = body, head
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.net(z)
+        return self.head(self.body(z))

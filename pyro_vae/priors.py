@@ -185,7 +185,12 @@ class VampPrior(Prior):
     )
 
     def __init__(
-        self, z_dim: int, x_dim: int, components: int = 500, init_mean: float = 0.05, init_std: float = 0.01
+        self,
+        z_dim: int,
+        x_shape: Sequence[int],
+        components: int = 500,
+        init_mean: float = 0.05,
+        init_std: float = 0.01,
     ) -> None:
         super().__init__(z_dim)
         if int(components) != components or components < 1:
@@ -193,13 +198,13 @@ class VampPrior(Prior):
         if not 0 < init_mean < 1:
             # hardtanh has zero gradient outside (0, 1): pseudo-inputs started there never learn.
             raise ValueError(f"init_mean must lie in (0, 1), got {init_mean!r}")
-        self.components, self.x_dim = int(components), x_dim
-        self.raw_pseudo_inputs = nn.Parameter(init_mean + init_std * torch.randn(self.components, x_dim))
+        self.components, self.x_shape = int(components), tuple(x_shape)
+        self.raw_pseudo_inputs = nn.Parameter(init_mean + init_std * torch.randn(self.components, *self.x_shape))
         self.register_buffer("logits", torch.zeros(self.components))
 
     @property
     def pseudo_inputs(self) -> torch.Tensor:
-        """u_k in [0, 1], shape ``(K, x_dim)``."""
+        """u_k in [0, 1], shape ``(K, *x_shape)``: inputs of the encoder's event shape."""
         return F.hardtanh(self.raw_pseudo_inputs, 0.0, 1.0)
 
     def forward(self, encoder: nn.Module | None = None) -> dist.Distribution:
@@ -290,6 +295,7 @@ class FlowPrior(Prior):
         return dist.TransformedDistribution(base, self.transforms())
 
 
-def build_prior(spec, z_dim: int, x_dim: int) -> nn.Module:
-    """Build a prior from a spec such as ``"normal"`` or ``"mixture(components=10)"``."""
-    return PRIORS.build(spec, z_dim=z_dim, x_dim=x_dim)
+def build_prior(spec, z_dim: int, x_shape: Sequence[int]) -> nn.Module:
+    """Build a prior from a spec such as ``"normal"`` or ``"mixture(components=10)"``; ``x_shape`` is the
+    data's event shape (the VampPrior's pseudo-inputs have it)."""
+    return PRIORS.build(spec, z_dim=z_dim, x_shape=tuple(x_shape))

@@ -112,7 +112,7 @@ class LinearGaussian:
         """The float64 ``VAE`` (on W's device) with this decoder and the exact-posterior encoder (or a generic one)."""
         vae = VAE(x_dim=self.x_dim, z_dim=self.z_dim, hidden_dims=(), likelihood=f"gaussian(scale={self.s!r})")
         vae = vae.to(device=self.W.device, dtype=DTYPE)
-        decoder = vae.decoder.net[0]
+        decoder = vae.decoder.head
         with torch.no_grad():
             decoder.weight.copy_(self.W)
             decoder.bias.copy_(self.b)
@@ -145,7 +145,7 @@ def set_guide(vae: VAE, gain: torch.Tensor, offset: torch.Tensor, scale: torch.T
     The encoder's scale is softplus(raw) + MIN_SCALE (networks.GaussianEncoder), so the scale rows
     get zero weights and the bias inverse_softplus(scale - MIN_SCALE).
     """
-    linear = vae.encoder.net.net[0]
+    linear = vae.encoder.net.head
     k = vae.z_dim
     with torch.no_grad():
         linear.weight.zero_()

@@ -39,7 +39,7 @@ def exact_elbo(vae, lg, x: torch.Tensor) -> torch.Tensor:
     minus KL(q || N(0, I)).
     """
     loc, scale = vae.encode(x)
-    linear = vae.decoder.net[0]
+    linear = vae.decoder.head
     resid = x - loc @ linear.weight.T - linear.bias
     spread = (scale.square() * linear.weight.square().sum(0)).sum(-1)
     log_lik = -0.5 * lg.x_dim * math.log(2 * math.pi * lg.s**2) - (resid.square().sum(-1) + spread) / (2 * lg.s**2)

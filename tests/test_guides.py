@@ -133,9 +133,9 @@ def linear_gaussian_vae(spec: str, lg, near_posterior: bool) -> VAE:
                 flow.nn.layers[-1].bias.zero_()
             contraction = torch.sigmoid(torch.tensor(2.0, dtype=DTYPE)) ** len(vae.encoder.flows)
             gain, scale = gain / contraction, scale / contraction
-        vae.decoder.net[0].weight.copy_(lg.W)
-        vae.decoder.net[0].bias.copy_(lg.b)
-        linear = vae.encoder.net.net[0]
+        vae.decoder.head.weight.copy_(lg.W)
+        vae.decoder.head.bias.copy_(lg.b)
+        linear = vae.encoder.net.head
         linear.weight.mul_(0.1)
         linear.bias.mul_(0.1)
         linear.weight[: 2 * k].zero_()

@@ -60,9 +60,9 @@ def test_torch_init_is_pytorch_default_and_others_differ():
     for a, b in zip(implicit.parameters(), torch_init.parameters(), strict=True):
         assert torch.equal(a, b)
     # PyTorch's default: |W| <= 1/sqrt(fan_in), biases not zero.
-    first = default.encoder.net.net[0]
+    first = default.encoder.net.body.layers[0]
     assert first.weight.abs().max() <= 1 / math.sqrt(20) and torch.count_nonzero(first.bias) > 0
-    assert not torch.equal(he.encoder.net.net[0].weight, first.weight)
+    assert not torch.equal(he.encoder.net.body.layers[0].weight, first.weight)
 
 
 def test_flow_layers_and_prior_keep_their_own_initialization():
@@ -80,8 +80,8 @@ def test_flow_layers_and_prior_keep_their_own_initialization():
         assert torch.equal(p, q)
     for p, q in zip(a.prior.parameters(), b.prior.parameters(), strict=True):
         assert torch.equal(p, q)
-    assert not torch.equal(a.encoder.net.net[0].weight, b.encoder.net.net[0].weight)
-    assert not torch.equal(a.decoder.net[0].weight, b.decoder.net[0].weight)
+    assert not torch.equal(a.encoder.net.body.layers[0].weight, b.encoder.net.body.layers[0].weight)
+    assert not torch.equal(a.decoder.body.layers[0].weight, b.decoder.body.layers[0].weight)
 
 
 def test_initialize_unknown_scheme_lists_valid():
