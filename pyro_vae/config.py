@@ -51,12 +51,17 @@ class ModelConfig:
     """``[model]``: the VAE's shape and families (arguments of :class:`pyro_vae.model.VAE`)."""
 
     z_dim: int = 50
+    # The MLP shorthand: encoder mlp(hidden=hidden_dims, activation) and the mirrored decoder,
+    # unless model.encoder / model.decoder name a network.
     hidden_dims: list[int] = field(default_factory=lambda: [400])
     activation: str = field(default="softplus", metadata={"names": "activation"})
+    encoder: SpecValue | None = field(default=None, metadata={"spec": "network"})
+    decoder: SpecValue | None = field(default=None, metadata={"spec": "network"})
     init: str = field(default="torch", metadata={"names": "init"})  # weight initialization
     prior: SpecValue = field(default="normal", metadata={"spec": "prior"})
     likelihood: SpecValue = field(default="bernoulli", metadata={"spec": "likelihood"})
     guide: SpecValue = field(default="normal", metadata={"spec": "guide"})
+    structure: SpecValue = field(default="vae", metadata={"spec": "structure"})
 
 
 @dataclass
@@ -158,6 +163,8 @@ def _coerce(section: str, key: str, value: Any) -> Any:
     """``value`` as the type of ``section.key``, or a ConfigError saying what was expected."""
     where = f"{section}.{key}"
     if _is_spec(section, key):
+        if value is None and type(None) in typing.get_args(_field_type(section, key)):
+            return None
         if isinstance(value, str):
             return value
         if isinstance(value, Mapping):
@@ -277,7 +284,7 @@ def parse_override_value(section: str, key: str, text: str) -> Any:
     text = text.strip()
     tp = _field_type(section, key)
     if text.lower() in ("none", "null"):
-        if _optional_inner(tp) is None:
+        if type(None) not in typing.get_args(tp):
             raise ConfigError(f"{section}.{key} cannot be none; expected {_type_name(tp)}")
         return None
     try:
@@ -420,12 +427,14 @@ def _registries() -> dict[str, tuple[Any, tuple[str, ...]]]:
 
     Imported here, not at the top, so that this module stays a leaf.
     """
-    from pyro_vae import data, estimators, guides, likelihoods, optim, priors
+    from pyro_vae import data, estimators, guides, likelihoods, networks, optim, priors, structures
 
     return {
-        "prior": (priors.PRIORS, ("z_dim", "x_dim")),
+        "prior": (priors.PRIORS, ("z_dim", "x_shape")),
         "likelihood": (likelihoods.LIKELIHOODS, ("x_dim",)),
-        "guide": (guides.GUIDES, ("x_dim", "z_dim", "hidden_dims", "activation")),
+        "guide": (guides.GUIDES, ("body", "z_dim")),
+        "network": (networks.NETWORKS, ("in_shape",)),
+        "structure": (structures.STRUCTURES, structures.CONTEXT),
         "estimator": (estimators.ESTIMATORS, ()),
         "dataset": (data.DATASETS, ("root", "download")),
         "optimizer": (optim.OPTIMIZERS, ("params", "lr")),
@@ -457,10 +466,10 @@ def validate(cfg: Config) -> Config:
                     raise _unknown(f.name, value, tables[table], where=f" for {section}.{f.name}")
                 continue
             kind = f.metadata.get("spec")
-            if kind is None:
+            value = getattr(getattr(cfg, section), f.name)
+            if kind is None or value is None:
                 continue
             registry, context = registries[kind]
-            value = getattr(getattr(cfg, section), f.name)
             try:
                 name, kwargs = parse_spec(value)
                 valid = registry.user_keys(name, context)

@@ -37,6 +37,9 @@ def build_vae(model_cfg: ModelConfig, x_dim: int) -> VAE:
         prior=model_cfg.prior,
         likelihood=model_cfg.likelihood,
         guide=model_cfg.guide,
+        encoder=model_cfg.encoder,
+        decoder=model_cfg.decoder,
+        structure=model_cfg.structure,
     )
 
 

@@ -17,6 +17,8 @@ from pyro_vae.structures.base import Structure
 from pyro_vae.structures.vae import PlainVAE
 
 STRUCTURES: Registry[Structure] = Registry("structure")
+# What the VAE facade passes every structure (each takes the ones it needs); a spec never sets them.
+CONTEXT = ("x_shape", "z_dim", "encoder", "decoder", "prior", "likelihood", "guide", "init")
 STRUCTURES.register("vae")(PlainVAE)
 
-__all__ = ["STRUCTURES", "PlainVAE", "Structure"]
+__all__ = ["CONTEXT", "STRUCTURES", "PlainVAE", "Structure"]
