@@ -1,10 +1,11 @@
 """Evaluation of a trained VAE: test ELBO, importance-sampled log-likelihood, bits/dim, active units.
 
-All numbers are in nats per example (bits/dim excepted) and always at beta = 1. The estimators
-evaluate the model's own distributions in plain torch -- ``vae.posterior(x)`` for q(z|x),
-``vae.prior_distribution()`` for p(z), ``vae.decode(z)`` with ``vae.likelihood.prepare(x)`` for
-p(x|z) -- so they work for every registered prior, guide and likelihood. The formulas, their
-standard errors and the references are written out in ``docs/evaluation.md``.
+All numbers are in nats per example (bits/dim excepted) and always at beta = 1. The ELBO and the
+importance-sampled NLL read their log weights log p(x, z) - log q(z|x) from the structure's Pyro
+programs (``pyro_vae.traces.log_weights``: every latent site, every prior, guide and likelihood),
+the same mechanism the estimators train with; the latent diagnostics (active units, KL per
+dimension) read the plain VAE's ``vae.posterior(x)`` and ``vae.prior_distribution()``. The
+formulas, their standard errors and the references are written out in ``docs/evaluation.md``.
 
 - :func:`log_likelihood`: log p(x) ~ log (1/K) sum_k p(x, z_k) / q(z_k|x), z_k ~ q(z|x)
   (Burda et al. 2015, "Importance Weighted Autoencoders", K = 5000), streamed over chunks of
@@ -29,8 +30,8 @@ from typing import Any
 import torch
 import torch.distributions as tdist
 
-from pyro_vae.closed_form import closed_form_elbo, has_closed_form
 from pyro_vae.model import posterior_mean
+from pyro_vae.traces import log_weights
 
 # Upper bound on the elements of the widest activation of one chunk, (chunk, batch, width):
 # 2**25 elements are 128 MiB in float32. The default chunk of samples is chosen so that the
@@ -72,8 +73,9 @@ def _batches(x: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
 
 
 def _width(vae) -> int:
-    """The widest per-sample activation of the decoder: its output, x itself or a hidden layer."""
-    return max(vae.likelihood.out_dim, vae.x_dim, *getattr(vae, "hidden_dims", ()), vae.z_dim)
+    """The widest per-sample activation: x itself, z, or the output of any linear layer (hidden or head)."""
+    linear = (m.out_features for m in vae.modules() if isinstance(m, torch.nn.Linear))
+    return max(vae.x_dim, vae.z_dim, *linear)
 
 
 def default_chunk_size(vae, batch: int, budget: int | None = None) -> int:
@@ -82,19 +84,6 @@ def default_chunk_size(vae, batch: int, budget: int | None = None) -> int:
     ``budget`` defaults to ``MEMORY_BUDGET`` (2**25 elements, 128 MiB in float32); at least one sample.
     """
     return max(1, (budget or MEMORY_BUDGET) // (batch * _width(vae)))
-
-
-def _log_weights(vae, p: tdist.Distribution, q: tdist.Distribution, x: torch.Tensor, k: int) -> torch.Tensor:
-    """log w = log p(z) + log p(x|z) - log q(z|x) for ``k`` draws z ~ q(z|x), shape ``(k, batch)``.
-
-    ``p`` is ``vae.prior_distribution()``, built once per evaluation (a VampPrior's costs an encoder
-    pass over its pseudo-inputs); ``q`` is ``vae.posterior(x)``, built once per batch and reused
-    across chunks. ``log_prob`` follows ``sample`` directly so that flows hit their transform cache
-    instead of inverting.
-    """
-    z = q.sample((k,))
-    log_q = q.log_prob(z)
-    return p.log_prob(z) + vae.decode(z).log_prob(vae.likelihood.prepare(x)) - log_q
 
 
 def _progress(total: int, enabled: bool | None, desc: str):
@@ -130,14 +119,12 @@ def _log_weight_moments(
     batch_size = batch_size or min(x.shape[0], DEFAULT_BATCH_SIZE) or 1
     lse1, lse2 = [], []
     with _evaluating(vae), _progress(x.shape[0], progress, f"log p(x), K={num_samples}") as bar:
-        prior = vae.prior_distribution()
         for xb in _batches(x, batch_size):
             chunk = chunk_size or default_chunk_size(vae, xb.shape[0])
-            q = vae.posterior(xb)
             s1 = torch.full((xb.shape[0],), -math.inf, dtype=x.dtype, device=x.device)
             s2 = s1.clone()
             for start in range(0, num_samples, chunk):
-                lw = _log_weights(vae, prior, q, xb, min(chunk, num_samples - start))
+                lw = log_weights(vae, xb, min(chunk, num_samples - start))
                 s1 = torch.logaddexp(s1, lw.logsumexp(0))
                 s2 = torch.logaddexp(s2, (2 * lw).logsumexp(0))
             lse1.append(s1)
@@ -215,16 +202,10 @@ def elbo_per_example(
     if num_samples < 1:
         raise ValueError(f"num_samples must be at least 1, got {num_samples}")
     x = _flat(vae, x)
-    out = []
     with _evaluating(vae):
-        use_closed_form = analytic_kl and has_closed_form(vae)
-        prior = None if use_closed_form else vae.prior_distribution()
-        for xb in _batches(x, batch_size):
-            if use_closed_form:
-                out.append(closed_form_elbo(vae, xb, num_samples))
-            else:
-                out.append(_log_weights(vae, prior, vae.posterior(xb), xb, num_samples).mean(0))
-    return torch.cat(out)
+        return torch.cat(
+            [log_weights(vae, xb, num_samples, analytic_kl=analytic_kl).mean(0) for xb in _batches(x, batch_size)]
+        )
 
 
 def elbo(vae, x: torch.Tensor, batch_size: int = 1000, num_samples: int = 1, analytic_kl: bool = True) -> float:
@@ -232,11 +213,11 @@ def elbo(vae, x: torch.Tensor, batch_size: int = 1000, num_samples: int = 1, ana
 
         ELBO(x) = E_q[log p(x|z)] - KL(q(z|x) || p(z)) = E_q[log p(x, z) - log q(z|x)].
 
-    With ``analytic_kl`` (the default) and a (guide, prior) pair that has a closed-form KL
-    (``pyro_vae.closed_form.CLOSED_FORM_KL``), the reconstruction term is a Monte Carlo average of
-    ``num_samples`` draws and the KL is exact: the same expectation, usually with lower variance.
-    Otherwise (or with ``analytic_kl=False``) it is the plain Monte Carlo ELBO, the mean of
-    ``num_samples`` log-weights, which works for every family. Both are unbiased for the same
+    With ``analytic_kl`` (the default), every latent site whose (guide, prior) pair has a KL that
+    torch registers (``traces.log_weights(..., analytic_kl=True)``) contributes the exact KL and the
+    rest is a Monte Carlo average of ``num_samples`` draws: the same expectation, usually with lower
+    variance. Other sites (or ``analytic_kl=False``) take the plain Monte Carlo log-weight, which
+    works for every family. Both are unbiased for the same
     number. (Near the exact posterior the log-weight is nearly constant and the plain Monte Carlo
     ELBO is the one with less variance; over a test set of thousands the difference is negligible.)
     """

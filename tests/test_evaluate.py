@@ -18,8 +18,8 @@ from torch import nn
 
 from pyro_vae import evaluate as ev
 from pyro_vae.closed_form import closed_form_terms, gaussian_kl_standard_normal
-from pyro_vae.estimators import log_weights as pyro_log_weights
 from pyro_vae.model import VAE
+from pyro_vae.traces import log_weights as pyro_log_weights
 
 
 def _model(exact: bool, n: int = 5, seed: int = 0) -> tuple[LinearGaussian, VAE, torch.Tensor]:
@@ -70,20 +70,36 @@ def test_standard_error_matches_spread_of_repeated_estimates():
     )
 
 
-class _BankedPosterior:
-    """q(z|x) whose draws come in order from a fixed bank: the same z's whatever the chunk sizes."""
+class _BankedPosterior(dist.TorchDistribution):
+    """q(z|x) whose draws come in order from a fixed bank: the same z's whatever the chunk sizes.
 
-    def __init__(self, q, bank: torch.Tensor) -> None:
-        self.q, self.bank, self.used = q, bank, 0
+    A Pyro distribution, so that it can stand at the guide's site: the particle plate expands it to
+    batch shape ``(k, batch)`` and a draw takes the next ``k`` rows of the bank.
+    """
 
-    def sample(self, shape=()):
-        (k,) = shape
-        z = self.bank[self.used : self.used + k]
-        self.used += k
-        return z
+    arg_constraints: dict = {}  # noqa: RUF012 - torch's attribute
+    has_rsample = True
+
+    def __init__(self, q, bank: torch.Tensor, batch_shape=None, state=None) -> None:
+        self.q, self.bank, self.state = q, bank, state if state is not None else {"used": 0}
+        super().__init__(torch.Size(batch_shape or q.batch_shape), q.event_shape, validate_args=False)
+
+    def expand(self, batch_shape, _instance=None):
+        return _BankedPosterior(self.q, self.bank, batch_shape, self.state)
+
+    def rsample(self, sample_shape=()):
+        k, used = self.batch_shape[0], self.state["used"]
+        self.state["used"] += k
+        return self.bank[used : used + k]
 
     def log_prob(self, z):
         return self.q.log_prob(z)
+
+
+def _plain_log_weights(vae, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """log p(z) + log p(x|z) - log q(z|x) in plain torch, for draws ``z`` of shape ``(k, batch, z_dim)``."""
+    q = vae.posterior(x)
+    return vae.prior_distribution().log_prob(z) + vae.decode(z).log_prob(vae.likelihood.prepare(x)) - q.log_prob(z)
 
 
 def test_chunking_is_exactly_the_unchunked_estimate(monkeypatch):
@@ -91,10 +107,14 @@ def test_chunking_is_exactly_the_unchunked_estimate(monkeypatch):
     _, vae, x = _model(exact=False)
     k = 257
     bank = vae.posterior(x).sample((k,)).detach()
+    reference = _plain_log_weights(vae, bank, x).logsumexp(0) - math.log(k)
     original = vae.posterior
-    monkeypatch.setattr(vae, "posterior", lambda xb: _BankedPosterior(original(xb), bank))
-    reference = ev._log_weights(vae, vae.prior_distribution(), vae.posterior(x), x, k).logsumexp(0) - math.log(k)
     for chunk in (1, 10, 64, 256, 257, 1000, None):
+        # the structure's guide (run once per chunk) draws on through the bank, from its first row for every chunking
+        state = {"used": 0}
+        monkeypatch.setattr(
+            vae.structure, "posterior", lambda xb, state=state: _BankedPosterior(original(xb), bank, state=state)
+        )
         est = ev.log_likelihood(vae, x, num_samples=k, chunk_size=chunk, batch_size=x.shape[0])
         torch.testing.assert_close(est, reference, rtol=0, atol=1e-12)
 
@@ -104,7 +124,7 @@ def test_chunks_bound_the_largest_tensor(monkeypatch):
     _, vae, x = _model(exact=False, n=9)
     shapes = []
     decode = vae.decode
-    monkeypatch.setattr(vae, "decode", lambda z: shapes.append(tuple(z.shape)) or decode(z))
+    monkeypatch.setattr(vae.structure, "decode", lambda z: shapes.append(tuple(z.shape)) or decode(z))
     ev.log_likelihood(vae, x, num_samples=1000, chunk_size=64, batch_size=4)
     assert max(s[0] for s in shapes) == 64 and max(s[1] for s in shapes) == 4
     assert sum(s[0] for s in shapes if s[1] == 4) == 2 * 1000 and len(shapes) == 3 * math.ceil(1000 / 64)
@@ -120,13 +140,13 @@ def test_chunks_bound_the_largest_tensor(monkeypatch):
 
 
 def test_plain_torch_log_weights_equal_pyro_traces():
-    """The evaluation's plain-torch log-weights equal those of the Pyro model/guide traces for the same draws."""
+    """Plain-torch log-weights equal those of the Pyro model/guide traces (what evaluation uses) for the same draws."""
     _, vae, x = _model(exact=False)
     vae.requires_grad_(True)  # pyro.module registers only trainable parameters, and warns otherwise
     pyro.set_rng_seed(3)
     from_pyro = pyro_log_weights(vae, x, k=4)
     pyro.set_rng_seed(3)
-    plain = ev._log_weights(vae, vae.prior_distribution(), vae.posterior(x), x, 4)
+    plain = _plain_log_weights(vae, vae.posterior(x).sample((4,)), x)
     torch.testing.assert_close(plain, from_pyro.detach(), rtol=1e-12, atol=1e-10)
 
 
