@@ -91,6 +91,12 @@ class ELBOTerms(NamedTuple):
 
 
 def _pair(vae) -> tuple[str, str]:
+    """(guide name, prior name) of a plain VAE; a ``ValueError`` for a model without one encoder and one prior."""
+    if not all(hasattr(vae, part) for part in ("encoder", "prior", "posterior", "decode")):
+        raise ValueError(
+            f"the closed-form ELBO is written for the plain VAE (one latent z, structure 'vae'), not for "
+            f"{type(getattr(vae, 'structure', vae)).__name__}; use a Monte Carlo estimator such as 'trace'"
+        )
     return getattr(vae.encoder, "spec_name", type(vae.encoder).__name__), getattr(
         vae.prior, "spec_name", type(vae.prior).__name__
     )

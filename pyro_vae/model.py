@@ -84,6 +84,14 @@ class VAE(nn.Module):
             guide=guide,
             init=init,
         )
+        loose = [name for name, _ in built.named_parameters(recurse=False)] + [
+            name for name, _ in built.named_buffers(recurse=False)
+        ]
+        if loose:
+            raise ValueError(
+                f"structure {type(built).__name__} must keep its parameters and buffers in child modules "
+                f"(the VAE adopts its children); found {', '.join(loose)}"
+            )
         for name, child in built.named_children():
             self.add_module(name, child)
         # Not a registered submodule: its children are this module's own (one tree, stable keys).

@@ -103,3 +103,72 @@ def test_config_init_reaches_the_model_and_is_checked():
         load_config(None, ["model.activation=tahn"])
     assert load_config(None, ["model.init=glorrot"], check_names=False).model.init == "glorrot"  # as documented
     assert set(INITIALIZERS) == {"torch", "glorot", "he"}
+
+
+# -- networks by name ---------------------------------------------------------------------------
+def test_mlp_body_flattens_the_event_and_reports_its_width():
+    from pyro_vae.networks import NETWORKS, build_network
+
+    body = build_network("mlp(hidden=[7, 5], activation='tanh')", (1, 3, 4))
+    assert isinstance(body, NETWORKS.factory("mlp")) and body.out_features == 5
+    out = body(torch.rand(2, 6, 1, 3, 4))  # particle and batch dimensions kept, the event flattened
+    assert out.shape == (2, 6, 5)
+    assert build_network("mlp(hidden=[])", (9,)).out_features == 9  # no hidden layer: the input itself
+
+
+def test_network_specs_give_the_shorthand_vae_bit_for_bit():
+    torch.manual_seed(4)
+    shorthand = VAE(x_dim=20, z_dim=3, hidden_dims=(8, 6), activation="tanh")
+    torch.manual_seed(4)
+    named = VAE(
+        x_dim=20,
+        z_dim=3,
+        encoder={"name": "mlp", "hidden": [8, 6], "activation": "tanh"},
+        decoder="mlp(hidden=[6, 8], activation='tanh')",
+    )
+    for (name, a), (other, b) in zip(shorthand.state_dict().items(), named.state_dict().items(), strict=True):
+        assert name == other and torch.equal(a, b)
+
+
+def test_encoder_and_decoder_can_differ_and_the_heads_follow_the_families():
+    vae = VAE(x_dim=10, z_dim=3, encoder="mlp(hidden=[16])", decoder="mlp(hidden=[4, 4])", likelihood="beta")
+    assert vae.encoder.net.head.in_features == 16 and vae.encoder.net.head.out_features == 2 * 3
+    assert vae.decoder.head.in_features == 4 and vae.decoder.head.out_features == vae.likelihood.out_dim == 20
+    lowrank = VAE(x_dim=10, z_dim=3, encoder="mlp(hidden=[16])", guide="lowrank(rank=2)")
+    assert lowrank.encoder.net.head.out_features == 2 * 3 + 3 * 2
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.encoder=conv", r"unknown network 'conv'.*valid networks: mlp"),
+        ("model.decoder=mlp(widths=[3])", r"network 'mlp' has no argument 'widths'.*its arguments: hidden, activation"),
+    ],
+)
+def test_network_spec_errors_name_the_valid_choices(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_config_network_keys_reach_the_model():
+    cfg = apply_overrides(Config(), ["model.encoder=mlp(hidden=[12])", "model.z_dim=2"])
+    vae = build_vae(cfg.model, x_dim=20)
+    assert vae.encoder.net.body.out_features == 12 and vae.decoder.body.out_features == 400  # decoder: shorthand
+
+
+def test_checkpoints_of_one_sequential_mlps_still_load():
+    """Before the body + head split an MLP was one nn.Sequential; its state dict loads unchanged."""
+    torch.manual_seed(5)
+    vae = VAE(x_dim=20, z_dim=3, hidden_dims=(8, 6), guide="iaf(flows=1)")
+    legacy = {}
+    for key, value in vae.state_dict().items():
+        key = key.replace("encoder.net.head.", "encoder.net.net.4.").replace(
+            "encoder.net.body.layers.", "encoder.net.net."
+        )
+        key = key.replace("decoder.head.", "decoder.net.4.").replace("decoder.body.layers.", "decoder.net.")
+        legacy[key] = value.clone()
+    assert "encoder.net.net.4.weight" in legacy and "decoder.net.0.weight" in legacy
+    fresh = VAE(x_dim=20, z_dim=3, hidden_dims=(8, 6), guide="iaf(flows=1)")
+    fresh.load_state_dict(legacy)
+    for name, value in vae.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], value), name
