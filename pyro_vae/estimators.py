@@ -2,11 +2,15 @@
 
 An estimator has two methods:
 
-- ``loss(vae, x, beta=1.0)``: a differentiable scalar whose gradient is the estimator's gradient
-  of the negative bound summed over the batch (nats), and whose value is minus that bound
+- ``loss(vae, x, beta=1.0, **data)``: a differentiable scalar whose gradient is the estimator's
+  gradient of the negative bound summed over the batch (nats), and whose value is minus that bound
   estimate summed over the batch. This is the training objective.
-- ``bound(vae, x)``: the per-example bound estimate, shape ``(batch,)``, in nats (higher is better);
-  ``bound_name`` says which bound it is.
+- ``bound(vae, x, **data)``: the per-example bound estimate, shape ``(batch,)``, in nats (higher is
+  better); ``bound_name`` says which bound it is.
+
+``data`` are the extra fields a model structure consumes (``vae.consumes``: labels, a mask, a
+conditioning input), passed on to its Pyro programs. Everything is read from the programs' traces
+(``pyro_vae.traces``), site by site, so any structure's latent sites count.
 
 ``get(spec)`` builds one from a spec such as ``"trace"`` or ``"iwae(k=50)"``.
 
@@ -75,11 +79,11 @@ class _Call(nn.Module):
         super().__init__()
         self.vae = vae
 
-    def forward(self, fn, *args):
-        return fn(*args)
+    def forward(self, fn, *args, **kwargs):
+        return fn(*args, **kwargs)
 
 
-def call_with_stopped_parameters(vae: nn.Module, fn, *args):
+def call_with_stopped_parameters(vae: nn.Module, fn, *args, **kwargs):
     """``fn(*args)`` with every parameter of ``vae`` replaced by a detached copy: a stop-gradient on the
     parameters only (tensors passed in, such as reparameterized z, keep their gradient path).
 
@@ -90,7 +94,16 @@ def call_with_stopped_parameters(vae: nn.Module, fn, *args):
     with warnings.catch_warnings():
         # pyro.module skips (and warns about) parameters without requires_grad: exactly the intent here.
         warnings.filterwarnings("ignore", message=".*was not registered in the param store.*")
-        return torch.func.functional_call(_Call(vae), params, (fn, *args))
+        return torch.func.functional_call(_Call(vae), params, (fn, *args), kwargs)
+
+
+def _plain_vae_only(estimator, data: dict) -> None:
+    """A one-line error for an estimator that cannot pass a structure's extra data fields on."""
+    if data:
+        raise ValueError(
+            f"estimator {str(estimator)!r} takes x alone, but the model consumes {', '.join(sorted(data))}; "
+            "use trace, meanfield, tracegraph, iwae, renyi, stl or dreg"
+        )
 
 
 # -- the estimators ---------------------------------------------------------------------------
@@ -123,10 +136,10 @@ class Estimator:
         if "loss" in cls.__dict__ and "fast_loss" not in cls.__dict__:
             cls.fast_loss = None
 
-    def loss(self, vae, x: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
+    def loss(self, vae, x: torch.Tensor, beta: float = 1.0, **data) -> torch.Tensor:
         raise NotImplementedError
 
-    def bound(self, vae, x: torch.Tensor) -> torch.Tensor:
+    def bound(self, vae, x: torch.Tensor, **data) -> torch.Tensor:
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -146,17 +159,17 @@ class _PyroELBO(Estimator):
     def __init__(self) -> None:
         self.elbo = self.elbo_class()
 
-    def loss(self, vae, x: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
-        return self._pyro_loss(self.elbo, vae.model, vae.guide, x, beta)
+    def loss(self, vae, x: torch.Tensor, beta: float = 1.0, **data) -> torch.Tensor:
+        return self._pyro_loss(self.elbo, vae.model, vae.guide, x, beta, **data)
 
-    def _pyro_loss(self, elbo, model, guide, x, beta) -> torch.Tensor:
+    def _pyro_loss(self, elbo, model, guide, x, beta, **data) -> torch.Tensor:
         # Pyro 1.9's Trace_ELBO reads every site's log-probability to the host (torch_item): one
         # sync per site and step. ``iwae(k=1)`` and ``closed_form`` are the sync-free equivalents.
-        return elbo.differentiable_loss(model, guide, x, beta)
+        return elbo.differentiable_loss(model, guide, x, beta, **data)
 
     @torch.no_grad()
-    def bound(self, vae, x: torch.Tensor) -> torch.Tensor:
-        return log_weights(vae, x, k=1)[0]
+    def bound(self, vae, x: torch.Tensor, **data) -> torch.Tensor:
+        return log_weights(vae, x, 1, **data)[0]
 
 
 @ESTIMATORS.register("trace")
@@ -183,8 +196,8 @@ class MeanFieldELBO(_PyroELBO):
     fast_loss = staticmethod(meanfield_elbo_loss)
 
     @torch.no_grad()
-    def bound(self, vae, x: torch.Tensor) -> torch.Tensor:
-        return log_weights(vae, x, 1, analytic_kl=True)[0]
+    def bound(self, vae, x: torch.Tensor, **data) -> torch.Tensor:
+        return log_weights(vae, x, 1, analytic_kl=True, **data)[0]
 
 
 @ESTIMATORS.register("closed_form")
@@ -194,12 +207,14 @@ class ClosedFormELBO(Estimator):
     Gradient: pathwise through E_q[log p(x|z)] (one draw) minus beta times the analytic KL.
     """
 
-    def loss(self, vae, x: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
+    def loss(self, vae, x: torch.Tensor, beta: float = 1.0, **data) -> torch.Tensor:
+        _plain_vae_only(self, data)
         terms = closed_form_terms(vae, x)
         return -(terms.reconstruction - beta * terms.kl).sum()
 
     @torch.no_grad()
-    def bound(self, vae, x: torch.Tensor) -> torch.Tensor:
+    def bound(self, vae, x: torch.Tensor, **data) -> torch.Tensor:
+        _plain_vae_only(self, data)
         return closed_form_elbo(vae, x)
 
 
@@ -218,7 +233,8 @@ class _JitELBO(_PyroELBO):
     def __init__(self) -> None:
         self._compiled: dict[tuple, tuple] = {}
 
-    def loss(self, vae, x: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
+    def loss(self, vae, x: torch.Tensor, beta: float = 1.0, **data) -> torch.Tensor:
+        _plain_vae_only(self, data)  # Pyro's JIT traces positional tensors only
         key = (id(vae), tuple(x.shape), x.dtype, x.device)
         if key not in self._compiled:
             # Keep the bound methods: Pyro's JIT cache is keyed on id(model) and id(guide).
@@ -235,7 +251,7 @@ class JitTraceELBO(_JitELBO):
 
     elbo_class = JitTrace_ELBO
 
-    def _pyro_loss(self, elbo, model, guide, x, beta) -> torch.Tensor:
+    def _pyro_loss(self, elbo, model, guide, x, beta, **data) -> torch.Tensor:
         # Not ``elbo.differentiable_loss``: in Pyro 1.9 it adds the surrogate's gradient to that of
         # an undetached loss, doubling every gradient. Its (loss, surrogate) pair is right.
         loss, surrogate = elbo.loss_and_surrogate_loss(model, guide, x, beta)
@@ -248,7 +264,7 @@ class JitMeanFieldELBO(_JitELBO):
 
     elbo_class = JitTraceMeanField_ELBO
 
-    def _pyro_loss(self, elbo, model, guide, x, beta) -> torch.Tensor:
+    def _pyro_loss(self, elbo, model, guide, x, beta, **data) -> torch.Tensor:
         loss = elbo.differentiable_loss(model, guide, x, beta)
         # Pyro 1.9 stores the compiled function as ``_differentiable_loss`` but looks for
         # ``_loss_and_surrogate_loss``, so it would trace the model anew on every call (60x slower).
@@ -313,11 +329,11 @@ class TraceGraphELBO(_PyroELBO):
         self.baseline_beta = baseline_beta
         self._average: torch.Tensor | None = None
 
-    def loss(self, vae, x: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
+    def loss(self, vae, x: torch.Tensor, beta: float = 1.0, **data) -> torch.Tensor:
         # No baseline on the first call, then the average starts at that call's value (Python checks, no sync).
         baseline = x.new_zeros(()) if self._average is None else self._average
         guide = _ScoreFunctionLatents(baseline)(vae.guide)
-        elbo, surrogate_loss = self.elbo._loss_and_surrogate_loss(vae.model, guide, (x, beta), {})
+        elbo, surrogate_loss = self.elbo._loss_and_surrogate_loss(vae.model, guide, (x, beta), data)
         mean = elbo.detach() / x.shape[0]  # elbo is the batch sum
         if self._average is None:
             self._average = mean
@@ -349,20 +365,20 @@ class ImportanceWeighted(Estimator):
         """The IWAE bound log (1/k) sum_i w_i from log weights of shape ``(k, batch)``."""
         return torch.logsumexp(log_w, 0) - math.log(self.k)
 
-    def loss(self, vae, x: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
+    def loss(self, vae, x: torch.Tensor, beta: float = 1.0, **data) -> torch.Tensor:
         if self.doubly_reparameterized:
-            return self._dreg_loss(vae, x, beta)
+            return self._dreg_loss(vae, x, beta, **data)
         if not self.stop_score:
-            return -self.aggregate(log_weights(vae, x, self.k, beta)).sum()
-        guide_trace, model_trace = particle_traces(vae, x, self.k, beta)
-        log_q = self._stopped_log_q(vae, x, beta, latent_values(guide_trace))
+            return -self.aggregate(log_weights(vae, x, self.k, beta, **data)).sum()
+        guide_trace, model_trace = particle_traces(vae, x, self.k, beta, **data)
+        log_q = self._stopped_log_q(vae, x, beta, latent_values(guide_trace), **data)
         return -self.aggregate(trace_log_density(model_trace) - log_q).sum()
 
-    def _stopped_log_q(self, vae, x, beta, values) -> torch.Tensor:
+    def _stopped_log_q(self, vae, x, beta, values, **data) -> torch.Tensor:
         """log q(z|x) with the guide's parameters stop-gradiented and z on its reparameterized path."""
-        return call_with_stopped_parameters(vae, replayed_log_density, vae.guide, values, x, self.k, beta)
+        return call_with_stopped_parameters(vae, replayed_log_density, vae.guide, values, x, self.k, beta, **data)
 
-    def _dreg_loss(self, vae, x: torch.Tensor, beta) -> torch.Tensor:
+    def _dreg_loss(self, vae, x: torch.Tensor, beta, **data) -> torch.Tensor:
         """The DReG surrogate (Tucker et al. 2019, eq. 7 for phi; the IWAE gradient for theta):
 
             surrogate = sum_i sg(w~_i) log p_theta(x, sg(z_i))
@@ -372,13 +388,13 @@ class ImportanceWeighted(Estimator):
         (z held fixed); the second, with all parameters stop-gradiented, only the path through
         z_i = z(eps_i, phi): sum_i w~_i^2 (d log w_i / d z_i)(d z_i / d phi).
         """
-        guide_trace = guide_particles(vae, x, self.k, beta)
+        guide_trace = guide_particles(vae, x, self.k, beta, **data)
         values, fixed = latent_values(guide_trace), latent_values(guide_trace, detach=True)
-        log_p_model = replayed_log_density(vae.model, fixed, x, self.k, beta)
+        log_p_model = replayed_log_density(vae.model, fixed, x, self.k, beta, **data)
 
         def pathwise(values):
-            log_p = replayed_log_density(vae.model, values, x, self.k, beta)
-            return log_p - replayed_log_density(vae.guide, values, x, self.k, beta)
+            log_p = replayed_log_density(vae.model, values, x, self.k, beta, **data)
+            return log_p - replayed_log_density(vae.guide, values, x, self.k, beta, **data)
 
         log_w_path = call_with_stopped_parameters(vae, pathwise, values)
         log_w = log_w_path.detach()  # log p(x, z_i) - log q(z_i|x): the values, without a graph
@@ -387,8 +403,8 @@ class ImportanceWeighted(Estimator):
         return -_with_value(self.aggregate(log_w), surrogate)
 
     @torch.no_grad()
-    def bound(self, vae, x: torch.Tensor) -> torch.Tensor:
-        return self.aggregate(log_weights(vae, x, self.k))
+    def bound(self, vae, x: torch.Tensor, **data) -> torch.Tensor:
+        return self.aggregate(log_weights(vae, x, self.k, **data))
 
 
 @ESTIMATORS.register("iwae")

@@ -82,6 +82,29 @@ class TwoLatentSites(Structure):
             pyro.sample("z2", dist.MultivariateNormal(m2 + (z1 - m1) @ gain.T, c22 - gain @ c12))
 
 
+class ShiftedByData(Structure):
+    """p(z) p(x|z, shift) with x = W z + b + shift + s eps: a structure that consumes a data field."""
+
+    consumes = ("shift",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _LinearGaussianNet()
+
+    def model(self, x, beta=1.0, *, shift):
+        register("net", self.net)
+        with data_plate(x):
+            with kl_scale(beta):
+                z = pyro.sample("z", dist.Normal(torch.zeros((), dtype=DTYPE), 1.0).expand([D1 + D2]).to_event(1))
+            pyro.sample("x", dist.Normal(z @ self.net.W.T + self.net.b + shift, self.net.s).to_event(1), obs=x)
+
+    def guide(self, x, beta=1.0, *, shift):
+        register("net", self.net)
+        mean, cov = self.net.posterior(x - shift)
+        with data_plate(x), kl_scale(beta):
+            pyro.sample("z", dist.MultivariateNormal(mean, cov))
+
+
 def _two_sites() -> tuple[VAE, torch.Tensor]:
     vae = VAE(structure=TwoLatentSites())
     x = torch.randn(6, X_DIM, generator=torch.Generator().manual_seed(1), dtype=DTYPE)
@@ -112,6 +135,20 @@ def test_every_estimator_bound_is_the_exact_log_likelihood_for_the_exact_two_sit
         torch.testing.assert_close(estimator.bound(vae, x), exact, rtol=0, atol=1e-10, msg=spec)
         loss = estimator.loss(vae, x)
         torch.testing.assert_close(loss.detach(), -exact.sum(), rtol=0, atol=1e-9, msg=spec)
+
+
+def test_estimators_pass_the_data_a_structure_consumes_to_its_programs():
+    vae, x = VAE(structure=ShiftedByData()), _two_sites()[1]
+    shift = torch.linspace(-1, 1, X_DIM, dtype=DTYPE).expand(len(x), -1)
+    exact = vae.net.log_marginal(x - shift).detach()
+    assert vae.consumes == ("shift",)
+    for spec in ("trace", "meanfield", "tracegraph", "iwae(k=5)", "renyi(alpha=0.5, k=3)", "stl(k=2)", "dreg(k=4)"):
+        estimator = estimators.get(spec)
+        torch.testing.assert_close(estimator.bound(vae, x, shift=shift), exact, rtol=0, atol=1e-10, msg=spec)
+        torch.testing.assert_close(estimator.loss(vae, x, shift=shift).detach(), -exact.sum(), rtol=0, atol=1e-9)
+    for spec in ("closed_form", "jit_trace"):
+        with pytest.raises(ValueError, match=f"estimator {spec!r} takes x alone, but the model consumes shift"):
+            estimators.get(spec).loss(vae, x, shift=shift)
 
 
 def test_evaluation_reads_every_latent_site():
