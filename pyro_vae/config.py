@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
-import re
 import sys
 import types
 import typing
@@ -31,6 +29,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from pyro_vae.specs import SpecError, closest, format_spec, parse_spec
+from pyro_vae.toml_writer import TOMLWriteError, dumps
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -372,50 +371,10 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 def dumps_config(cfg: Config) -> str:
     """``cfg`` as TOML text. Unset optional keys (None) are written as comments: TOML has no null."""
-    lines: list[str] = []
-    for section, values in config_to_dict(cfg).items():
-        if lines:
-            lines.append("")
-        lines.append(f"[{section}]")
-        for key, value in values.items():
-            if value is None:
-                lines.append(f"# {key} is not set")
-            else:
-                lines.append(f"{_toml_key(key)} = {toml_value(value)}")
-    return "\n".join(lines) + "\n"
-
-
-_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
-
-
-def _toml_key(key: str) -> str:
-    return key if _BARE_KEY.match(key) else toml_value(key)
-
-
-def toml_value(value: Any) -> str:
-    """One TOML value: strings, integers, floats, booleans, lists and inline tables."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return repr(value)  # shortest repr that reads back exactly, e.g. 0.001, 1e-05, 2.0
-    if isinstance(value, str):
-        # JSON string escapes are TOML basic-string escapes; DEL must be escaped in TOML too.
-        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    if isinstance(value, Mapping):
-        if not value:
-            return "{}"
-        return "{ " + ", ".join(f"{_toml_key(str(k))} = {toml_value(v)}" for k, v in value.items()) + " }"
-    if value is None:
-        raise ConfigError("TOML has no null: a spec argument of None cannot be written in a table; use a spec string")
-    raise ConfigError(f"cannot write {type(value).__name__} {value!r} as TOML")
+    try:
+        return dumps(config_to_dict(cfg))
+    except TOMLWriteError as err:
+        raise ConfigError(f"{err}; a spec with an argument of None can be written as a spec string") from None
 
 
 # ---------------------------------------------------------------------------------------------
