@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
-from pyro_vae.specs import SpecError, closest, format_spec, parse_spec
+from pyro_vae.specs import SpecError, closest, format_spec, parse_spec, unknown_name
 from pyro_vae.toml_writer import TOMLWriteError, dumps
 
 if sys.version_info >= (3, 11):
@@ -36,8 +36,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-# A spec as it appears in a config: a string or a TOML table (see pyro_vae.specs). Spec fields
-# carry metadata {"spec": kind}, the registry that validate() checks their names against.
+# A spec as it appears in a config: a string or a TOML table (see pyro_vae.specs).
 SpecValue = str | dict[str, Any]
 
 
@@ -45,14 +44,37 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the schema; the message names the key and what is valid."""
 
 
+def _device_problem(value: str) -> str | None:
+    """What is wrong with a device name, or None: torch is the judge of names ("auto" is ours)."""
+    if value == "auto":
+        return None
+    import torch  # here, not at the top: reading a config should not pay for importing torch
+
+    try:
+        torch.device(value)
+    except (RuntimeError, ValueError):
+        return f'{value!r} is not a device ("auto", "cpu", "cuda", "cuda:1", ...)'
+    return None
+
+
+# Field metadata, read by _check_bounds and validate():
+#   {"min": m}                 an integer >= m
+#   {"positive": True}         a finite number > 0
+#   {"positive_items": noun}   a list whose items are all > 0 ("must hold positive widths")
+#   {"check": f}               f(value) -> what is wrong, or None (for what no bound can say)
+#   {"spec": kind}             a spec checked against the registry of that kind (validate)
+#   {"names": table}           a plain name checked against that table of names (validate)
+# A bound applies to a set value; None (an unset optional key) has none.
+
+
 @dataclass
 class ModelConfig:
     """``[model]``: the VAE's shape and families (arguments of :class:`pyro_vae.model.VAE`)."""
 
-    z_dim: int = 50
+    z_dim: int = field(default=50, metadata={"min": 1})
     # The MLP shorthand: encoder mlp(hidden=hidden_dims, activation) and the mirrored decoder,
     # unless model.encoder / model.decoder name a network.
-    hidden_dims: list[int] = field(default_factory=lambda: [400])
+    hidden_dims: list[int] = field(default_factory=lambda: [400], metadata={"positive_items": "widths"})
     activation: str = field(default="softplus", metadata={"names": "activation"})
     encoder: SpecValue | None = field(default=None, metadata={"spec": "network"})
     decoder: SpecValue | None = field(default=None, metadata={"spec": "network"})
@@ -68,8 +90,9 @@ class DataConfig:
     """``[data]``: which variant, how much of it and where it lives (see ``pyro_vae.data``)."""
 
     name: SpecValue = field(default="mnist", metadata={"spec": "dataset"})
-    subset: int | None = None
-    val_size: int | None = None  # None: the variant's default (10k for MNIST); 0: no validation set
+    subset: int | None = field(default=None, metadata={"min": 1})
+    # None: the variant's default (10k for MNIST); 0: no validation set
+    val_size: int | None = field(default=None, metadata={"min": 0})
     data_dir: str | None = None  # None: $PYRO_VAE_DATA, else ~/.cache/pyro_vae/data
     download: bool = False
 
@@ -78,21 +101,24 @@ class DataConfig:
 class TrainConfig:
     """``[train]``: the optimization and what is measured along the way."""
 
-    epochs: int = 20
-    batch_size: int = 256
-    lr: float = 1e-3
+    epochs: int = field(default=20, metadata={"min": 0})
+    batch_size: int = field(default=256, metadata={"min": 1})
+    lr: float = field(default=1e-3, metadata={"positive": True})
     estimator: SpecValue = field(default="trace", metadata={"spec": "estimator"})
-    seed: int = 0
-    warmup_epochs: int = 0  # KL warm-up: beta ramps linearly from 0 to 1 over these epochs
+    seed: int = field(default=0, metadata={"min": 0})
+    # KL warm-up: beta ramps linearly from 0 to 1 over these epochs
+    warmup_epochs: int = field(default=0, metadata={"min": 0})
     optimizer: SpecValue = field(default="adam", metadata={"spec": "optimizer"})
     lr_schedule: SpecValue = field(default="constant", metadata={"spec": "lr_schedule"})
-    clip_norm: float | None = None  # gradient-norm clipping; None: off
+    clip_norm: float | None = field(default=None, metadata={"positive": True})  # gradient-norm clipping; None: off
     record: bool = True  # record the loss once per batch shape and replay it (docs/speed.md)
-    patience: int | None = None  # early stopping on val_bound (the estimator's validation bound); None: off
-    eval_every: int = 1  # epochs between evaluations on the validation and test sets
-    eval_batch_size: int = 1000
-    device: str = "auto"  # "auto": CUDA when available
-    nll_samples: int = 100  # importance samples for the final test NLL; 0 skips it
+    # early stopping on val_bound (the estimator's validation bound); None: off
+    patience: int | None = field(default=None, metadata={"min": 1})
+    # epochs between evaluations on the validation and test sets
+    eval_every: int = field(default=1, metadata={"min": 1})
+    eval_batch_size: int = field(default=1000, metadata={"min": 1})
+    device: str = field(default="auto", metadata={"check": _device_problem})  # "auto": CUDA when available
+    nll_samples: int = field(default=100, metadata={"min": 0})  # importance samples for the final test NLL; 0 skips it
     plots: bool = True
 
 
@@ -106,22 +132,6 @@ class Config:
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
-
-# Lower bounds checked after typing.
-_MINIMA: dict[tuple[str, str], int] = {
-    ("model", "z_dim"): 1,
-    ("data", "subset"): 1,
-    ("data", "val_size"): 0,
-    ("train", "epochs"): 0,
-    ("train", "batch_size"): 1,
-    ("train", "warmup_epochs"): 0,
-    ("train", "patience"): 1,
-    ("train", "eval_every"): 1,
-    ("train", "eval_batch_size"): 1,
-    ("train", "nll_samples"): 0,
-    ("train", "seed"): 0,
-}
-_POSITIVE_FLOATS = {("train", "lr"), ("train", "clip_norm")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,29 +214,25 @@ def _coerce_plain(where: str, tp: Any, value: Any) -> Any:
     raise ConfigError(f"{where} must be {_type_name(tp)}, got {value!r}")
 
 
-def _check_ranges(section: str, key: str, value: Any) -> None:
+def _check_bounds(section: str, key: str, value: Any) -> None:
+    """The bounds in the field's metadata, on a value already of the field's type."""
     if value is None:
         return
+    meta = _fields(section)[key].metadata
     where = f"{section}.{key}"
-    minimum = _MINIMA.get((section, key))
-    if minimum is not None and value < minimum:
-        raise ConfigError(f"{where} must be at least {minimum}, got {value}")
-    if (section, key) in _POSITIVE_FLOATS and not (value > 0 and math.isfinite(value)):
+    if "min" in meta and value < meta["min"]:
+        raise ConfigError(f"{where} must be at least {meta['min']}, got {value}")
+    if meta.get("positive") and not (value > 0 and math.isfinite(value)):
         raise ConfigError(f"{where} must be a positive number, got {value}")
-    if (section, key) == ("model", "hidden_dims") and any(h < 1 for h in value):
-        raise ConfigError(f"{where} must hold positive widths, got {value}")
-    if (section, key) == ("train", "device") and value != "auto":
-        import torch  # a leaf still: torch, not pyro_vae
-
-        try:
-            torch.device(value)
-        except (RuntimeError, ValueError) as err:
-            raise ConfigError(f'{where}: {value!r} is not a device ("auto", "cpu", "cuda", "cuda:1", ...)') from err
+    if "positive_items" in meta and not all(v > 0 for v in value):
+        raise ConfigError(f"{where} must hold positive {meta['positive_items']}, got {value}")
+    problem = meta["check"](value) if "check" in meta else None
+    if problem is not None:
+        raise ConfigError(f"{where}: {problem}")
 
 
 def _unknown(what: str, name: str, valid: Iterable[str], where: str = "") -> ConfigError:
-    valid = list(valid)
-    return ConfigError(f"unknown {what} {name!r}{where}{closest(name, valid)}; valid {what}s: {', '.join(valid)}")
+    return ConfigError(unknown_name(what, name, valid, where))
 
 
 def _check_key(section: str, key: str) -> None:
@@ -262,7 +268,7 @@ def config_from_dict(d: Mapping[str, Any], source: str = "config") -> Config:
             try:
                 _check_key(section, key)
                 typed[key] = _coerce(section, key, value)
-                _check_ranges(section, key, typed[key])
+                _check_bounds(section, key, typed[key])
             except ConfigError as err:
                 raise ConfigError(f"{source}: {err}") from None
         sections[section] = SECTIONS[section](**typed)
@@ -319,7 +325,7 @@ def apply_overrides(cfg: Config, overrides: Iterable[str]) -> Config:
             else:
                 value = parse_override_value(section, key, text)
             d[section][key] = _coerce(section, key, value)
-            _check_ranges(section, key, d[section][key])
+            _check_bounds(section, key, d[section][key])
         except (ConfigError, SpecError) as err:
             raise ConfigError(f"--set {item}: {err}") from None
     return config_from_dict(d, source="--set")
