@@ -4,15 +4,21 @@ A config is read with :func:`load_config` (TOML file, then ``--set section.key=v
 overrides), checked field by field against the dataclass types, and written back with
 :func:`save_config` as the run folder's ``config.toml``; reading that file gives an equal config.
 
-Spec fields (``model.prior``, ``model.likelihood``, ``model.guide``, ``train.estimator``,
-``train.optimizer``, ``train.lr_schedule``, ``data.name``) hold a spec string
-``"name(key=value, ...)"`` or a TOML inline table ``{ name = "mixture", components = 10 }``; they
-stay as written and are built by the registries (see ``pyro_vae.specs``).
+Spec fields (``model.prior``, ``model.likelihood``, ``model.guide``, ``model.structure``,
+``model.encoder``, ``model.decoder``, ``train.estimator``, ``train.optimizer``,
+``train.lr_schedule``, ``data.name``) hold a spec string ``"name(key=value, ...)"`` or a TOML
+inline table ``{ name = "mixture", components = 10 }``; they stay as written and are built by the
+registries (see ``pyro_vae.specs``).
 
-This module is a leaf: it imports no model code. Checking spec *names* against the registries
-needs those registries, so it is a separate step, :func:`validate`, which imports them when
-called; :func:`load_config` calls it unless ``check_names=False``, so a typo in a prior's name
-fails before any data is loaded.
+Everything this module knows about a key is in its dataclass field: the type annotation, and the
+field's ``metadata`` (see "Field metadata" below) for bounds and for which registry or name table
+a value belongs to. One generic check reads it, so a new key is one line here.
+
+This module is a leaf: it imports only the leaves ``pyro_vae.specs`` and ``pyro_vae.toml_writer``,
+so reading and writing configs is cheap and cannot create an import cycle. Checking spec *names*
+needs the registries, which sit above the model; that is ``pyro_vae.checks`` (``validate`` and
+the loader that the command line uses, ``checks.load_config``), reading the ``spec`` and
+``names`` metadata declared here.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
-from pyro_vae.specs import SpecError, closest, format_spec, parse_spec, unknown_name
+from pyro_vae.specs import SpecError, format_spec, parse_spec, unknown_name
 from pyro_vae.toml_writer import TOMLWriteError, dumps
 
 if sys.version_info >= (3, 11):
@@ -57,13 +63,13 @@ def _device_problem(value: str) -> str | None:
     return None
 
 
-# Field metadata, read by _check_bounds and validate():
+# Field metadata, read by _check_bounds here and by pyro_vae.checks:
 #   {"min": m}                 an integer >= m
 #   {"positive": True}         a finite number > 0
 #   {"positive_items": noun}   a list whose items are all > 0 ("must hold positive widths")
 #   {"check": f}               f(value) -> what is wrong, or None (for what no bound can say)
-#   {"spec": kind}             a spec checked against the registry of that kind (validate)
-#   {"names": table}           a plain name checked against that table of names (validate)
+#   {"spec": kind}             a spec checked against the registry of that kind (pyro_vae.checks)
+#   {"names": table}           a plain name checked against that table of names (pyro_vae.checks)
 # A bound applies to a set value; None (an unset optional key) has none.
 
 
@@ -346,11 +352,11 @@ def _set_spec_argument(spec: SpecValue, arg: str, text: str) -> SpecValue:
 # Files
 
 
-def load_config(path: str | Path | None = None, overrides: Iterable[str] = (), check_names: bool = True) -> Config:
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
     """The config in TOML file ``path`` (defaults when None) with ``overrides`` applied.
 
-    With ``check_names`` (the default) spec names and arguments are checked against the
-    registries (:func:`validate`).
+    Types and bounds are checked; spec *names* are not, since that needs the registries: the
+    command line loads with :func:`pyro_vae.checks.load_config`, which also checks them.
     """
     if path is None:
         cfg = Config()
@@ -364,10 +370,7 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = (), c
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"{path} is not valid TOML: {err}") from None
         cfg = config_from_dict(raw, source=str(path))
-    cfg = apply_overrides(cfg, overrides)
-    if check_names:
-        validate(cfg)
-    return cfg
+    return apply_overrides(cfg, overrides)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
@@ -381,69 +384,3 @@ def dumps_config(cfg: Config) -> str:
         return dumps(config_to_dict(cfg))
     except TOMLWriteError as err:
         raise ConfigError(f"{err}; a spec with an argument of None can be written as a spec string") from None
-
-
-# ---------------------------------------------------------------------------------------------
-# Names against the registries
-
-
-def _registries() -> dict[str, tuple[Any, tuple[str, ...]]]:
-    """Each spec kind's registry and the arguments its builder passes itself (never set by a spec).
-
-    Imported here, not at the top, so that this module stays a leaf.
-    """
-    from pyro_vae import data, estimators, guides, likelihoods, networks, optim, priors, structures
-
-    return {
-        "prior": (priors.PRIORS, ("z_dim", "x_shape")),
-        "likelihood": (likelihoods.LIKELIHOODS, ("x_dim",)),
-        "guide": (guides.GUIDES, ("body", "z_dim")),
-        "network": (networks.NETWORKS, ("in_shape",)),
-        "structure": (structures.STRUCTURES, structures.CONTEXT),
-        "estimator": (estimators.ESTIMATORS, ()),
-        "dataset": (data.DATASETS, ("root", "download")),
-        "optimizer": (optim.OPTIMIZERS, ("params", "lr")),
-        "lr_schedule": (optim.SCHEDULES, ("epochs",)),
-    }
-
-
-def _name_tables() -> dict[str, Mapping[str, Any]]:
-    """The valid values of each plain-name field (metadata ``{"names": ...}``): not specs, no arguments."""
-    from pyro_vae import networks
-
-    return {"activation": networks.ACTIVATIONS, "init": networks.INITIALIZERS}
-
-
-def validate(cfg: Config) -> Config:
-    """Check every spec field's name and argument names against its registry, and every plain-name
-    field (``model.activation``, ``model.init``) against its table; returns ``cfg``.
-
-    Raises :class:`ConfigError` listing the valid names or arguments and the closest match.
-    Values of spec arguments are checked when the object is built.
-    """
-    registries, tables = _registries(), _name_tables()
-    for section in SECTIONS:
-        for f in dataclasses.fields(SECTIONS[section]):
-            table = f.metadata.get("names")
-            if table is not None:
-                value = getattr(getattr(cfg, section), f.name)
-                if value not in tables[table]:
-                    raise _unknown(f.name, value, tables[table], where=f" for {section}.{f.name}")
-                continue
-            kind = f.metadata.get("spec")
-            value = getattr(getattr(cfg, section), f.name)
-            if kind is None or value is None:
-                continue
-            registry, context = registries[kind]
-            try:
-                name, kwargs = parse_spec(value)
-                valid = registry.user_keys(name, context)
-            except SpecError as err:
-                raise ConfigError(f"{section}.{f.name}: {err}") from None
-            for key in kwargs:
-                if key not in valid:
-                    raise ConfigError(
-                        f"{section}.{f.name}: {registry.kind} {name!r} has no argument {key!r}{closest(key, valid)}; "
-                        f"its arguments: {', '.join(valid) or 'none'}"
-                    )
-    return cfg
