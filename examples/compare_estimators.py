@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from pyro_vae.config import load_config
+from pyro_vae.checks import load_config
 from pyro_vae.evaluate import log_likelihood
 from pyro_vae.runs import load_run
 from pyro_vae.specs import split_specs

@@ -30,7 +30,8 @@ import pyro
 import torch
 from matplotlib.figure import Figure  # drawn without pyplot: no backend, no window
 
-from pyro_vae.config import config_to_dict, load_config
+from pyro_vae.checks import load_config
+from pyro_vae.config import config_to_dict
 from pyro_vae.evaluate import log_likelihood
 from pyro_vae.runs import load_run, read_metrics
 from pyro_vae.train import train

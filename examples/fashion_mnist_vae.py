@@ -16,7 +16,7 @@ import argparse
 import time
 from pathlib import Path
 
-from pyro_vae.config import load_config
+from pyro_vae.checks import load_config
 from pyro_vae.train import train
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "fashion_mnist.toml"

@@ -18,7 +18,7 @@ import math
 import time
 from pathlib import Path
 
-from pyro_vae.config import load_config
+from pyro_vae.checks import load_config
 from pyro_vae.evaluate import log_likelihood
 from pyro_vae.runs import load_run
 from pyro_vae.train import train

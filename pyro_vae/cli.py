@@ -94,7 +94,7 @@ def default_out_dir(config_path: Path | None, now: float | None = None) -> Path:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from pyro_vae.config import load_config
+    from pyro_vae.checks import load_config
     from pyro_vae.train import NonFiniteLossError, train
 
     overrides = list(args.overrides) + ([f"train.seed={args.seed}"] if args.seed is not None else [])

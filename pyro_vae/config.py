@@ -4,24 +4,28 @@ A config is read with :func:`load_config` (TOML file, then ``--set section.key=v
 overrides), checked field by field against the dataclass types, and written back with
 :func:`save_config` as the run folder's ``config.toml``; reading that file gives an equal config.
 
-Spec fields (``model.prior``, ``model.likelihood``, ``model.guide``, ``train.estimator``,
-``train.optimizer``, ``train.lr_schedule``, ``data.name``) hold a spec string
-``"name(key=value, ...)"`` or a TOML inline table ``{ name = "mixture", components = 10 }``; they
-stay as written and are built by the registries (see ``pyro_vae.specs``).
+Spec fields (``model.prior``, ``model.likelihood``, ``model.guide``, ``model.structure``,
+``model.encoder``, ``model.decoder``, ``train.estimator``, ``train.optimizer``,
+``train.lr_schedule``, ``data.name``) hold a spec string ``"name(key=value, ...)"`` or a TOML
+inline table ``{ name = "mixture", components = 10 }``; they stay as written and are built by the
+registries (see ``pyro_vae.specs``).
 
-This module is a leaf: it imports no model code. Checking spec *names* against the registries
-needs those registries, so it is a separate step, :func:`validate`, which imports them when
-called; :func:`load_config` calls it unless ``check_names=False``, so a typo in a prior's name
-fails before any data is loaded.
+Everything this module knows about a key is in its dataclass field: the type annotation, and the
+field's ``metadata`` (see "Field metadata" below) for bounds and for which registry or name table
+a value belongs to. One generic check reads it, so a new key is one line here.
+
+This module is a leaf: it imports only the leaves ``pyro_vae.specs`` and ``pyro_vae.toml_writer``,
+so reading and writing configs is cheap and cannot create an import cycle. Checking spec *names*
+needs the registries, which sit above the model; that is ``pyro_vae.checks`` (``validate`` and
+the loader that the command line uses, ``checks.load_config``), reading the ``spec`` and
+``names`` metadata declared here.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
-import re
 import sys
 import types
 import typing
@@ -30,15 +34,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
-from pyro_vae.specs import SpecError, closest, format_spec, parse_spec
+from pyro_vae.specs import SpecError, format_spec, parse_spec, unknown_name
+from pyro_vae.toml_writer import TOMLWriteError, dumps
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-# A spec as it appears in a config: a string or a TOML table (see pyro_vae.specs). Spec fields
-# carry metadata {"spec": kind}, the registry that validate() checks their names against.
+# A spec as it appears in a config: a string or a TOML table (see pyro_vae.specs).
 SpecValue = str | dict[str, Any]
 
 
@@ -46,14 +50,37 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the schema; the message names the key and what is valid."""
 
 
+def _device_problem(value: str) -> str | None:
+    """What is wrong with a device name, or None: torch is the judge of names ("auto" is ours)."""
+    if value == "auto":
+        return None
+    import torch  # here, not at the top: reading a config should not pay for importing torch
+
+    try:
+        torch.device(value)
+    except (RuntimeError, ValueError):
+        return f'{value!r} is not a device ("auto", "cpu", "cuda", "cuda:1", ...)'
+    return None
+
+
+# Field metadata, read by _check_bounds here and by pyro_vae.checks:
+#   {"min": m}                 an integer >= m
+#   {"positive": True}         a finite number > 0
+#   {"positive_items": noun}   a list whose items are all > 0 ("must hold positive widths")
+#   {"check": f}               f(value) -> what is wrong, or None (for what no bound can say)
+#   {"spec": kind}             a spec checked against the registry of that kind (pyro_vae.checks)
+#   {"names": table}           a plain name checked against that table of names (pyro_vae.checks)
+# A bound applies to a set value; None (an unset optional key) has none.
+
+
 @dataclass
 class ModelConfig:
     """``[model]``: the VAE's shape and families (arguments of :class:`pyro_vae.model.VAE`)."""
 
-    z_dim: int = 50
+    z_dim: int = field(default=50, metadata={"min": 1})
     # The MLP shorthand: encoder mlp(hidden=hidden_dims, activation) and the mirrored decoder,
     # unless model.encoder / model.decoder name a network.
-    hidden_dims: list[int] = field(default_factory=lambda: [400])
+    hidden_dims: list[int] = field(default_factory=lambda: [400], metadata={"positive_items": "widths"})
     activation: str = field(default="softplus", metadata={"names": "activation"})
     encoder: SpecValue | None = field(default=None, metadata={"spec": "network"})
     decoder: SpecValue | None = field(default=None, metadata={"spec": "network"})
@@ -69,8 +96,9 @@ class DataConfig:
     """``[data]``: which variant, how much of it and where it lives (see ``pyro_vae.data``)."""
 
     name: SpecValue = field(default="mnist", metadata={"spec": "dataset"})
-    subset: int | None = None
-    val_size: int | None = None  # None: the variant's default (10k for MNIST); 0: no validation set
+    subset: int | None = field(default=None, metadata={"min": 1})
+    # None: the variant's default (10k for MNIST); 0: no validation set
+    val_size: int | None = field(default=None, metadata={"min": 0})
     data_dir: str | None = None  # None: $PYRO_VAE_DATA, else ~/.cache/pyro_vae/data
     download: bool = False
 
@@ -79,21 +107,24 @@ class DataConfig:
 class TrainConfig:
     """``[train]``: the optimization and what is measured along the way."""
 
-    epochs: int = 20
-    batch_size: int = 256
-    lr: float = 1e-3
+    epochs: int = field(default=20, metadata={"min": 0})
+    batch_size: int = field(default=256, metadata={"min": 1})
+    lr: float = field(default=1e-3, metadata={"positive": True})
     estimator: SpecValue = field(default="trace", metadata={"spec": "estimator"})
-    seed: int = 0
-    warmup_epochs: int = 0  # KL warm-up: beta ramps linearly from 0 to 1 over these epochs
+    seed: int = field(default=0, metadata={"min": 0})
+    # KL warm-up: beta ramps linearly from 0 to 1 over these epochs
+    warmup_epochs: int = field(default=0, metadata={"min": 0})
     optimizer: SpecValue = field(default="adam", metadata={"spec": "optimizer"})
     lr_schedule: SpecValue = field(default="constant", metadata={"spec": "lr_schedule"})
-    clip_norm: float | None = None  # gradient-norm clipping; None: off
+    clip_norm: float | None = field(default=None, metadata={"positive": True})  # gradient-norm clipping; None: off
     record: bool = True  # record the loss once per batch shape and replay it (docs/speed.md)
-    patience: int | None = None  # early stopping on val_bound (the estimator's validation bound); None: off
-    eval_every: int = 1  # epochs between evaluations on the validation and test sets
-    eval_batch_size: int = 1000
-    device: str = "auto"  # "auto": CUDA when available
-    nll_samples: int = 100  # importance samples for the final test NLL; 0 skips it
+    # early stopping on val_bound (the estimator's validation bound); None: off
+    patience: int | None = field(default=None, metadata={"min": 1})
+    # epochs between evaluations on the validation and test sets
+    eval_every: int = field(default=1, metadata={"min": 1})
+    eval_batch_size: int = field(default=1000, metadata={"min": 1})
+    device: str = field(default="auto", metadata={"check": _device_problem})  # "auto": CUDA when available
+    nll_samples: int = field(default=100, metadata={"min": 0})  # importance samples for the final test NLL; 0 skips it
     plots: bool = True
 
 
@@ -107,22 +138,6 @@ class Config:
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
-
-# Lower bounds checked after typing.
-_MINIMA: dict[tuple[str, str], int] = {
-    ("model", "z_dim"): 1,
-    ("data", "subset"): 1,
-    ("data", "val_size"): 0,
-    ("train", "epochs"): 0,
-    ("train", "batch_size"): 1,
-    ("train", "warmup_epochs"): 0,
-    ("train", "patience"): 1,
-    ("train", "eval_every"): 1,
-    ("train", "eval_batch_size"): 1,
-    ("train", "nll_samples"): 0,
-    ("train", "seed"): 0,
-}
-_POSITIVE_FLOATS = {("train", "lr"), ("train", "clip_norm")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,29 +220,25 @@ def _coerce_plain(where: str, tp: Any, value: Any) -> Any:
     raise ConfigError(f"{where} must be {_type_name(tp)}, got {value!r}")
 
 
-def _check_ranges(section: str, key: str, value: Any) -> None:
+def _check_bounds(section: str, key: str, value: Any) -> None:
+    """The bounds in the field's metadata, on a value already of the field's type."""
     if value is None:
         return
+    meta = _fields(section)[key].metadata
     where = f"{section}.{key}"
-    minimum = _MINIMA.get((section, key))
-    if minimum is not None and value < minimum:
-        raise ConfigError(f"{where} must be at least {minimum}, got {value}")
-    if (section, key) in _POSITIVE_FLOATS and not (value > 0 and math.isfinite(value)):
+    if "min" in meta and value < meta["min"]:
+        raise ConfigError(f"{where} must be at least {meta['min']}, got {value}")
+    if meta.get("positive") and not (value > 0 and math.isfinite(value)):
         raise ConfigError(f"{where} must be a positive number, got {value}")
-    if (section, key) == ("model", "hidden_dims") and any(h < 1 for h in value):
-        raise ConfigError(f"{where} must hold positive widths, got {value}")
-    if (section, key) == ("train", "device") and value != "auto":
-        import torch  # a leaf still: torch, not pyro_vae
-
-        try:
-            torch.device(value)
-        except (RuntimeError, ValueError) as err:
-            raise ConfigError(f'{where}: {value!r} is not a device ("auto", "cpu", "cuda", "cuda:1", ...)') from err
+    if "positive_items" in meta and not all(v > 0 for v in value):
+        raise ConfigError(f"{where} must hold positive {meta['positive_items']}, got {value}")
+    problem = meta["check"](value) if "check" in meta else None
+    if problem is not None:
+        raise ConfigError(f"{where}: {problem}")
 
 
 def _unknown(what: str, name: str, valid: Iterable[str], where: str = "") -> ConfigError:
-    valid = list(valid)
-    return ConfigError(f"unknown {what} {name!r}{where}{closest(name, valid)}; valid {what}s: {', '.join(valid)}")
+    return ConfigError(unknown_name(what, name, valid, where))
 
 
 def _check_key(section: str, key: str) -> None:
@@ -263,7 +274,7 @@ def config_from_dict(d: Mapping[str, Any], source: str = "config") -> Config:
             try:
                 _check_key(section, key)
                 typed[key] = _coerce(section, key, value)
-                _check_ranges(section, key, typed[key])
+                _check_bounds(section, key, typed[key])
             except ConfigError as err:
                 raise ConfigError(f"{source}: {err}") from None
         sections[section] = SECTIONS[section](**typed)
@@ -320,7 +331,7 @@ def apply_overrides(cfg: Config, overrides: Iterable[str]) -> Config:
             else:
                 value = parse_override_value(section, key, text)
             d[section][key] = _coerce(section, key, value)
-            _check_ranges(section, key, d[section][key])
+            _check_bounds(section, key, d[section][key])
         except (ConfigError, SpecError) as err:
             raise ConfigError(f"--set {item}: {err}") from None
     return config_from_dict(d, source="--set")
@@ -341,11 +352,11 @@ def _set_spec_argument(spec: SpecValue, arg: str, text: str) -> SpecValue:
 # Files
 
 
-def load_config(path: str | Path | None = None, overrides: Iterable[str] = (), check_names: bool = True) -> Config:
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
     """The config in TOML file ``path`` (defaults when None) with ``overrides`` applied.
 
-    With ``check_names`` (the default) spec names and arguments are checked against the
-    registries (:func:`validate`).
+    Types and bounds are checked; spec *names* are not, since that needs the registries: the
+    command line loads with :func:`pyro_vae.checks.load_config`, which also checks them.
     """
     if path is None:
         cfg = Config()
@@ -359,10 +370,7 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = (), c
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"{path} is not valid TOML: {err}") from None
         cfg = config_from_dict(raw, source=str(path))
-    cfg = apply_overrides(cfg, overrides)
-    if check_names:
-        validate(cfg)
-    return cfg
+    return apply_overrides(cfg, overrides)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
@@ -372,113 +380,7 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 def dumps_config(cfg: Config) -> str:
     """``cfg`` as TOML text. Unset optional keys (None) are written as comments: TOML has no null."""
-    lines: list[str] = []
-    for section, values in config_to_dict(cfg).items():
-        if lines:
-            lines.append("")
-        lines.append(f"[{section}]")
-        for key, value in values.items():
-            if value is None:
-                lines.append(f"# {key} is not set")
-            else:
-                lines.append(f"{_toml_key(key)} = {toml_value(value)}")
-    return "\n".join(lines) + "\n"
-
-
-_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
-
-
-def _toml_key(key: str) -> str:
-    return key if _BARE_KEY.match(key) else toml_value(key)
-
-
-def toml_value(value: Any) -> str:
-    """One TOML value: strings, integers, floats, booleans, lists and inline tables."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return repr(value)  # shortest repr that reads back exactly, e.g. 0.001, 1e-05, 2.0
-    if isinstance(value, str):
-        # JSON string escapes are TOML basic-string escapes; DEL must be escaped in TOML too.
-        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    if isinstance(value, Mapping):
-        if not value:
-            return "{}"
-        return "{ " + ", ".join(f"{_toml_key(str(k))} = {toml_value(v)}" for k, v in value.items()) + " }"
-    if value is None:
-        raise ConfigError("TOML has no null: a spec argument of None cannot be written in a table; use a spec string")
-    raise ConfigError(f"cannot write {type(value).__name__} {value!r} as TOML")
-
-
-# ---------------------------------------------------------------------------------------------
-# Names against the registries
-
-
-def _registries() -> dict[str, tuple[Any, tuple[str, ...]]]:
-    """Each spec kind's registry and the arguments its builder passes itself (never set by a spec).
-
-    Imported here, not at the top, so that this module stays a leaf.
-    """
-    from pyro_vae import data, estimators, guides, likelihoods, networks, optim, priors, structures
-
-    return {
-        "prior": (priors.PRIORS, ("z_dim", "x_shape")),
-        "likelihood": (likelihoods.LIKELIHOODS, ("x_dim",)),
-        "guide": (guides.GUIDES, ("body", "z_dim")),
-        "network": (networks.NETWORKS, ("in_shape",)),
-        "structure": (structures.STRUCTURES, structures.CONTEXT),
-        "estimator": (estimators.ESTIMATORS, ()),
-        "dataset": (data.DATASETS, ("root", "download")),
-        "optimizer": (optim.OPTIMIZERS, ("params", "lr")),
-        "lr_schedule": (optim.SCHEDULES, ("epochs",)),
-    }
-
-
-def _name_tables() -> dict[str, Mapping[str, Any]]:
-    """The valid values of each plain-name field (metadata ``{"names": ...}``): not specs, no arguments."""
-    from pyro_vae import networks
-
-    return {"activation": networks.ACTIVATIONS, "init": networks.INITIALIZERS}
-
-
-def validate(cfg: Config) -> Config:
-    """Check every spec field's name and argument names against its registry, and every plain-name
-    field (``model.activation``, ``model.init``) against its table; returns ``cfg``.
-
-    Raises :class:`ConfigError` listing the valid names or arguments and the closest match.
-    Values of spec arguments are checked when the object is built.
-    """
-    registries, tables = _registries(), _name_tables()
-    for section in SECTIONS:
-        for f in dataclasses.fields(SECTIONS[section]):
-            table = f.metadata.get("names")
-            if table is not None:
-                value = getattr(getattr(cfg, section), f.name)
-                if value not in tables[table]:
-                    raise _unknown(f.name, value, tables[table], where=f" for {section}.{f.name}")
-                continue
-            kind = f.metadata.get("spec")
-            value = getattr(getattr(cfg, section), f.name)
-            if kind is None or value is None:
-                continue
-            registry, context = registries[kind]
-            try:
-                name, kwargs = parse_spec(value)
-                valid = registry.user_keys(name, context)
-            except SpecError as err:
-                raise ConfigError(f"{section}.{f.name}: {err}") from None
-            for key in kwargs:
-                if key not in valid:
-                    raise ConfigError(
-                        f"{section}.{f.name}: {registry.kind} {name!r} has no argument {key!r}{closest(key, valid)}; "
-                        f"its arguments: {', '.join(valid) or 'none'}"
-                    )
-    return cfg
+    try:
+        return dumps(config_to_dict(cfg))
+    except TOMLWriteError as err:
+        raise ConfigError(f"{err}; a spec with an argument of None can be written as a spec string") from None

@@ -1,19 +1,21 @@
 """One registry mechanism for every family chosen by name (priors, likelihoods, guides, estimators).
 
-A registry maps a name to a factory (usually a class). ``build(spec, **context)`` parses the
-spec, checks its keyword arguments against the factory's signature and calls it with the
+A registry maps a name to a factory (usually a class). ``check(spec, context)`` parses the
+spec and checks its name and keyword arguments against the factory's signature, without
+building anything; ``build(spec, **context)`` checks the same way, then calls the factory with the
 context (e.g. ``z_dim``) plus the spec's arguments. Unknown names and unknown keys are errors
-that list what is valid and suggest the closest.
+that list what is valid and suggest the closest. Config validation (``pyro_vae.checks``) calls
+``check`` too, so a config and a direct ``build`` refuse a spec with the same words.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Generic, TypeVar
 
-from pyro_vae.specs import Spec, SpecError, closest, format_spec, parse_spec
+from pyro_vae.specs import Spec, SpecError, closest, format_spec, parse_spec, unknown_name
 
 T = TypeVar("T")
 
@@ -45,10 +47,7 @@ class Registry(Generic[T]):
 
     def factory(self, name: str) -> Callable[..., T]:
         if name not in self._entries:
-            raise SpecError(
-                f"unknown {self.kind} {name!r}{closest(name, self._entries)}; "
-                f"valid {self.kind}s: {', '.join(self.names())}"
-            )
+            raise SpecError(unknown_name(self.kind, name, self.names()))
         return self._entries[name]
 
     def user_keys(self, name: str, context: tuple[str, ...] = ()) -> list[str]:
@@ -60,12 +59,14 @@ class Registry(Generic[T]):
             if p.name not in context and p.name != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
         ]
 
-    def build(self, spec: Spec | T, **context: Any) -> T:
-        """Build an entry from a spec; an already built object is returned unchanged."""
-        if not isinstance(spec, (str, tuple, Mapping)):
-            return spec  # already built: a Python object passed in place of a spec
-        name, kwargs = parse_spec(spec)  # type: ignore[arg-type]
-        factory = self.factory(name)
+    def check(self, spec: Spec, context: Iterable[str] = ()) -> tuple[str, dict[str, Any]]:
+        """``(name, kwargs)`` of a spec whose name is registered and whose keyword names the factory takes.
+
+        ``context`` names the arguments the caller passes itself (e.g. ``z_dim``); a spec may not
+        set them. Raises :class:`SpecError` listing the valid names or arguments and the closest
+        match. Argument *values* are left to the factory, which is the only judge of them.
+        """
+        name, kwargs = parse_spec(spec)
         valid = self.user_keys(name, tuple(context))
         for key in kwargs:
             if key not in valid:
@@ -73,6 +74,14 @@ class Registry(Generic[T]):
                 raise SpecError(
                     f"{self.kind} {name!r} has no argument {key!r}{closest(key, valid)}; its arguments: {listed}"
                 )
+        return name, kwargs
+
+    def build(self, spec: Spec | T, **context: Any) -> T:
+        """Build an entry from a spec; an already built object is returned unchanged."""
+        if not isinstance(spec, (str, tuple, Mapping)):
+            return spec  # already built: a Python object passed in place of a spec
+        name, kwargs = self.check(spec, context)  # type: ignore[arg-type]
+        factory = self.factory(name)
         accepted = inspect.signature(factory).parameters
         ctx = {k: v for k, v in context.items() if k in accepted}
         try:

@@ -29,6 +29,13 @@ def closest(name: str, valid: Iterable[str]) -> str:
     return f' (did you mean "{match[0]}"?)' if match else ""
 
 
+def unknown_name(what: str, name: str, valid: Iterable[str], where: str = "") -> str:
+    """The one wording of "not a valid name" for registries and config keys alike:
+    ``unknown prior 'vmap' (did you mean "vamp"?); valid priors: normal, vamp, ...``."""
+    valid = list(valid)
+    return f"unknown {what} {name!r}{where}{closest(name, valid)}; valid {what}s: {', '.join(valid)}"
+
+
 def parse_spec(spec: Spec) -> tuple[str, dict[str, Any]]:
     """Parse a spec into ``(name, kwargs)``.
 

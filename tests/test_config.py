@@ -12,7 +12,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pyro_vae import checks
 from pyro_vae import config as config_module
+from pyro_vae import toml_writer as toml_writer_module
+from pyro_vae.checks import load_config, validate  # config.load_config, then the names against the registries
 from pyro_vae.config import (
     SECTIONS,
     Config,
@@ -21,11 +24,9 @@ from pyro_vae.config import (
     config_from_dict,
     config_to_dict,
     dumps_config,
-    load_config,
     save_config,
-    toml_value,
-    validate,
 )
+from pyro_vae.toml_writer import toml_value
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -208,6 +209,14 @@ def test_config_to_dict_is_a_deep_copy():
         ("train.lr=nan", "train.lr must be a positive number, got nan"),
         ("train.clip_norm=0", "train.clip_norm must be a positive number"),
         ("train.device=gpu", "train.device: 'gpu' is not a device"),
+        ("train.lr=inf", "train.lr must be a positive number, got inf"),
+        ("train.epochs=-1", "train.epochs must be at least 0, got -1"),
+        ("train.seed=-1", "train.seed must be at least 0"),
+        ("train.warmup_epochs=-1", "train.warmup_epochs must be at least 0"),
+        ("train.eval_every=0", "train.eval_every must be at least 1"),
+        ("train.eval_batch_size=0", "train.eval_batch_size must be at least 1"),
+        ("train.nll_samples=-1", "train.nll_samples must be at least 0"),
+        ("model.hidden_dims=[-1]", "model.hidden_dims must hold positive widths, got [-1]"),
         ("lr=3", "--set expects section.key=value (e.g. train.lr=1e-4), got 'lr=3'"),
         ("train.lr", "--set expects section.key=value"),
         ("a.b.c.d=1", "--set expects section.key=value"),
@@ -239,6 +248,10 @@ def test_override_errors(override, message):
         ("train.lr_schedule=cosine(epochs=3)", "lr schedule 'cosine' has no argument 'epochs'"),
         ("model.prior=normal(z_dim=3)", "prior 'normal' has no argument 'z_dim'; its arguments: none"),
         ("model.prior=mixture(", "model.prior: cannot parse spec 'mixture('"),
+        ("model.encoder=mlpp", "model.encoder: unknown network 'mlpp' (did you mean \"mlp\"?); valid networks:"),
+        ("model.decoder=mlp(hiden=[3])", "model.decoder: network 'mlp' has no argument 'hiden' (did you mean"),
+        ("model.decoder=mlp(in_shape=3)", "network 'mlp' has no argument 'in_shape'"),
+        ("model.structure=vea", "model.structure: unknown structure 'vea' (did you mean \"vae\"?)"),
     ],
 )
 def test_unknown_spec_names_and_arguments(override, message):
@@ -248,7 +261,21 @@ def test_unknown_spec_names_and_arguments(override, message):
     assert message in str(info.value)
     with pytest.raises(ConfigError):
         load_config(overrides=[override])
-    assert load_config(overrides=[override], check_names=False) == cfg
+    assert config_module.load_config(overrides=[override]) == cfg  # the leaf's loader leaves names alone
+
+
+def test_optional_network_specs_are_checked_when_set_and_skipped_when_cleared():
+    cfg = load_config(overrides=["model.encoder=mlp(hidden=[8])", "model.decoder={ name = 'mlp', hidden = [8] }"])
+    assert cfg.model.encoder == "mlp(hidden=[8])" and cfg.model.decoder == {"name": "mlp", "hidden": [8]}
+    cleared = load_config(overrides=["model.encoder=mlpp", "model.encoder=none"])
+    assert cleared.model.encoder is None and validate(cleared) is cleared
+
+
+def test_every_spec_kind_and_name_table_has_its_registry():
+    # The field metadata (config.py) and the tables (checks.py) are two halves of one mapping.
+    metadata = [f.metadata for cls in SECTIONS.values() for f in dataclasses.fields(cls)]
+    assert {m["spec"] for m in metadata if "spec" in m} == set(checks.SPEC_KINDS)
+    assert {m["names"] for m in metadata if "names" in m} == set(checks.NAME_TABLES)
 
 
 @pytest.mark.parametrize(
@@ -311,13 +338,18 @@ def test_toml_value_special_floats():
     assert math.isnan(tomllib.loads(f"v = {toml_value(math.nan)}")["v"])
 
 
-def test_config_module_is_a_leaf():
-    # config.py may import pyro_vae.specs only at module level; registries are imported inside validate().
-    tree = ast.parse(Path(config_module.__file__).read_text())
+def _pyro_vae_imports(module) -> set[str]:
+    """Every pyro_vae module that ``module`` imports, at the top or inside a function."""
     imported = set()
-    for node in tree.body:
+    for node in ast.walk(ast.parse(Path(module.__file__).read_text())):
         if isinstance(node, ast.ImportFrom) and node.module:
             imported.add(node.module)
         elif isinstance(node, ast.Import):
             imported.update(alias.name for alias in node.names)
-    assert {m for m in imported if m.startswith("pyro_vae")} == {"pyro_vae.specs"}
+    return {m for m in imported if m.startswith("pyro_vae")}
+
+
+def test_config_module_is_a_leaf():
+    # config.py imports only leaves, anywhere in the file: the registries are checks.py's to import.
+    assert _pyro_vae_imports(config_module) == {"pyro_vae.specs", "pyro_vae.toml_writer"}
+    assert _pyro_vae_imports(toml_writer_module) == set()

@@ -17,7 +17,7 @@ from test_likelihoods import LIKELIHOOD_SPECS
 from test_priors import PRIOR_SPECS
 
 from pyro_vae import cli
-from pyro_vae.config import load_config
+from pyro_vae.checks import load_config
 from pyro_vae.runs import load_run
 from pyro_vae.train import train
 

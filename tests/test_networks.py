@@ -8,7 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from pyro_vae.config import Config, ConfigError, apply_overrides, load_config
+from pyro_vae import config
+from pyro_vae.checks import load_config
+from pyro_vae.config import Config, ConfigError, apply_overrides
 from pyro_vae.model import VAE
 from pyro_vae.networks import INITIALIZERS, initialize, mlp
 from pyro_vae.runs import build_vae
@@ -101,7 +103,7 @@ def test_config_init_reaches_the_model_and_is_checked():
         load_config(None, ["model.init=glorrot"])
     with pytest.raises(ConfigError, match=r"unknown activation .tahn. for model.activation \(did you mean \"tanh\"\?"):
         load_config(None, ["model.activation=tahn"])
-    assert load_config(None, ["model.init=glorrot"], check_names=False).model.init == "glorrot"  # as documented
+    assert config.load_config(None, ["model.init=glorrot"]).model.init == "glorrot"  # as documented
     assert set(INITIALIZERS) == {"torch", "glorot", "he"}
 
 
