@@ -58,6 +58,7 @@ from pyro_vae.closed_form import closed_form_elbo, closed_form_terms
 from pyro_vae.model import beta_tensor
 from pyro_vae.registry import Registry
 from pyro_vae.traces import (
+    enumerated_sites,
     guide_particles,
     latent_values,
     log_weights,
@@ -371,8 +372,19 @@ class ImportanceWeighted(Estimator):
         if not self.stop_score:
             return -self.aggregate(log_weights(vae, x, self.k, beta, **data)).sum()
         guide_trace, model_trace = particle_traces(vae, x, self.k, beta, **data)
+        self._refuse_enumeration(guide_trace)
         log_q = self._stopped_log_q(vae, x, beta, latent_values(guide_trace), **data)
         return -self.aggregate(trace_log_density(model_trace) - log_q).sum()
+
+    def _refuse_enumeration(self, guide_trace) -> None:
+        """STL and DReG rewrite the score of every latent site through its reparameterized path, which an
+        enumerated discrete site does not have: a one-line error instead of a wrong gradient."""
+        enumerated = enumerated_sites(guide_trace)
+        if enumerated:
+            raise ValueError(
+                f"estimator {str(self)!r} needs every latent site reparameterized, but the guide enumerates "
+                f"{', '.join(sorted(enumerated))}; use iwae or renyi, which sum enumerated sites out exactly"
+            )
 
     def _stopped_log_q(self, vae, x, beta, values, **data) -> torch.Tensor:
         """log q(z|x) with the guide's parameters stop-gradiented and z on its reparameterized path."""
@@ -389,6 +401,7 @@ class ImportanceWeighted(Estimator):
         z_i = z(eps_i, phi): sum_i w~_i^2 (d log w_i / d z_i)(d z_i / d phi).
         """
         guide_trace = guide_particles(vae, x, self.k, beta, **data)
+        self._refuse_enumeration(guide_trace)
         values, fixed = latent_values(guide_trace), latent_values(guide_trace, detach=True)
         log_p_model = replayed_log_density(vae.model, fixed, x, self.k, beta, **data)
 

@@ -45,10 +45,19 @@ from pyro_vae.priors import LOG_SQRT_2PI
 Beta = float | torch.Tensor
 
 
+# Enumerated discrete sites take the dimensions left of the particle plate (-2) and the data plate (-1).
+FIRST_ENUM_DIM = -3
+
+
 # -- log weights from traces ----------------------------------------------------------------------
 def guide_particles(vae, x: torch.Tensor, k: int = 1, beta: Beta = 1.0, **data):
-    """The guide's trace with ``k`` draws of every latent per example, on a particle plate at dim -2."""
-    with pyro.plate("particles", k, dim=-2):
+    """The guide's trace with ``k`` draws of every latent per example, on a particle plate at dim -2.
+
+    Guide sites marked ``infer={"enumerate": "parallel"}`` are enumerated (``poutine.enum``) at
+    dims from :data:`FIRST_ENUM_DIM` leftwards: every value of a discrete latent at once, and
+    the continuous latents drawn for each of them.
+    """
+    with pyro.plate("particles", k, dim=-2), poutine.enum(first_available_dim=FIRST_ENUM_DIM):
         return poutine.trace(vae.guide).get_trace(x, beta, **data)
 
 
@@ -75,8 +84,18 @@ def log_weights(
     warm-up ``beta``). With ``analytic_kl`` each latent site whose KL(q || p) torch registers
     contributes -KL(q || p) instead of log p(z) - log q(z) at the draw: the same expectation with
     the variance of the other terms only (the per-example ELBO that ``TraceMeanField_ELBO`` sums).
+
+    Enumerated discrete guide sites y (see :func:`guide_particles`) are summed out exactly: the
+    weight of a draw is w = sum_y q(y|x) p(x, y, z_y) / (q(y|x) q(z_y|x, y)) = sum_y p(x, y, z_y) / q(z_y|x, y),
+    with z_y drawn given each y, so E[w] = p(x) still holds and every bound built on these weights
+    stays a bound (``analytic_kl`` is not applied then: a KL cannot sit inside the sum over y).
     """
     guide_trace, model_trace = particle_traces(vae, x, k, beta, **data)
+    enumerated = enumerated_sites(guide_trace)
+    if enumerated:
+        log_w = trace_log_density(model_trace) - trace_log_density(guide_trace, exclude=enumerated)
+        log_w = log_w.expand(*log_w.shape[:-2], k, x.shape[0])
+        return log_w.logsumexp(tuple(range(log_w.dim() - 2)))
     if analytic_kl:
         return _analytic_kl_log_weights(guide_trace, model_trace)
     return trace_log_density(model_trace) - trace_log_density(guide_trace)
@@ -103,17 +122,24 @@ def _site_log_density(site) -> torch.Tensor:
     return scale_and_mask(site["fn"].log_prob(site["value"]), site["scale"], site["mask"])
 
 
-def trace_log_density(trace) -> torch.Tensor:
-    """Sum over the trace's sample sites of ``scale * mask * log_prob(value)`` (per example, per particle)."""
+def trace_log_density(trace, exclude: frozenset[str] | set[str] = frozenset()) -> torch.Tensor:
+    """Sum over the trace's sample sites (those not in ``exclude``) of ``scale * mask * log_prob(value)``
+    (per example, per particle)."""
     total = 0.0
     for site in sample_sites(trace):
-        total = total + _site_log_density(site)
+        if site["name"] not in exclude:
+            total = total + _site_log_density(site)
     return total
 
 
 def sample_sites(trace) -> list[dict]:
     """The trace's sample sites, without the plates' subsample sites (which carry no density)."""
     return [site for site in trace.nodes.values() if site["type"] == "sample" and not site_is_subsample(site)]
+
+
+def enumerated_sites(trace) -> set[str]:
+    """The names of the sites of ``trace`` that ``poutine.enum`` enumerated (every value at once)."""
+    return {site["name"] for site in sample_sites(trace) if site["infer"].get("_enumerate_dim") is not None}
 
 
 def latent_values(trace, detach: bool = False) -> dict[str, torch.Tensor]:

@@ -10,6 +10,7 @@ every estimator equals the closed-form log p(x) draw by draw: a check that canno
 from __future__ import annotations
 
 import math
+import re
 
 import pyro
 import pyro.distributions as dist
@@ -105,6 +106,47 @@ class ShiftedByData(Structure):
             pyro.sample("z", dist.MultivariateNormal(mean, cov))
 
 
+class MixtureOfLinearGaussians(Structure):
+    """y ~ Cat(pi), z ~ N(0, I), x = W z + mu_y + s eps; the guide enumerates y from its exact posterior
+    p(y|x) and draws z from the exact p(z|x, y). Then sum_y p(x, y, z_y) / q(z_y|x, y) = p(x) for every draw."""
+
+    latent_sites = ("y", "z")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _LinearGaussianNet()
+        generator = torch.Generator().manual_seed(2)
+        self.mixture = nn.ParameterDict(
+            {
+                "means": nn.Parameter(2 * torch.randn(3, X_DIM, generator=generator, dtype=DTYPE)),
+                "logits": nn.Parameter(torch.tensor([0.2, -0.5, 0.1], dtype=DTYPE)),
+            }
+        )
+
+    def model(self, x, beta=1.0):
+        register("net", self.net)
+        register("mixture", self.mixture)
+        with data_plate(x):
+            y = pyro.sample("y", dist.Categorical(logits=self.mixture["logits"]))
+            with kl_scale(beta):
+                z = pyro.sample("z", dist.Normal(torch.zeros((), dtype=DTYPE), 1.0).expand([D1 + D2]).to_event(1))
+            pyro.sample("x", dist.Normal(z @ self.net.W.T + self.mixture["means"][y], self.net.s).to_event(1), obs=x)
+
+    def guide(self, x, beta=1.0):
+        register("net", self.net)
+        register("mixture", self.mixture)
+        with data_plate(x):
+            y = pyro.sample("y", dist.Categorical(logits=self.log_joint(x)), infer={"enumerate": "parallel"})
+            mean, cov = self.net.posterior(x - self.mixture["means"][y] + self.net.b)
+            with kl_scale(beta):
+                pyro.sample("z", dist.MultivariateNormal(mean, cov))
+
+    def log_joint(self, x: torch.Tensor) -> torch.Tensor:
+        """log p(x, y) for every y, shape ``(batch, 3)``."""
+        shifted = x.unsqueeze(-2) - self.mixture["means"] + self.net.b  # log_marginal centres on b
+        return self.net.log_marginal(shifted) + self.mixture["logits"].log_softmax(-1)
+
+
 def _two_sites() -> tuple[VAE, torch.Tensor]:
     vae = VAE(structure=TwoLatentSites())
     x = torch.randn(6, X_DIM, generator=torch.Generator().manual_seed(1), dtype=DTYPE)
@@ -149,6 +191,21 @@ def test_estimators_pass_the_data_a_structure_consumes_to_its_programs():
     for spec in ("closed_form", "jit_trace"):
         with pytest.raises(ValueError, match=f"estimator {spec!r} takes x alone, but the model consumes shift"):
             estimators.get(spec).loss(vae, x, shift=shift)
+
+
+def test_enumerated_discrete_sites_are_summed_out_exactly():
+    vae, x = VAE(structure=MixtureOfLinearGaussians()), _two_sites()[1]
+    exact = vae.structure.log_joint(x).logsumexp(-1).detach()
+    pyro.set_rng_seed(0)
+    torch.testing.assert_close(log_weights(vae, x, k=5).detach(), exact.expand(5, -1), rtol=0, atol=1e-10)
+    for spec in ("trace", "meanfield", "iwae(k=5)", "renyi(alpha=0.5, k=3)"):
+        torch.testing.assert_close(estimators.get(spec).bound(vae, x), exact, rtol=0, atol=1e-10, msg=spec)
+    torch.testing.assert_close(estimators.get("iwae(k=3)").loss(vae, x).detach(), -exact.sum(), rtol=0, atol=1e-9)
+    torch.testing.assert_close(log_likelihood(vae, x, num_samples=7, chunk_size=3), exact, rtol=0, atol=1e-10)
+    for spec in ("stl", "dreg(k=2)"):
+        message = re.escape(f"estimator {spec!r} needs every latent site reparameterized") + ".*enumerates y"
+        with pytest.raises(ValueError, match=message):
+            estimators.get(spec).loss(vae, x)
 
 
 def test_evaluation_reads_every_latent_site():
