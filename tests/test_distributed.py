@@ -1,4 +1,4 @@
-"""Data-parallel training (pyro_vae.distributed): sharding, gradient averaging, reductions, RNG.
+"""Data-parallel training (pyro_vae.train.distributed): sharding, gradient averaging, reductions, RNG.
 
 Multi-process tests run two CPU processes with the gloo backend over loopback, set up exactly as
 torchrun sets them up (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_*``), so they exercise the
@@ -21,7 +21,6 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from pyro_vae import distributed
 from pyro_vae.closed_form import closed_form_terms
 from pyro_vae.estimators import ESTIMATORS, Estimator
 from pyro_vae.estimators import get as get_estimator
@@ -29,6 +28,7 @@ from pyro_vae.guides import GUIDES
 from pyro_vae.likelihoods import LIKELIHOODS
 from pyro_vae.model import VAE
 from pyro_vae.priors import PRIORS
+from pyro_vae.train import distributed
 
 WORLD = 2
 X_DIM, Z_DIM, HIDDEN = 12, 3, (8,)

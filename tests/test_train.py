@@ -11,11 +11,11 @@ import torch
 
 from pyro_vae import checkpoint as ckpt
 from pyro_vae import optim
-from pyro_vae import train as train_module
 from pyro_vae.config import load_config
 from pyro_vae.model import VAE
 from pyro_vae.specs import SpecError
 from pyro_vae.train import NonFiniteLossError, TrainingError, fit, train, warmup_beta
+from pyro_vae.train import loop as train_module
 
 # 160 training examples of 4x4 pixels in batches of 40: 4 steps per epoch, a fraction of a second.
 TINY = [
@@ -288,7 +288,7 @@ def test_the_loop_reads_the_host_once_per_epoch(tmp_path, monkeypatch):
     """The loop itself never syncs per step: one ``.tolist()`` per epoch, no ``.item()``/``float()``/``bool()``.
 
     The step and the ELBO are replaced by sync-free stand-ins, so this checks the loop alone
-    (the step's own code is ``pyro_vae.step``'s).
+    (the step's own code is ``pyro_vae.train.step``'s).
     """
     reads: list[str] = []
     marks: list[int] = []

@@ -49,13 +49,14 @@ import torch
 from pyro.infer import SVI, Trace_ELBO
 
 from pyro_vae import checkpoint as ckpt
-from pyro_vae import distributed, estimators
+from pyro_vae import estimators
 from pyro_vae.config import Config, config_to_dict, save_config
 from pyro_vae.data import batches, make_generator, resolve_device
 from pyro_vae.evaluate import elbo_per_example, evaluate
 from pyro_vae.optim import build_optimizer, build_schedule
 from pyro_vae.runs import BEST, CHECKPOINT, CONFIG, METRICS, build_vae, load_dataset_for, read_metrics
-from pyro_vae.step import TrainStep, release_capturable
+from pyro_vae.train import distributed
+from pyro_vae.train.step import TrainStep, release_capturable
 
 __all__ = ["NonFiniteLossError", "TrainingError", "fit", "train", "warmup_beta"]
 
