@@ -118,10 +118,10 @@ def reference_sgd_step(make_estimator, x: torch.Tensor, **families) -> tuple[dic
 
 def _one_step(ctx, estimator, x, **families):
     vae = make_vae(100 + ctx.rank, **families)  # different on each rank: DDP must broadcast rank 0's
-    train_estimator = distributed.distribute_estimator(vae, estimator, ctx)
+    train_estimator = ctx.wrap(estimator, vae)
     optimizer = torch.optim.SGD(vae.parameters(), lr=LR)
     index = distributed.shard_indices(len(x), GLOBAL_BATCH, SEED, 0, ctx.rank, ctx.world_size)[0]
-    distributed.seed_rank(SEED, ctx)
+    ctx.seed(SEED)
     optimizer.zero_grad()
     loss = train_estimator.loss(vae, x[index])
     loss.backward()
@@ -133,9 +133,9 @@ def _several_steps(ctx, x, steps_per_epoch_limit=None):
     """Two epochs of Adam with clipping on this rank's shards, as the training loop does it."""
     vae = make_vae(init_seed=200 + ctx.rank)
     estimator = get_estimator("trace")
-    train_estimator = distributed.distribute_estimator(vae, estimator, ctx)
+    train_estimator = ctx.wrap(estimator, vae)
     optimizer = torch.optim.Adam(vae.parameters(), lr=1e-2)
-    distributed.seed_rank(SEED, ctx)
+    ctx.seed(SEED)
     seen, total, count = [], torch.zeros((), dtype=torch.float64), 0
     for epoch in range(2):
         for index in distributed.shard_indices(len(x), GLOBAL_BATCH, SEED, epoch, ctx.rank, ctx.world_size):
@@ -154,7 +154,7 @@ def _unused_parameter(ctx, x):
     """A parameter outside the loss's graph: DDP (static graph) must not wait for its gradient."""
     vae = make_vae(init_seed=300)
     vae.register_parameter("spare", nn.Parameter(torch.zeros(2, dtype=torch.float64)))
-    module = distributed.wrap(vae, PosteriorMeanELBO(), ctx)
+    module = ctx.loss_module(vae, PosteriorMeanELBO())
     optimizer = torch.optim.SGD(vae.parameters(), lr=LR)
     for step in range(3):
         optimizer.zero_grad()
@@ -167,9 +167,9 @@ def _unused_parameter(ctx, x):
 def _reductions(ctx, x):
     (total, count) = distributed.all_reduce_sum(torch.tensor(ctx.rank + 1.5), len(distributed.shard_rows(x[:7])))
     rows = distributed.map_rows(lambda block: block.sum(-1) * (1 + block[:, 0]), x[:7])
-    distributed.seed_rank(SEED, ctx)
+    ctx.seed(SEED)
     states = distributed.gather_rng_states()
-    distributed.restore_rng_state(states, SEED, epoch=1, ctx=ctx)
+    distributed.restore_rank_rng(states, SEED, epoch=1, ctx=ctx)
     after_restore = torch.rand(3)
     # entry 1 holds a step index (-1: none): rank 0 reports none, rank 1 step 5; entry 3 both report one
     vector = torch.tensor([[1.0, -1.0, 2.0, 7.0], [3.0, 5.0, 4.0, 3.0]])[ctx.rank]
@@ -344,7 +344,7 @@ def test_every_epoch_draws_a_new_permutation_from_the_shared_seed():
 
 def test_shard_batches_slices_the_device_resident_tensor():
     x = torch.arange(20.0).unsqueeze(-1)
-    ctx = distributed.DistributedContext(rank=1, world_size=2)
+    ctx = distributed.ProcessGroup(rank=1, world_size=2)
     batches = list(distributed.shard_batches(x, 4, SEED, 0, ctx))
     expected = distributed.shard_indices(20, 4, SEED, 0, 1, 2)
     assert [b.squeeze(-1).long().tolist() for b in batches] == [i.tolist() for i in expected]
@@ -401,12 +401,12 @@ def test_each_rank_has_its_own_noise_and_restores_its_own_state(ranks, float64):
 
 
 def test_restore_with_another_world_size_reseeds_reproducibly():
-    ctx = distributed.DistributedContext(rank=0, world_size=1)
+    ctx = distributed.SingleProcess()
     with pytest.warns(UserWarning, match="RNG states of 2 process"):
-        distributed.restore_rng_state([pyro.util.get_rng_state()] * 2, SEED, epoch=4, ctx=ctx)
+        distributed.restore_rank_rng([pyro.util.get_rng_state()] * 2, SEED, epoch=4, ctx=ctx)
     first = torch.rand(3)
     with pytest.warns(UserWarning):
-        distributed.restore_rng_state([pyro.util.get_rng_state()] * 2, SEED, epoch=4, ctx=ctx)
+        distributed.restore_rank_rng([pyro.util.get_rng_state()] * 2, SEED, epoch=4, ctx=ctx)
     assert torch.equal(torch.rand(3), first)
 
 
@@ -419,14 +419,14 @@ def test_single_process_is_a_no_op(monkeypatch):
         assert not torch.distributed.is_initialized()
         vae = VAE(x_dim=X_DIM, z_dim=Z_DIM, hidden_dims=HIDDEN)
         estimator = get_estimator("trace")
-        assert distributed.distribute_estimator(vae, estimator, ctx) is estimator
+        assert ctx.wrap(estimator, vae) is estimator
         x = torch.rand(5, 2)
         assert distributed.map_rows(lambda t: t * 2, x).equal(x * 2)
         assert distributed.all_reduce_sum(torch.tensor(2.0), 3) == (2.0, 3.0)
         assert distributed.broadcast_object("a") == "a"
         states = distributed.gather_rng_states()
         expected = torch.rand(2)
-        distributed.restore_rng_state(states, SEED, 0, ctx)
+        distributed.restore_rank_rng(states, SEED, 0, ctx)
         assert torch.equal(torch.rand(2), expected)
 
 

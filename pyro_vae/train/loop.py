@@ -239,7 +239,7 @@ def train(
                 reduce_sum=reduce_sum,
                 steps_per_epoch=steps_per_epoch,
             )
-    dctx = distributed.context()
+    dctx = distributed.current_context()
     if dctx.enabled:
         is_main = is_main and dctx.is_main
         out_dir = distributed.broadcast_object(str(out_dir))  # rank 0's folder (a default name has a timestamp)
@@ -279,8 +279,8 @@ def train(
     optimizer = build_optimizer(tcfg.optimizer, vae.parameters(), lr=tcfg.lr)
     schedule = build_schedule(tcfg.lr_schedule, epochs=tcfg.epochs)
     # Distributed: DDP around the estimator's loss, and each rank's own Monte Carlo noise from here on.
-    train_estimator = distributed.distribute_estimator(vae, estimator, dctx)
-    distributed.seed_rank(tcfg.seed, dctx)
+    train_estimator = dctx.wrap(estimator, vae)
+    dctx.seed(tcfg.seed)
     step_fn = TrainStep(vae, train_estimator, optimizer, clip_norm=tcfg.clip_norm, record=tcfg.record)
     generator = make_generator(tcfg.seed, dataset.train.device)
     if dctx.enabled and batch_source is None:  # each rank its disjoint shard of one (seed, epoch) permutation
@@ -295,7 +295,7 @@ def train(
     if state is not None:
         progress_state = _restore(state, vae, optimizer, generator)
         if dctx.enabled:  # each rank its own stream back (or a fresh one when the world size changed)
-            distributed.restore_rng_state(state.get("rank_rng"), tcfg.seed, progress_state.epoch, dctx)
+            distributed.restore_rank_rng(state.get("rank_rng"), tcfg.seed, progress_state.epoch, dctx)
         if is_main:
             _truncate_metrics(out_dir / METRICS, progress_state.epoch)
     reporter = _Reporter(out_dir if is_main else None, progress, is_main)
