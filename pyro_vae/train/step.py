@@ -41,7 +41,6 @@ from dataclasses import dataclass
 import pyro
 import torch
 
-from pyro_vae import estimators as _estimators
 from pyro_vae.traces import lean_loss_supported
 from pyro_vae.train.recorded import RecordedLoss
 
@@ -116,7 +115,7 @@ class TrainStep:
         record: on the fast path, record the loss once per batch shape and replay it
             (``pyro_vae.train.recorded.RecordedLoss``, exposed as ``self.recorded``); ``False`` runs the
             programs on every step (for programs whose Python state changes between steps).
-            Estimators with ``recordable = False`` are never recorded.
+            Estimators with ``recordable = False``, or without the attribute, are never recorded.
 
     The first call chooses the path (``self.path``; the reason for a fallback from a faster one
     in ``self.fallback_reason``) and runs its loss with Pyro validation as configured.
@@ -192,8 +191,9 @@ class TrainStep:
             )
         # The estimator's own loss when there is no lean loss (validation off after the first step).
         self._loss_fn = lean if lean_ok else self.estimator.loss
-        # Only estimators that say what they are: a duck-typed one may keep state a replay would freeze.
-        declared = isinstance(self.estimator, _estimators.Estimator) and self.estimator.recordable
+        # Only estimators that declare it (``Estimator.recordable``, true by default): one that does not
+        # say may keep Python state that a replay would freeze.
+        declared = getattr(self.estimator, "recordable", False)
         if self.fast and self.record and declared:
             self.recorded = self._loss_fn = RecordedLoss(self._loss_fn, self.vae)
         if plan.path == "cuda_graph":
