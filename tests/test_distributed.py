@@ -22,6 +22,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from pyro_vae.closed_form import closed_form_terms
+from pyro_vae.data import batches
 from pyro_vae.estimators import ESTIMATORS, Estimator
 from pyro_vae.estimators import get as get_estimator
 from pyro_vae.guides import GUIDES
@@ -29,6 +30,7 @@ from pyro_vae.likelihoods import LIKELIHOODS
 from pyro_vae.model import VAE
 from pyro_vae.priors import PRIORS
 from pyro_vae.train import distributed
+from pyro_vae.train.epoch import EpochSums
 
 WORLD = 2
 X_DIM, Z_DIM, HIDDEN = 12, 3, (8,)
@@ -183,6 +185,22 @@ def _reductions(ctx, x):
         "states": states,
         "after_restore": after_restore,
         "out_dir_from_rank0": distributed.broadcast_object(f"run-of-rank-{ctx.rank}"),
+        **_context_methods(ctx, x),
+    }
+
+
+def _context_methods(ctx, x):
+    """What the training loop asks of the context, under a process group."""
+    bad_step = torch.tensor([-1, 5][ctx.rank])  # rank 0 saw no bad step, rank 1 one at step 5
+    sums = EpochSums(
+        loss=torch.tensor(1.5 + ctx.rank), examples=4, first_bad_step=bad_step, test_elbo=torch.tensor(-2.0)
+    )
+    return {
+        "epoch_sums": ctx.reduce(sums),
+        "context_broadcast": ctx.broadcast(f"run-of-rank-{ctx.rank}"),
+        "context_rows": ctx.shard_rows(x[:7]),
+        "context_rng_keys": sorted(ctx.rng_state()),
+        "context_steps": ctx.steps_per_epoch(len(x), GLOBAL_BATCH),
     }
 
 
@@ -387,6 +405,24 @@ def test_rowwise_results_gathered_in_order_equal_the_single_process_result(ranks
         assert torch.equal(ranks[r]["reductions"]["rows"], expected)
 
 
+def test_the_context_adds_named_sums_over_ranks_and_keeps_the_earliest_bad_step(ranks):
+    for r in range(WORLD):
+        assert ranks[r]["reductions"]["epoch_sums"] == EpochSums(
+            loss=1.5 + 2.5, examples=8.0, first_bad_step=5.0, test_elbo=-4.0
+        )
+
+
+def test_the_context_shards_rows_broadcasts_and_checkpoints_every_ranks_rng(ranks):
+    x = make_data()[:7]
+    assert torch.equal(torch.cat([ranks[r]["reductions"]["context_rows"] for r in range(WORLD)]), x)
+    for r in range(WORLD):
+        assert ranks[r]["reductions"]["context_broadcast"] == "run-of-rank-0"
+        assert ranks[r]["reductions"]["context_rng_keys"] == ["rank_rng", "rng"]
+        assert ranks[r]["reductions"]["context_steps"] == len(
+            distributed.shard_indices(40, GLOBAL_BATCH, SEED, 0, r, WORLD)
+        )
+
+
 def test_rank0_object_is_broadcast(ranks):
     assert [ranks[r]["reductions"]["out_dir_from_rank0"] for r in range(WORLD)] == ["run-of-rank-0"] * WORLD
 
@@ -428,6 +464,47 @@ def test_single_process_is_a_no_op(monkeypatch):
         expected = torch.rand(2)
         distributed.restore_rank_rng(states, SEED, 0, ctx)
         assert torch.equal(torch.rand(2), expected)
+
+
+def test_one_process_context_is_the_identity(monkeypatch):
+    for name in distributed.TORCHRUN_ENV:
+        monkeypatch.delenv(name, raising=False)
+    ctx = distributed.current_context()
+    assert type(ctx) is distributed.SingleProcess and ctx.is_main and not ctx.enabled
+    x = torch.arange(6.0).reshape(3, 2)
+    assert ctx.shard_rows(x).equal(x) and ctx.broadcast("a") == "a"
+    estimator = get_estimator("trace")
+    assert ctx.wrap(estimator, None) is estimator
+    before = torch.get_rng_state()
+    ctx.seed(SEED)  # one process keeps its stream
+    ctx.barrier()
+    assert torch.equal(torch.get_rng_state(), before)
+    assert ctx.reduce(EpochSums(loss=torch.tensor(2.0), examples=4)) == EpochSums(2.0, 4.0, -1.0)
+    state = ctx.rng_state()
+    assert list(state) == ["rng"]  # one-process checkpoints have no rank_rng
+    expected = torch.rand(3)
+    ctx.restore_rng_state(state, SEED, epoch=0)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_one_process_batches_are_the_device_side_permutation():
+    x = torch.arange(10.0).unsqueeze(-1)
+    dataset = type("Data", (), {"train_epoch": lambda self, epoch, generator: x})()
+    source = distributed.SingleProcess().batches(dataset, 4, seed=SEED)
+    got = list(source(0, torch.Generator().manual_seed(1)))
+    expected = list(batches(x, 4, torch.Generator().manual_seed(1)))
+    assert [b.tolist() for b in got] == [b.tolist() for b in expected]
+    assert distributed.SingleProcess().steps_per_epoch(10, 4) == len(got) == 3
+
+
+def test_a_torchrun_worker_without_a_process_group_is_refused(monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="no process group is set up"):
+        distributed.current_context()
+    monkeypatch.setenv("WORLD_SIZE", "1")  # a world of one trains as one process
+    assert type(distributed.current_context()) is distributed.SingleProcess
 
 
 def test_torchrun_environment_is_detected():
