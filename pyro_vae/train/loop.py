@@ -139,7 +139,8 @@ def prepare_run(
     """
     tcfg = cfg.train
     device = resolve_device(device if device is not None else tcfg.device)
-    folder = RunFolder(Path(context.broadcast(str(out_dir))), active=context.is_main)  # a default name has a time
+    # Rank 0's folder on every rank: each rank's default name holds its own timestamp.
+    folder = RunFolder(Path(context.broadcast(str(out_dir))), active=context.is_main)
     state = folder.open(cfg, resume)
     context.barrier()  # every rank has looked at the folder before rank 0 writes a checkpoint into it
     # Seed first: weight initialization and everything after it is reproducible.
