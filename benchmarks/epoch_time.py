@@ -7,7 +7,7 @@ fresh random order and reads its summed loss once at the end of the epoch:
 
 - ``torch``: ``torch.randperm`` on the device, index, the hand-written step (benchmarks/common.py);
 - ``pyro_svi``: the same batches through ``SVI.step`` (a float per step: Pyro's documented loop);
-- ``project``: ``pyro_vae.data.batches`` (device-side permutation) and ``pyro_vae.step.TrainStep``
+- ``project``: ``pyro_vae.data.batches`` (device-side permutation) and ``pyro_vae.train.step.TrainStep``
   with the ``trace`` estimator and the loop's Adam, losses summed on the device -- what
   ``pyro_vae.train.train`` runs per epoch;
 - ``pyro_example`` (``--dataloader``): Pyro's ``examples/vae/vae.py`` style, a torchvision
@@ -48,7 +48,7 @@ from pyro_vae import estimators
 from pyro_vae.data import batches
 from pyro_vae.model import VAE
 from pyro_vae.optim import build_optimizer
-from pyro_vae.step import TrainStep
+from pyro_vae.train.step import TrainStep
 
 LR = 1e-3
 

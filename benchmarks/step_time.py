@@ -9,10 +9,10 @@ Variants, timed interleaved in one run (see benchmarks/README.md):
   CUDA); ``torch_foreach`` the same with ``foreach=True``;
 - ``pyro_svi``: ``SVI(vae.model, vae.guide, pyro.optim.Adam, Trace_ELBO())`` as Pyro's docs show it
   (``svi.step`` returns a float: one host sync per step, as in every Pyro example);
-- ``project``: ``pyro_vae.step.TrainStep`` with ``estimators.get("trace")`` and the loop's optimizer
+- ``project``: ``pyro_vae.train.step.TrainStep`` with ``estimators.get("trace")`` and the loop's optimizer
   (``pyro_vae.optim.build_optimizer("adam")``), i.e. what ``pyro-vae train`` runs;
 - ``project_unrecorded``: ``project`` with ``record=False``: the lean loss runs the Pyro programs on
-  every step instead of replaying their recorded graph (``pyro_vae.recorded``);
+  every step instead of replaying their recorded graph (``pyro_vae.train.recorded``);
 - ``project_plain``: the same with ``fast=False`` (the estimator's loss as written, validation on);
 - ``project_foreach``: ``project`` with ``adam(fused=false)`` (compare with ``torch_foreach``);
 - ``est_<spec>`` and ``est_<spec>_unrecorded`` for every ``--estimators`` spec (e.g. ``iwae(k=5)``):
@@ -56,7 +56,7 @@ from pyro_vae import estimators
 from pyro_vae.model import VAE
 from pyro_vae.optim import build_optimizer
 from pyro_vae.specs import split_specs
-from pyro_vae.step import TrainStep
+from pyro_vae.train.step import TrainStep
 
 LR = 1e-3
 

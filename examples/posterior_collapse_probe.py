@@ -31,7 +31,7 @@ from pyro_vae.data import load_mnist_static, make_generator, resolve_data_root, 
 from pyro_vae.evaluate import ignore_z_baseline
 from pyro_vae.model import VAE
 from pyro_vae.optim import build_optimizer
-from pyro_vae.step import TrainStep
+from pyro_vae.train.step import TrainStep
 
 
 @torch.no_grad()

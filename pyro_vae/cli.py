@@ -96,6 +96,7 @@ def default_out_dir(config_path: Path | None, now: float | None = None) -> Path:
 def _run_train(args: argparse.Namespace) -> int:
     from pyro_vae.checks import load_config
     from pyro_vae.train import NonFiniteLossError, train
+    from pyro_vae.train.distributed import session
 
     overrides = list(args.overrides) + ([f"train.seed={args.seed}"] if args.seed is not None else [])
     config_path = args.config
@@ -110,23 +111,26 @@ def _run_train(args: argparse.Namespace) -> int:
         raise _UsageError("train needs --config FILE (or --resume --out DIR)")
     cfg = load_config(config_path, overrides)
     out = args.out or default_out_dir(args.config)
-    device = None if args.device == "auto" else args.device  # None: train.device decides
     try:
-        result = train(
-            cfg,
-            out,
-            device=device,
-            data_dir=args.data_dir,
-            resume=args.resume,
-            progress=args.progress,
-            download=args.download,
-        )
+        # Under torchrun, one process per device for this run: NCCL on cuda:LOCAL_RANK or gloo on the
+        # CPU (docs/distributed.md); otherwise the one process on the requested device.
+        with session(cfg.train.device if args.device == "auto" else args.device) as context:
+            result = train(
+                cfg,
+                out,
+                device=context.device,
+                data_dir=args.data_dir,
+                resume=args.resume,
+                progress=args.progress,
+                download=args.download,
+                context=context,
+            )
     except NonFiniteLossError as err:
         print(f"pyro-vae train: {err}", file=sys.stderr)
         return EXIT_FAILED
     if result["status"] == "interrupted":
         return EXIT_INTERRUPTED
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 alone names the run folder
+    if context.is_main:  # under torchrun, rank 0 alone names the run folder
         print(result["run_dir"])
     return 0
 

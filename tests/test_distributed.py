@@ -1,4 +1,4 @@
-"""Data-parallel training (pyro_vae.distributed): sharding, gradient averaging, reductions, RNG.
+"""Data-parallel training (pyro_vae.train.distributed): sharding, gradient averaging, reductions, RNG.
 
 Multi-process tests run two CPU processes with the gloo backend over loopback, set up exactly as
 torchrun sets them up (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_*``), so they exercise the
@@ -21,14 +21,16 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from pyro_vae import distributed
 from pyro_vae.closed_form import closed_form_terms
+from pyro_vae.data import batches
 from pyro_vae.estimators import ESTIMATORS, Estimator
 from pyro_vae.estimators import get as get_estimator
 from pyro_vae.guides import GUIDES
 from pyro_vae.likelihoods import LIKELIHOODS
 from pyro_vae.model import VAE
 from pyro_vae.priors import PRIORS
+from pyro_vae.train import distributed
+from pyro_vae.train.epoch import EpochSums
 
 WORLD = 2
 X_DIM, Z_DIM, HIDDEN = 12, 3, (8,)
@@ -118,10 +120,10 @@ def reference_sgd_step(make_estimator, x: torch.Tensor, **families) -> tuple[dic
 
 def _one_step(ctx, estimator, x, **families):
     vae = make_vae(100 + ctx.rank, **families)  # different on each rank: DDP must broadcast rank 0's
-    train_estimator = distributed.distribute_estimator(vae, estimator, ctx)
+    train_estimator = ctx.wrap(estimator, vae)
     optimizer = torch.optim.SGD(vae.parameters(), lr=LR)
     index = distributed.shard_indices(len(x), GLOBAL_BATCH, SEED, 0, ctx.rank, ctx.world_size)[0]
-    distributed.seed_rank(SEED, ctx)
+    ctx.seed(SEED)
     optimizer.zero_grad()
     loss = train_estimator.loss(vae, x[index])
     loss.backward()
@@ -133,9 +135,9 @@ def _several_steps(ctx, x, steps_per_epoch_limit=None):
     """Two epochs of Adam with clipping on this rank's shards, as the training loop does it."""
     vae = make_vae(init_seed=200 + ctx.rank)
     estimator = get_estimator("trace")
-    train_estimator = distributed.distribute_estimator(vae, estimator, ctx)
+    train_estimator = ctx.wrap(estimator, vae)
     optimizer = torch.optim.Adam(vae.parameters(), lr=1e-2)
-    distributed.seed_rank(SEED, ctx)
+    ctx.seed(SEED)
     seen, total, count = [], torch.zeros((), dtype=torch.float64), 0
     for epoch in range(2):
         for index in distributed.shard_indices(len(x), GLOBAL_BATCH, SEED, epoch, ctx.rank, ctx.world_size):
@@ -154,7 +156,7 @@ def _unused_parameter(ctx, x):
     """A parameter outside the loss's graph: DDP (static graph) must not wait for its gradient."""
     vae = make_vae(init_seed=300)
     vae.register_parameter("spare", nn.Parameter(torch.zeros(2, dtype=torch.float64)))
-    module = distributed.wrap(vae, PosteriorMeanELBO(), ctx)
+    module = ctx.loss_module(vae, PosteriorMeanELBO())
     optimizer = torch.optim.SGD(vae.parameters(), lr=LR)
     for step in range(3):
         optimizer.zero_grad()
@@ -167,9 +169,9 @@ def _unused_parameter(ctx, x):
 def _reductions(ctx, x):
     (total, count) = distributed.all_reduce_sum(torch.tensor(ctx.rank + 1.5), len(distributed.shard_rows(x[:7])))
     rows = distributed.map_rows(lambda block: block.sum(-1) * (1 + block[:, 0]), x[:7])
-    distributed.seed_rank(SEED, ctx)
+    ctx.seed(SEED)
     states = distributed.gather_rng_states()
-    distributed.restore_rng_state(states, SEED, epoch=1, ctx=ctx)
+    distributed.restore_rank_rng(states, SEED, epoch=1, ctx=ctx)
     after_restore = torch.rand(3)
     # entry 1 holds a step index (-1: none): rank 0 reports none, rank 1 step 5; entry 3 both report one
     vector = torch.tensor([[1.0, -1.0, 2.0, 7.0], [3.0, 5.0, 4.0, 3.0]])[ctx.rank]
@@ -183,6 +185,22 @@ def _reductions(ctx, x):
         "states": states,
         "after_restore": after_restore,
         "out_dir_from_rank0": distributed.broadcast_object(f"run-of-rank-{ctx.rank}"),
+        **_context_methods(ctx, x),
+    }
+
+
+def _context_methods(ctx, x):
+    """What the training loop asks of the context, under a process group."""
+    bad_step = torch.tensor([-1, 5][ctx.rank])  # rank 0 saw no bad step, rank 1 one at step 5
+    sums = EpochSums(
+        loss=torch.tensor(1.5 + ctx.rank), examples=4, first_bad_step=bad_step, test_elbo=torch.tensor(-2.0)
+    )
+    return {
+        "epoch_sums": ctx.reduce(sums),
+        "context_broadcast": ctx.broadcast(f"run-of-rank-{ctx.rank}"),
+        "context_rows": ctx.shard_rows(x[:7]),
+        "context_rng_keys": sorted(ctx.rng_state()),
+        "context_steps": ctx.steps_per_epoch(len(x), GLOBAL_BATCH),
     }
 
 
@@ -344,7 +362,7 @@ def test_every_epoch_draws_a_new_permutation_from_the_shared_seed():
 
 def test_shard_batches_slices_the_device_resident_tensor():
     x = torch.arange(20.0).unsqueeze(-1)
-    ctx = distributed.DistributedContext(rank=1, world_size=2)
+    ctx = distributed.ProcessGroup(rank=1, world_size=2)
     batches = list(distributed.shard_batches(x, 4, SEED, 0, ctx))
     expected = distributed.shard_indices(20, 4, SEED, 0, 1, 2)
     assert [b.squeeze(-1).long().tolist() for b in batches] == [i.tolist() for i in expected]
@@ -387,6 +405,24 @@ def test_rowwise_results_gathered_in_order_equal_the_single_process_result(ranks
         assert torch.equal(ranks[r]["reductions"]["rows"], expected)
 
 
+def test_the_context_adds_named_sums_over_ranks_and_keeps_the_earliest_bad_step(ranks):
+    for r in range(WORLD):
+        assert ranks[r]["reductions"]["epoch_sums"] == EpochSums(
+            loss=1.5 + 2.5, examples=8.0, first_bad_step=5.0, test_elbo=-4.0
+        )
+
+
+def test_the_context_shards_rows_broadcasts_and_checkpoints_every_ranks_rng(ranks):
+    x = make_data()[:7]
+    assert torch.equal(torch.cat([ranks[r]["reductions"]["context_rows"] for r in range(WORLD)]), x)
+    for r in range(WORLD):
+        assert ranks[r]["reductions"]["context_broadcast"] == "run-of-rank-0"
+        assert ranks[r]["reductions"]["context_rng_keys"] == ["rank_rng", "rng"]
+        assert ranks[r]["reductions"]["context_steps"] == len(
+            distributed.shard_indices(40, GLOBAL_BATCH, SEED, 0, r, WORLD)
+        )
+
+
 def test_rank0_object_is_broadcast(ranks):
     assert [ranks[r]["reductions"]["out_dir_from_rank0"] for r in range(WORLD)] == ["run-of-rank-0"] * WORLD
 
@@ -401,12 +437,12 @@ def test_each_rank_has_its_own_noise_and_restores_its_own_state(ranks, float64):
 
 
 def test_restore_with_another_world_size_reseeds_reproducibly():
-    ctx = distributed.DistributedContext(rank=0, world_size=1)
+    ctx = distributed.SingleProcess()
     with pytest.warns(UserWarning, match="RNG states of 2 process"):
-        distributed.restore_rng_state([pyro.util.get_rng_state()] * 2, SEED, epoch=4, ctx=ctx)
+        distributed.restore_rank_rng([pyro.util.get_rng_state()] * 2, SEED, epoch=4, ctx=ctx)
     first = torch.rand(3)
     with pytest.warns(UserWarning):
-        distributed.restore_rng_state([pyro.util.get_rng_state()] * 2, SEED, epoch=4, ctx=ctx)
+        distributed.restore_rank_rng([pyro.util.get_rng_state()] * 2, SEED, epoch=4, ctx=ctx)
     assert torch.equal(torch.rand(3), first)
 
 
@@ -419,15 +455,56 @@ def test_single_process_is_a_no_op(monkeypatch):
         assert not torch.distributed.is_initialized()
         vae = VAE(x_dim=X_DIM, z_dim=Z_DIM, hidden_dims=HIDDEN)
         estimator = get_estimator("trace")
-        assert distributed.distribute_estimator(vae, estimator, ctx) is estimator
+        assert ctx.wrap(estimator, vae) is estimator
         x = torch.rand(5, 2)
         assert distributed.map_rows(lambda t: t * 2, x).equal(x * 2)
         assert distributed.all_reduce_sum(torch.tensor(2.0), 3) == (2.0, 3.0)
         assert distributed.broadcast_object("a") == "a"
         states = distributed.gather_rng_states()
         expected = torch.rand(2)
-        distributed.restore_rng_state(states, SEED, 0, ctx)
+        distributed.restore_rank_rng(states, SEED, 0, ctx)
         assert torch.equal(torch.rand(2), expected)
+
+
+def test_one_process_context_is_the_identity(monkeypatch):
+    for name in distributed.TORCHRUN_ENV:
+        monkeypatch.delenv(name, raising=False)
+    ctx = distributed.current_context()
+    assert type(ctx) is distributed.SingleProcess and ctx.is_main and not ctx.enabled
+    x = torch.arange(6.0).reshape(3, 2)
+    assert ctx.shard_rows(x).equal(x) and ctx.broadcast("a") == "a"
+    estimator = get_estimator("trace")
+    assert ctx.wrap(estimator, None) is estimator
+    before = torch.get_rng_state()
+    ctx.seed(SEED)  # one process keeps its stream
+    ctx.barrier()
+    assert torch.equal(torch.get_rng_state(), before)
+    assert ctx.reduce(EpochSums(loss=torch.tensor(2.0), examples=4)) == EpochSums(2.0, 4.0, -1.0)
+    state = ctx.rng_state()
+    assert list(state) == ["rng"]  # one-process checkpoints have no rank_rng
+    expected = torch.rand(3)
+    ctx.restore_rng_state(state, SEED, epoch=0)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_one_process_batches_are_the_device_side_permutation():
+    x = torch.arange(10.0).unsqueeze(-1)
+    dataset = type("Data", (), {"train_epoch": lambda self, epoch, generator: x})()
+    source = distributed.SingleProcess().batches(dataset, 4, seed=SEED)
+    got = list(source(0, torch.Generator().manual_seed(1)))
+    expected = list(batches(x, 4, torch.Generator().manual_seed(1)))
+    assert [b.tolist() for b in got] == [b.tolist() for b in expected]
+    assert distributed.SingleProcess().steps_per_epoch(10, 4) == len(got) == 3
+
+
+def test_a_torchrun_worker_without_a_process_group_is_refused(monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="no process group is set up"):
+        distributed.current_context()
+    monkeypatch.setenv("WORLD_SIZE", "1")  # a world of one trains as one process
+    assert type(distributed.current_context()) is distributed.SingleProcess
 
 
 def test_torchrun_environment_is_detected():

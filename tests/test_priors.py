@@ -239,7 +239,7 @@ def test_vamp_leaves_the_ignore_z_plateau_when_the_encoder_sees_x(data_root, ini
     from pyro_vae.data import load_mnist_static
     from pyro_vae.evaluate import ignore_z_baseline
     from pyro_vae.optim import build_optimizer
-    from pyro_vae.step import TrainStep
+    from pyro_vae.train.step import TrainStep
 
     x = load_mnist_static(data_root).train[:2000].float().reshape(-1, 784)
     pyro.set_rng_seed(0)

@@ -14,15 +14,15 @@ from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 
 from pyro_vae import estimators
-from pyro_vae.distributed import DistributedEstimator, LossModule
 from pyro_vae.model import VAE
-from pyro_vae.step import (
+from pyro_vae.traces import SiteLogDensity, lean_loss_supported, meanfield_elbo_loss, reparameterized_elbo_loss
+from pyro_vae.train.distributed import DistributedEstimator, LossModule
+from pyro_vae.train.step import (
     CaptureFailedError,
     Plan,
     TrainStep,
     plan_path,
 )
-from pyro_vae.traces import SiteLogDensity, lean_loss_supported, meanfield_elbo_loss, reparameterized_elbo_loss
 
 SMALL = dict(x_dim=12, z_dim=3, hidden_dims=(8,))
 
@@ -167,7 +167,7 @@ def test_fast_step_follows_plain_svi_step_for_step():
         assert loss.item() == pytest.approx(svi_losses[t], rel=1e-5)
         for p, q in zip(vae_fast.parameters(), svi_params[t], strict=True):
             torch.testing.assert_close(p.detach(), q, rtol=1e-5, atol=1e-6)
-    # The steps after the first replayed the recorded loss (pyro_vae.recorded), one graph for this batch.
+    # The steps after the first replayed the recorded loss (pyro_vae.train.recorded), one graph for this batch.
     assert step.path == "fast" and step.recorded.loss_fn is reparameterized_elbo_loss
     assert len(step.recorded.replays) == 1 and None not in step.recorded.replays.values()
     assert any(not torch.equal(p, q) for p, q in zip(svi_params[0], svi_params[-1], strict=True))  # it did train
@@ -363,7 +363,7 @@ def test_non_reparameterized_guide_falls_back_to_the_estimators_loss(caplog):
     ok, reason = lean_loss_supported(model, x)
     assert not ok and "'z' is not reparameterized" in reason
     step = TrainStep(model, estimators.get("trace"), torch.optim.Adam(model.parameters(), lr=1e-2))
-    with caplog.at_level(logging.INFO, logger="pyro_vae.step"):
+    with caplog.at_level(logging.INFO, logger="pyro_vae.train.step"):
         step(x)
     assert step._loss_fn is not reparameterized_elbo_loss
     assert "lean loss not used" in caplog.text and "not reparameterized" in caplog.text
@@ -374,7 +374,7 @@ def test_non_reparameterized_guide_falls_back_to_the_estimators_loss(caplog):
 def test_cuda_graph_requested_on_cpu_falls_back_with_a_message(caplog):
     vae, x = small_vae(), binary_batch()
     step = TrainStep(vae, estimators.get("trace"), torch.optim.Adam(vae.parameters(), lr=1e-3), cuda_graph=True)
-    with caplog.at_level(logging.WARNING, logger="pyro_vae.step"):
+    with caplog.at_level(logging.WARNING, logger="pyro_vae.train.step"):
         step(x)
     assert step.path == "fast"
     assert "CUDA graphs need a CUDA device" in step.fallback_reason
@@ -384,7 +384,7 @@ def test_cuda_graph_requested_on_cpu_falls_back_with_a_message(caplog):
 def test_auto_cuda_graph_on_cpu_is_quiet(caplog):
     vae, x = small_vae(), binary_batch()
     step = TrainStep(vae, estimators.get("trace"), torch.optim.Adam(vae.parameters(), lr=1e-3))
-    with caplog.at_level(logging.WARNING, logger="pyro_vae.step"):
+    with caplog.at_level(logging.WARNING, logger="pyro_vae.train.step"):
         step(x)
     assert step.path == "fast" and step.fallback_reason == "" and caplog.text == ""
 
@@ -473,7 +473,7 @@ def test_cuda_graph_step_matches_the_eager_fast_step(caplog):
         opt = torch.optim.Adam(vae.parameters(), lr=1e-2, capturable=True)
         step = TrainStep(vae, estimators.get("trace"), opt, cuda_graph=mode)
         losses = []
-        with caplog.at_level(logging.INFO, logger="pyro_vae.step"):
+        with caplog.at_level(logging.INFO, logger="pyro_vae.train.step"):
             for t in range(8):
                 pyro.set_rng_seed(300 + t)
                 batch = tail if t == 6 else x
@@ -510,7 +510,7 @@ def test_failed_capture_falls_back_and_other_errors_propagate(caplog):
     failure = CaptureFailedError("operation not permitted when stream is capturing")
     failure.__cause__ = RuntimeError("operation not permitted when stream is capturing")
     step._graph = _FakeGraph(failure)
-    with caplog.at_level(logging.WARNING, logger="pyro_vae.step"):
+    with caplog.at_level(logging.WARNING, logger="pyro_vae.train.step"):
         loss = step(x)
     assert torch.isfinite(loss) and step.path == "fast" and step._graph is None
     assert "capture failed" in step.fallback_reason and "CUDA graph capture failed" in caplog.text

@@ -23,10 +23,10 @@ from pyro_vae import estimators
 from pyro_vae.evaluate import elbo_per_example, log_likelihood
 from pyro_vae.model import VAE
 from pyro_vae.specs import SpecError
-from pyro_vae.step import TrainStep
 from pyro_vae.structures import STRUCTURES, PlainVAE, Structure
 from pyro_vae.structures.base import data_plate, kl_scale, register
 from pyro_vae.traces import log_weights
+from pyro_vae.train.step import TrainStep
 
 DTYPE = torch.float64
 D1, D2, X_DIM = 2, 1, 4

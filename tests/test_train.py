@@ -11,11 +11,12 @@ import torch
 
 from pyro_vae import checkpoint as ckpt
 from pyro_vae import optim
-from pyro_vae import train as train_module
 from pyro_vae.config import load_config
 from pyro_vae.model import VAE
 from pyro_vae.specs import SpecError
-from pyro_vae.train import NonFiniteLossError, TrainingError, fit, train, warmup_beta
+from pyro_vae.train import NonFiniteLossError, TrainingError, fit, run_folder, train, warmup_beta
+from pyro_vae.train import epoch as epoch_module
+from pyro_vae.train import loop as train_module
 
 # 160 training examples of 4x4 pixels in batches of 40: 4 steps per epoch, a fraction of a second.
 TINY = [
@@ -195,13 +196,13 @@ def test_warmup_ramps_beta_per_step_and_evaluates_at_beta_one(tmp_path, monkeypa
     recorder = _BetaRecorder()
     monkeypatch.setattr(train_module, "TrainStep", recorder)
     evaluated = []
-    real_sum = train_module._sum_elbo
+    real_sum = epoch_module.sum_elbo
 
     def sum_elbo(vae, x, batch_size):
         evaluated.append(len(x))
         return real_sum(vae, x, batch_size)
 
-    monkeypatch.setattr(train_module, "_sum_elbo", sum_elbo)
+    monkeypatch.setattr(epoch_module, "sum_elbo", sum_elbo)
     train(tiny("train.epochs=3", "train.warmup_epochs=2"), tmp_path / "run", progress=False)
     warmup_steps = 2 * STEPS_PER_EPOCH
     assert recorder.betas == [min(1.0, (t + 1) / warmup_steps) for t in range(3 * STEPS_PER_EPOCH)]
@@ -212,12 +213,12 @@ def test_warmup_ramps_beta_per_step_and_evaluates_at_beta_one(tmp_path, monkeypa
 def test_early_stopping_keeps_the_best_epoch(tmp_path, monkeypatch):
     # Validation ELBOs per epoch (as sums over the 40 validation examples): best at epoch 2.
     val = iter([-400.0, -200.0, -240.0, -280.0, -100.0])
-    real_sum = train_module._sum_elbo
+    real_sum = epoch_module.sum_elbo
 
     def scripted(vae, x, batch_size):
         return torch.tensor(next(val)) if len(x) == 40 else real_sum(vae, x, batch_size)
 
-    monkeypatch.setattr(train_module, "_sum_elbo", scripted)
+    monkeypatch.setattr(epoch_module, "sum_elbo", scripted)
     result = train(tiny("train.epochs=5", "train.patience=2"), tmp_path / "run", progress=False)
     assert result["status"] == "early_stopped"
     assert (result["epoch"], result["best_epoch"], result["best_val_elbo"]) == (4, 2, -5.0)
@@ -231,7 +232,7 @@ def test_importance_weighted_training_selects_the_best_epoch_by_its_own_bound(tm
     # iwae(k=2): the validation ELBO falls after epoch 1 while the IWAE bound rises until epoch 3.
     elbos = iter([-400.0, -440.0, -480.0, -520.0])  # sums over the 40 validation examples
     bounds = iter([-9.0, -8.0, -7.0, -7.5])  # per example
-    real_sum = train_module._sum_elbo
+    real_sum = epoch_module.sum_elbo
 
     def scripted_elbo(vae, x, batch_size):
         return torch.tensor(next(elbos)) if len(x) == 40 else real_sum(vae, x, batch_size)
@@ -240,7 +241,7 @@ def test_importance_weighted_training_selects_the_best_epoch_by_its_own_bound(tm
         assert not torch.is_grad_enabled() and not vae.training  # evaluated like the ELBO
         return torch.full((len(x),), next(bounds))
 
-    monkeypatch.setattr(train_module, "_sum_elbo", scripted_elbo)
+    monkeypatch.setattr(epoch_module, "sum_elbo", scripted_elbo)
     monkeypatch.setattr(train_module.estimators.IWAE, "bound", scripted_bound)
     cfg = tiny("train.epochs=4", "train.estimator=iwae(k=2)", "train.patience=2")
     result = train(cfg, tmp_path / "run", progress=False)
@@ -257,7 +258,7 @@ def test_elbo_estimators_reuse_the_validation_elbo_as_their_bound(tmp_path, monk
     def no_second_pass(*args, **kwargs):
         raise AssertionError("the ELBO estimators' bound is the validation ELBO already computed")
 
-    monkeypatch.setattr(train_module, "_sum_bound", no_second_pass)
+    monkeypatch.setattr(epoch_module, "sum_bound", no_second_pass)
     train(tiny("train.epochs=1", "train.estimator=closed_form"), tmp_path / "run", progress=False)
     (record,) = _metrics(tmp_path / "run")
     assert record["val_bound"] == record["val_elbo"] < 0
@@ -288,7 +289,7 @@ def test_the_loop_reads_the_host_once_per_epoch(tmp_path, monkeypatch):
     """The loop itself never syncs per step: one ``.tolist()`` per epoch, no ``.item()``/``float()``/``bool()``.
 
     The step and the ELBO are replaced by sync-free stand-ins, so this checks the loop alone
-    (the step's own code is ``pyro_vae.step``'s).
+    (the step's own code is ``pyro_vae.train.step``'s).
     """
     reads: list[str] = []
     marks: list[int] = []
@@ -309,16 +310,16 @@ def test_the_loop_reads_the_host_once_per_epoch(tmp_path, monkeypatch):
 
         return step
 
-    real_write = train_module._write_epoch
+    real_write = run_folder.RunFolder.write_epoch
 
     def write_epoch(*args, **kwargs):
         marks.append(len(reads))
         return real_write(*args, **kwargs)
 
     monkeypatch.setattr(train_module, "TrainStep", fake_step_factory)
-    monkeypatch.setattr(train_module, "_sum_elbo", lambda vae, x, batch_size: x.sum())
-    monkeypatch.setattr(train_module, "_write_epoch", write_epoch)
-    monkeypatch.setattr(train_module, "_finish", lambda *args, **kwargs: None)
+    monkeypatch.setattr(epoch_module, "sum_elbo", lambda vae, x, batch_size: x.sum())
+    monkeypatch.setattr(run_folder.RunFolder, "write_epoch", write_epoch)
+    monkeypatch.setattr(run_folder.RunFolder, "finish", lambda *args, **kwargs: None)
     train(tiny("train.epochs=3", "train.warmup_epochs=1"), tmp_path / "run", progress=False)
     windows = [reads[a:b] for a, b in itertools.pairwise(marks)]
     assert len(windows) == 3

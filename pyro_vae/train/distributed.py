@@ -3,14 +3,20 @@
 Nothing here launches processes: ``torchrun`` (or any launcher that sets the ``env://``
 variables ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) starts one
 process per device, and :func:`session` turns that environment into a process group
-(NCCL on ``cuda:LOCAL_RANK``, gloo on CPU). Without those variables everything here is a no-op
-on a single process, so the training loop has one code path.
+(NCCL on ``cuda:LOCAL_RANK``, gloo on CPU); ``pyro-vae train`` enters it (``pyro_vae.cli``).
 
-The pieces, each standard PyTorch:
+The training loop talks to one **context** object and never asks whether it is distributed:
+:class:`SingleProcess` is the identity (its batches are the one-process permutation, its
+reductions add nothing, its ``wrap`` returns the estimator itself), and :class:`ProcessGroup`
+has the same methods with collectives behind them. Its methods are the loop's whole contact
+with distribution: ``batches``, ``steps_per_epoch``, ``reduce``, ``wrap``, ``seed``,
+``rng_state`` / ``restore_rng_state``, ``shard_rows``, ``broadcast``, ``barrier``, ``is_main``.
+
+The pieces behind them, each standard PyTorch:
 
 - **Gradients.** :class:`LossModule` is an ``nn.Module`` whose ``forward(x, beta)`` returns an
   estimator's loss (the pattern of Pyro's ``ELBOModule``, generalized to every estimator here,
-  including the plain-torch ``closed_form``). :func:`wrap` puts it in
+  including the plain-torch ``closed_form``). ``ProcessGroup.loss_module`` puts it in
   ``torch.nn.parallel.DistributedDataParallel``, which all-reduces gradients during
   ``backward``. DDP *averages* over ranks; the estimators' losses are *sums* over the batch, so
   the loss's gradient is multiplied by the world size (:func:`scale_gradient`) and the averaged
@@ -22,7 +28,7 @@ The pieces, each standard PyTorch:
 - **Metrics.** :func:`reduce_sums`, :func:`all_reduce_sum`, :func:`gather_rows` and :func:`map_rows`
   make evaluation over sharded data equal to a single-process evaluation.
 - **RNG.** Rank r draws its Monte Carlo noise from :func:`rank_seed` ``(seed, r)`` so ranks do not
-  share noise; :func:`gather_rng_states` / :func:`restore_rng_state` carry every rank's state
+  share noise; :func:`gather_rng_states` / :func:`restore_rank_rng` carry every rank's state
   through a checkpoint.
 
 See docs/distributed.md for commands, batch and learning-rate semantics, and resume.
@@ -35,9 +41,9 @@ import datetime
 import gc
 import os
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import pyro.util
@@ -47,21 +53,47 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from pyro_vae import checkpoint
+from pyro_vae.data import batches as shuffled_batches
 from pyro_vae.data import epoch_seed, resolve_device
 
 # Variables that torchrun (torch.distributed.run) sets in every worker.
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
+# (epoch, generator) -> the epoch's training batches, device tensors (batch, x_dim).
+BatchSource = Callable[[int, torch.Generator], Iterable[torch.Tensor]]
 
+
+class Sums(Protocol):
+    """Named per-rank sums that travel as one vector (``pyro_vae.train.epoch.EpochSums``)."""
+
+    def to_tensor(self) -> torch.Tensor: ...
+
+    @classmethod
+    def from_tensor(cls, vector: torch.Tensor) -> Any: ...
+
+    @classmethod
+    def earliest_entries(cls) -> tuple[int, ...]: ...
+
+
+S = TypeVar("S", bound=Sums)
+
+
+# -- the context the training loop talks to -----------------------------------------------------
 @dataclass(frozen=True)
-class DistributedContext:
-    """Where this process sits: ``rank`` of ``world_size`` processes, on ``device``."""
+class SingleProcess:
+    """One process on ``device``: the training loop's context when there is nothing to distribute.
 
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
+    Every method is the identity or does nothing beyond what one process does anyway;
+    :class:`ProcessGroup` has the same methods with collectives behind them, so the loop has one
+    code path. (``rank``, ``world_size``, ``local_rank`` and ``backend`` are constants here.)
+    """
+
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    backend: str | None = None
+
+    rank = 0
+    world_size = 1
+    local_rank = 0
+    backend = None
 
     @property
     def enabled(self) -> bool:
@@ -73,7 +105,139 @@ class DistributedContext:
         """Rank 0 alone writes files and prints."""
         return self.rank == 0
 
+    # -- data
+    def batches(self, dataset, batch_size: int, seed: int) -> BatchSource:
+        """``(epoch, generator) -> batches`` of ``dataset.train_epoch(epoch, generator)``: here a
+        device-side permutation drawn with ``generator`` (``pyro_vae.data.batches``)."""
+        return lambda epoch, generator: shuffled_batches(dataset.train_epoch(epoch, generator), batch_size, generator)
 
+    def steps_per_epoch(self, n: int, batch_size: int) -> int:
+        """Steps that :meth:`batches` yields per epoch on every rank for ``n`` training examples."""
+        return num_steps(n, batch_size, self.world_size)
+
+    def shard_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's contiguous block of the rows of ``x`` (all of them in one process), for evaluation:
+        :meth:`reduce` adds the blocks' sums back together."""
+        return shard_rows(x, self.rank, self.world_size)
+
+    # -- numbers
+    def reduce(self, sums: S) -> S:
+        """``sums`` added over ranks and read to the host: one collective and one host read.
+
+        ``sums.to_tensor()`` is the per-rank vector; the entries at ``sums.earliest_entries()``
+        hold a step index (-1: none) and become the earliest index any rank reports instead of a
+        sum; ``from_tensor`` reads the result back as numbers. In one process only the read is left.
+        """
+        return type(sums).from_tensor(self._add_over_ranks(sums.to_tensor(), sums.earliest_entries()))
+
+    def _add_over_ranks(self, vector: torch.Tensor, earliest: Sequence[int]) -> torch.Tensor:
+        return vector
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank (e.g. a run folder name that holds a timestamp)."""
+        return obj
+
+    def barrier(self) -> None:
+        """Wait until every rank gets here."""
+
+    # -- gradients
+    def loss_module(self, vae: nn.Module, estimator) -> nn.Module:
+        """The estimator's loss as an ``nn.Module`` (:class:`LossModule`); DDP-wrapped under a group."""
+        return LossModule(vae, estimator)
+
+    def wrap(self, estimator, vae: nn.Module):
+        """The estimator to train with: ``estimator`` itself; under a group one whose loss all-reduces gradients."""
+        return estimator
+
+    # -- random number generators
+    def seed(self, seed: int) -> None:
+        """Give this rank its own Monte Carlo noise from here on; one process keeps its stream untouched."""
+
+    def rng_state(self) -> dict[str, Any]:
+        """The checkpoint entries that carry the RNG state: ``rng`` (``checkpoint.rng_state``)."""
+        return {"rng": checkpoint.rng_state()}
+
+    def restore_rng_state(self, state: Mapping[str, Any], seed: int, epoch: int) -> None:
+        """Restore the RNG state of a checkpoint written after ``epoch`` by a run with ``seed``."""
+        checkpoint.set_rng_state(state["rng"])
+
+
+@dataclass(frozen=True)
+class ProcessGroup(SingleProcess):
+    """Rank ``rank`` of ``world_size`` processes of an initialized ``torch.distributed`` process group.
+
+    The same methods as :class:`SingleProcess`, as collectives: each rank trains on its shard of
+    the global batch, the loss runs through ``DistributedDataParallel``, sums are added over ranks,
+    and the checkpoint keeps every rank's RNG state. Constructing one initializes nothing
+    (:func:`setup` does); the collectives need the group.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+
+    def batches(self, dataset, batch_size: int, seed: int) -> BatchSource:
+        """This rank's shard of each epoch's batches (:func:`sharded_batch_source`)."""
+        return sharded_batch_source(dataset, batch_size, seed, self)
+
+    def _add_over_ranks(self, vector: torch.Tensor, earliest: Sequence[int]) -> torch.Tensor:
+        return reduce_sums(vector, earliest=earliest)
+
+    def broadcast(self, obj: Any) -> Any:
+        return broadcast_object(obj)
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def loss_module(self, vae: nn.Module, estimator) -> nn.Module:
+        """``DistributedDataParallel(LossModule(vae, estimator, world_size))`` for this rank.
+
+        DDP broadcasts rank 0's parameters and buffers on construction, so every rank starts from the
+        same model. ``static_graph=True``: every step uses the same parameters (true of every
+        estimator and family here), so DDP learns in the first step which parameters, if any, get no
+        gradient (a parameter an estimator leaves out of the loss would otherwise make DDP wait for it
+        forever) without ``find_unused_parameters``' graph traversal at every step, and without running
+        the estimator beforehand (which would change stateful estimators such as ``tracegraph``'s baseline).
+        """
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        module = LossModule(vae, estimator, gradient_factor=self.world_size)
+        return DistributedDataParallel(module, device_ids=device_ids, static_graph=True)
+
+    def wrap(self, estimator, vae: nn.Module):
+        """A :class:`DistributedEstimator` around the DDP loss module.
+
+        Each rank holds its own estimator object, so estimator state (``tracegraph``'s baseline, the
+        JIT estimators' compiled functions) is per rank.
+        """
+        return DistributedEstimator(self.loss_module(vae, estimator), estimator)
+
+    def seed(self, seed: int) -> None:
+        """``pyro.set_rng_seed(rank_seed(seed, rank))``.
+
+        Identical streams on all ranks would pair example i of every rank's batch with the same
+        noise: not wrong in expectation, but correlated.
+        """
+        pyro.util.set_rng_seed(rank_seed(seed, self.rank))
+
+    def rng_state(self) -> dict[str, Any]:
+        """Rank 0's ``rng`` and every rank's state (``rank_rng``); a collective: every rank calls it."""
+        return {**super().rng_state(), "rank_rng": gather_rng_states()}
+
+    def restore_rng_state(self, state: Mapping[str, Any], seed: int, epoch: int) -> None:
+        """This rank's own stream back from ``rank_rng`` (a fresh one when the world size changed)."""
+        super().restore_rng_state(state, seed, epoch)
+        restore_rank_rng(state.get("rank_rng"), seed, epoch, self)
+
+
+def _context(rank: int, world_size: int, local_rank: int, device: torch.device, backend: str) -> SingleProcess:
+    # A group of one process has nothing to add up and no gradient to average: it trains as one process.
+    if world_size == 1:
+        return SingleProcess(device)
+    return ProcessGroup(device, rank=rank, world_size=world_size, local_rank=local_rank, backend=backend)
+
+
+# -- the process group --------------------------------------------------------------------------
 def launched_by_torchrun(env: Mapping[str, str] | None = None) -> bool:
     """Whether ``torchrun`` started this process (its ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` are set)."""
     env = os.environ if env is None else env
@@ -88,7 +252,7 @@ def _env_int(env: Mapping[str, str], name: str) -> int:
         raise ValueError(f"environment variable {name}={value!r} is not an integer (set by torchrun)") from None
 
 
-def setup(device: str | torch.device | None = "auto", timeout_s: float = 1800.0) -> DistributedContext:
+def setup(device: str | torch.device | None = "auto", timeout_s: float = 1800.0) -> SingleProcess:
     """Initialize the process group from torchrun's environment and return this rank's context.
 
     ``device`` is the requested device (``"auto"``, ``"cpu"``, ``"cuda"``). Under torchrun a CUDA
@@ -99,7 +263,7 @@ def setup(device: str | torch.device | None = "auto", timeout_s: float = 1800.0)
     """
     resolved = resolve_device(device)
     if not launched_by_torchrun():
-        return DistributedContext(device=resolved)
+        return SingleProcess(resolved)
     env = os.environ
     rank, world_size, local_rank = (_env_int(env, name) for name in TORCHRUN_ENV)
     if resolved.type == "cuda":
@@ -120,7 +284,7 @@ def setup(device: str | torch.device | None = "auto", timeout_s: float = 1800.0)
         if backend == "nccl":
             kwargs["device_id"] = resolved  # binds the communicator to this GPU eagerly
         dist.init_process_group(backend=backend, init_method="env://", **kwargs)
-    return DistributedContext(rank, world_size, local_rank, resolved, dist.get_backend())
+    return _context(rank, world_size, local_rank, resolved, dist.get_backend())
 
 
 def teardown() -> None:
@@ -138,7 +302,7 @@ def teardown() -> None:
 
 
 @contextlib.contextmanager
-def session(device: str | torch.device | None = "auto") -> Iterator[DistributedContext]:
+def session(device: str | torch.device | None = "auto") -> Iterator[SingleProcess]:
     """``with session(device) as ctx:`` -- :func:`setup` on entry; on exit destroy the group it created.
 
     On an exception the group is destroyed without a barrier (the other ranks may never reach it;
@@ -156,14 +320,23 @@ def session(device: str | torch.device | None = "auto") -> Iterator[DistributedC
         teardown()
 
 
-def context() -> DistributedContext:
-    """The context of an already initialized process group (or of a single process)."""
+def current_context() -> SingleProcess:
+    """The context of an already initialized process group, or of a single process.
+
+    Raises ``RuntimeError`` when torchrun started several processes but none set up the group:
+    each would otherwise train alone and write the same files (``session`` sets it up).
+    """
     if not dist.is_initialized():
-        return DistributedContext()
+        if launched_by_torchrun() and _env_int(os.environ, "WORLD_SIZE") > 1:
+            raise RuntimeError(
+                "torchrun started this process but no process group is set up: train with `pyro-vae train`, "
+                "or pass train(..., context=ctx) inside `with pyro_vae.train.distributed.session(device) as ctx:`"
+            )
+        return SingleProcess()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     backend = dist.get_backend()
     device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
-    return DistributedContext(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
+    return _context(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
 
 
 def is_main() -> bool:
@@ -240,10 +413,10 @@ def shard_indices(
 
 
 def shard_batches(
-    x: torch.Tensor, batch_size: int, seed: int, epoch: int, ctx: DistributedContext | None = None
+    x: torch.Tensor, batch_size: int, seed: int, epoch: int, ctx: SingleProcess | None = None
 ) -> Iterator[torch.Tensor]:
     """Mini-batches of the device-resident ``x`` for this rank (see :func:`shard_indices`)."""
-    ctx = ctx or context()
+    ctx = ctx or current_context()
     for index in shard_indices(len(x), batch_size, seed, epoch, ctx.rank, ctx.world_size, x.device):
         yield x[index]
 
@@ -254,13 +427,13 @@ def num_steps(n: int, batch_size: int, world_size: int) -> int:
     return -(-(n // world_size) // local)
 
 
-def sharded_batch_source(dataset, batch_size: int, seed: int, ctx: DistributedContext | None = None):
+def sharded_batch_source(dataset, batch_size: int, seed: int, ctx: SingleProcess | None = None):
     """``(epoch, generator) -> batches``: this rank's shard of ``dataset.train_epoch(epoch, generator)``.
 
     ``generator`` is in the same state on every rank, so a dynamically binarized epoch is the same
     tensor on all of them; the shard itself comes from (seed, epoch) alone (:func:`shard_indices`).
     """
-    ctx = ctx or context()
+    ctx = ctx or current_context()
     per_rank_batch_size(batch_size, ctx.world_size)  # a bad split fails before training starts
 
     def source(epoch: int, generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
@@ -321,26 +494,6 @@ class LossModule(nn.Module):
         return scale_gradient(self.estimator.loss(self.vae, x, beta), self.gradient_factor)
 
 
-def wrap(vae: nn.Module, estimator, ctx: DistributedContext | None = None) -> nn.Module:
-    """``DistributedDataParallel(LossModule(vae, estimator, world_size))`` for this rank.
-
-    DDP broadcasts rank 0's parameters and buffers on construction, so every rank starts from the
-    same model. ``static_graph=True``: every step uses the same parameters (true of every
-    estimator and family here), so DDP learns in the first step which parameters, if any, get no
-    gradient (a parameter an estimator leaves out of the loss would otherwise make DDP wait for it
-    forever) without ``find_unused_parameters``' graph traversal at every step, and without running
-    the estimator beforehand (which would change stateful estimators such as ``tracegraph``'s baseline).
-    In a single process the bare ``LossModule`` is returned.
-    """
-    ctx = ctx or context()
-    if not ctx.enabled:
-        return LossModule(vae, estimator)
-    device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-    return DistributedDataParallel(
-        LossModule(vae, estimator, gradient_factor=ctx.world_size), device_ids=device_ids, static_graph=True
-    )
-
-
 class DistributedEstimator:
     """An estimator whose ``loss`` runs through the DDP-wrapped :class:`LossModule`.
 
@@ -364,18 +517,6 @@ class DistributedEstimator:
     def __getattr__(self, name: str):
         # Only called for attributes not found normally: delegate to the wrapped estimator.
         return getattr(self.__dict__["estimator"], name)
-
-
-def distribute_estimator(vae: nn.Module, estimator, ctx: DistributedContext | None = None):
-    """The estimator to train with on this rank: ``estimator`` itself in a single process, else DDP-wrapped.
-
-    Each rank holds its own estimator object, so estimator state (``tracegraph``'s baseline, the
-    JIT estimators' compiled functions) is per rank.
-    """
-    ctx = ctx or context()
-    if not ctx.enabled:
-        return estimator
-    return DistributedEstimator(wrap(vae, estimator, ctx), estimator)
 
 
 # -- metrics ----------------------------------------------------------------------------
@@ -473,17 +614,6 @@ def rank_seed(seed: int, rank: int) -> int:
     return int(np.random.SeedSequence([int(seed), 1 + int(rank)]).generate_state(1)[0])
 
 
-def seed_rank(seed: int, ctx: DistributedContext | None = None) -> None:
-    """Give this rank its own noise stream (``pyro.set_rng_seed(rank_seed(seed, rank))``) when distributed.
-
-    Identical streams on all ranks would pair example i of every rank's batch with the same
-    noise: not wrong in expectation, but correlated. A single process keeps its stream untouched.
-    """
-    ctx = ctx or context()
-    if ctx.enabled:
-        pyro.util.set_rng_seed(rank_seed(seed, ctx.rank))
-
-
 def gather_rng_states() -> list[dict[str, Any]]:
     """Every rank's RNG state (``checkpoint.rng_state``: torch, CUDA, random, numpy), in rank order.
 
@@ -497,11 +627,11 @@ def gather_rng_states() -> list[dict[str, Any]]:
     return states
 
 
-def restore_rng_state(
+def restore_rank_rng(
     states: Sequence[Mapping[str, Any]] | Mapping[str, Any] | None,
     seed: int,
     epoch: int,
-    ctx: DistributedContext | None = None,
+    ctx: SingleProcess | None = None,
 ) -> None:
     """Restore this rank's RNG state from a checkpoint's ``states``.
 
@@ -510,7 +640,7 @@ def restore_rng_state(
     resumed run continues exactly. Otherwise (different number of processes, or no states) every
     rank is reseeded from (seed, epoch, rank): reproducible, but not the uninterrupted stream.
     """
-    ctx = ctx or context()
+    ctx = ctx or current_context()
     if isinstance(states, Mapping):
         states = [states]
     if states and len(states) == ctx.world_size:

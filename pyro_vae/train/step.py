@@ -23,7 +23,7 @@ is the first after a resume or not.
     Value and gradient equal those of Pyro's ``Trace_ELBO`` (``TraceMeanField_ELBO``) ``differentiable_loss``.
     From the second call on, whatever loss the path runs (lean or the estimator's own) is recorded
     once per batch shape as a graph of ATen operations and replayed (``record=True``, the
-    default; :mod:`pyro_vae.recorded`): the Pyro programs are interpreted once, not every step.
+    default; :mod:`pyro_vae.train.recorded`): the Pyro programs are interpreted once, not every step.
 ``cuda_graph``
     On CUDA, the whole fast step (loss, backward, clipping, optimizer) captured once per batch
     shape as a CUDA graph and replayed (``torch.cuda.CUDAGraph``): one launch per step instead of
@@ -41,9 +41,8 @@ from dataclasses import dataclass
 import pyro
 import torch
 
-from pyro_vae import estimators as _estimators
-from pyro_vae.recorded import RecordedLoss
 from pyro_vae.traces import lean_loss_supported
+from pyro_vae.train.recorded import RecordedLoss
 
 log = logging.getLogger(__name__)
 
@@ -114,9 +113,9 @@ class TrainStep:
         cuda_graph: ``"auto"`` (capture on CUDA when possible), ``True`` (capture, and log why
             not when impossible), ``False``.
         record: on the fast path, record the loss once per batch shape and replay it
-            (``pyro_vae.recorded.RecordedLoss``, exposed as ``self.recorded``); ``False`` runs the
+            (``pyro_vae.train.recorded.RecordedLoss``, exposed as ``self.recorded``); ``False`` runs the
             programs on every step (for programs whose Python state changes between steps).
-            Estimators with ``recordable = False`` are never recorded.
+            Estimators with ``recordable = False``, or without the attribute, are never recorded.
 
     The first call chooses the path (``self.path``; the reason for a fallback from a faster one
     in ``self.fallback_reason``) and runs its loss with Pyro validation as configured.
@@ -192,8 +191,9 @@ class TrainStep:
             )
         # The estimator's own loss when there is no lean loss (validation off after the first step).
         self._loss_fn = lean if lean_ok else self.estimator.loss
-        # Only estimators that say what they are: a duck-typed one may keep state a replay would freeze.
-        declared = isinstance(self.estimator, _estimators.Estimator) and self.estimator.recordable
+        # Only estimators that declare it (``Estimator.recordable``, true by default): one that does not
+        # say may keep Python state that a replay would freeze.
+        declared = getattr(self.estimator, "recordable", False)
         if self.fast and self.record and declared:
             self.recorded = self._loss_fn = RecordedLoss(self._loss_fn, self.vae)
         if plan.path == "cuda_graph":

@@ -1,6 +1,6 @@
 """A loss recorded once per input signature as a graph of ATen operations, and replayed.
 
-The lean losses of :mod:`pyro_vae.step` run the model and the guide as Pyro programs on every
+The lean losses of :mod:`pyro_vae.train.step` run the model and the guide as Pyro programs on every
 call: effect-handler messages for every site, plate frames, distribution objects broadcast to the
 plate. On a CPU at batch 128 that Python costs about half a millisecond per step, 10-14% of a
 hand-written PyTorch step, and it is the same work every time: for a fixed batch shape the
@@ -8,7 +8,7 @@ programs issue the same tensor operations in the same order. :class:`RecordedLos
 once under ``make_fx`` with fake tensors (no data, no arithmetic: the operations are recorded,
 not computed), keeps the graph of ATen operations, and from then on calls the graph. The model
 and guide remain the Pyro programs that produced it; only their per-call interpretation is
-skipped. It is the CPU counterpart of capturing the step as a CUDA graph (``pyro_vae.step``),
+skipped. It is the CPU counterpart of capturing the step as a CUDA graph (``pyro_vae.train.step``),
 and on CUDA the captured step replays the recorded loss.
 
 What a replay computes is what the eager loss computes, operation for operation:
@@ -99,7 +99,7 @@ class RecordedLoss:
 
     Args:
         loss_fn: a loss of the form ``loss_fn(vae, x, beta) -> scalar`` that touches the model only
-            through its parameters, buffers and the Pyro programs (the lean losses of ``pyro_vae.step``).
+            through its parameters, buffers and the Pyro programs (the lean losses of ``pyro_vae.train.step``).
         vae: the module it is evaluated on.
 
     Call it as the loss itself: ``recorded(vae, x, beta)``. ``replays`` maps each signature to its

@@ -1,0 +1,235 @@
+"""One epoch of training: the steps, the evaluation at beta = 1, and the epoch's sums.
+
+KL warm-up (Bowman et al. 2016; Sønderby et al. 2016) multiplies the latent site's log-densities
+by beta via ``poutine.scale``, so the bound a step maximizes is E_q[log p(x|z)] - beta KL(q || p);
+beta rises linearly per step to 1 over ``train.warmup_epochs`` (:func:`warmup_beta`). Validation
+and test always use beta = 1.
+
+Model selection (``best.pt``) and early stopping follow ``val_bound``: the training estimator's
+own bound (``estimator.bound``) averaged over the validation set. For the ELBO estimators
+(``estimator.bound_is_elbo``) it is the validation ELBO, computed once; for ``iwae(k)``,
+``dreg(k)``, ``renyi`` it is their k-sample bound, which can improve (with the NLL) while the ELBO
+falls, as the guide stops fitting the ELBO.
+
+A step makes no host sync: losses stay device scalars, and the index of the first step whose loss
+is not finite is kept in a device tensor (``torch.where``). Everything an epoch reports is a sum
+over examples or a step index (:class:`EpochSums`), added over ranks by the distributed context
+in one collective and read to the host once per epoch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from pyro_vae.evaluate import elbo_per_example
+from pyro_vae.train.distributed import BatchSource, SingleProcess
+from pyro_vae.train.errors import NonFiniteLossError
+
+Number = torch.Tensor | float
+
+
+def warmup_beta(step: int, warmup_steps: int) -> float:
+    """KL weight of step ``step`` (0-based): ``min(1, (step + 1) / warmup_steps)``; 1 without warm-up.
+
+    It starts at ``1 / warmup_steps`` rather than 0 because ``poutine.scale`` needs a positive
+    scale; it reaches 1 at the last step of the warm-up and stays there.
+    """
+    if warmup_steps <= 0:
+        return 1.0
+    return min(1.0, (step + 1) / warmup_steps)
+
+
+@dataclass
+class EpochSums:
+    """The epoch's numbers, by name: sums over examples, their counts, and one step index.
+
+    While the epoch runs they are device tensors (or plain numbers for what is known on the host).
+    :meth:`to_tensor` stacks them into the one float64 vector that the distributed context adds
+    over ranks; :meth:`from_tensor` reads it back, the epoch's one host read. Each mean is a sum
+    over a count added up the same way, so it is exact over shards of any size.
+    """
+
+    loss: Number  # the step losses summed: minus the training bound (beta-weighted), summed over examples
+    examples: Number  # training examples the steps saw
+    first_bad_step: Number = -1  # global index of the first step whose loss is not finite; -1: none
+    val_elbo: Number = 0.0
+    val_bound: Number = 0.0  # the training estimator's own bound
+    val_examples: Number = 0  # 0 when the epoch was not evaluated or there is no validation set
+    test_elbo: Number = 0.0
+    test_examples: Number = 0  # 0 when the epoch was not evaluated
+
+    # A step index, not a sum: over ranks it is the earliest one any rank reports.
+    EARLIEST: ClassVar[tuple[str, ...]] = ("first_bad_step",)
+
+    def to_tensor(self) -> torch.Tensor:
+        """The entries as one float64 vector on the device of the tensor entries (no host copy)."""
+        values = [getattr(self, f.name) for f in fields(self)]
+        like = next(v for v in values if isinstance(v, torch.Tensor))
+        # new_full fills on the device from a kernel argument: a host number needs no copy.
+        return torch.stack(
+            [v.double() if isinstance(v, torch.Tensor) else like.new_full((), v, dtype=torch.float64) for v in values]
+        )
+
+    @classmethod
+    def from_tensor(cls, vector: torch.Tensor) -> EpochSums:
+        """The entries of :meth:`to_tensor`'s vector as Python numbers (one ``tolist``: a host read)."""
+        return cls(*vector.tolist())
+
+    @classmethod
+    def earliest_entries(cls) -> tuple[int, ...]:
+        """Positions in the vector of the entries reduced by the earliest over ranks (:attr:`EARLIEST`)."""
+        names = [f.name for f in fields(cls)]
+        return tuple(names.index(name) for name in cls.EARLIEST)
+
+    def means(self) -> dict[str, float | None]:
+        """Per-example means in nats; ``None`` for what the epoch did not evaluate."""
+        return {
+            "train_elbo": -self.loss / self.examples,
+            "val_elbo": self.val_elbo / self.val_examples if self.val_examples else None,
+            "val_bound": self.val_bound / self.val_examples if self.val_examples else None,
+            "test_elbo": self.test_elbo / self.test_examples if self.test_examples else None,
+        }
+
+
+@dataclass
+class Progress:
+    """Counters that a checkpoint carries: completed epochs and steps, early-stopping state.
+
+    The best epoch is the one with the highest ``val_bound``; ``best_val_elbo`` is its ``val_elbo``.
+    """
+
+    epoch: int = 0
+    step: int = 0
+    best_val_bound: float | None = None
+    best_val_elbo: float | None = None
+    best_epoch: int = 0
+    bad_epochs: int = 0
+
+    def observe(self, record: dict[str, Any]) -> bool:
+        """Track the best ``val_bound`` (the training estimator's bound); True when this epoch is the new best.
+
+        Epochs without an evaluation (``train.eval_every``) do not count; without a validation set
+        there is no best epoch and ``best.pt`` is not written.
+        """
+        val = record["val_bound"]
+        if val is None:
+            return False
+        if self.best_val_bound is None or val > self.best_val_bound:
+            self.best_val_bound, self.best_val_elbo = val, record["val_elbo"]
+            self.best_epoch, self.bad_epochs = record["epoch"], 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+
+def has_validation(dataset) -> bool:
+    """Whether ``dataset`` has a validation split (``data.val_size``): without one there is no best epoch."""
+    return dataset.val is not None and len(dataset.val) > 0
+
+
+def sum_elbo(vae, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Sum over ``x`` of the one-sample ELBO at beta = 1, as a device scalar (no host read)."""
+    return elbo_per_example(vae, x, batch_size=batch_size).sum()
+
+
+def sum_bound(estimator, vae, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Sum over ``x`` of the training estimator's own bound (``estimator.bound``, beta = 1), a device scalar."""
+    # k draws per example: k times fewer examples per chunk keep the memory of the one-draw ELBO's.
+    chunk = max(1, batch_size // estimator.particles)
+    with torch.no_grad():
+        return sum((estimator.bound(vae, xb).sum() for xb in x.split(chunk)), x.new_zeros(()))
+
+
+def epoch_losses(losses: list[torch.Tensor], first_step: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of the epoch's losses, global index of its first non-finite loss or -1), on the device, no host sync."""
+    if not losses:
+        return torch.zeros((), device=device), torch.full((), -1, dtype=torch.int64, device=device)
+    stacked = torch.stack(losses)
+    bad = ~torch.isfinite(stacked)
+    first_bad = torch.where(bad.any(), bad.int().argmax() + first_step, -1)
+    return stacked.sum(), first_bad
+
+
+@dataclass
+class Epoch:
+    """One epoch of a run, set up once: the steps over the context's batches, then the evaluation."""
+
+    vae: nn.Module
+    estimator: Any  # the training estimator: its bound, its draws per example, whether its bound is the ELBO
+    step: Callable[[torch.Tensor, float], torch.Tensor]  # x, beta -> detached loss (pyro_vae.train.step)
+    batches: BatchSource
+    generator: torch.Generator  # the data's own stream: permutations, dynamic binarization
+    context: SingleProcess
+    dataset: Any
+    device: torch.device
+    steps: int  # per epoch, on every rank
+    warmup_steps: int
+    eval_batch_size: int
+
+    def run(self, epoch: int, first_step: int, evaluated: bool, reporter) -> tuple[EpochSums, int, float]:
+        """Train epoch ``epoch`` from global step ``first_step``; evaluate it when ``evaluated``.
+
+        Returns the epoch's sums added over ranks and read to the host, the global step after the
+        epoch, and the beta of its last step.
+        """
+        self.vae.train()
+        reporter.start_epoch(epoch, self.steps)
+        losses: list[torch.Tensor] = []  # device scalars: the step itself adds no kernel to sum them
+        examples, step, beta = 0, first_step, 1.0
+        for x in self.batches(epoch, self.generator):
+            beta = warmup_beta(step, self.warmup_steps)
+            losses.append(self.step(x, beta))
+            examples += x.shape[0]
+            step += 1
+            reporter.advance()
+        reporter.end_epoch()
+        loss, first_bad = epoch_losses(losses, first_step, self.device)
+        sums = EpochSums(loss=loss, examples=examples, first_bad_step=first_bad)
+        if evaluated:  # at beta = 1, whatever the warm-up
+            self.vae.eval()
+            self.evaluate(sums)
+        return self.context.reduce(sums), step, beta
+
+    def evaluate(self, sums: EpochSums) -> None:
+        """Add the validation and test sums of this rank's block of each split (the context adds the blocks)."""
+        if has_validation(self.dataset):
+            val = self.context.shard_rows(self.dataset.val)
+            sums.val_elbo = sum_elbo(self.vae, val, self.eval_batch_size)
+            # The ELBO estimators' bound is the validation ELBO just computed: no second pass.
+            sums.val_bound = (
+                sums.val_elbo
+                if self.estimator.bound_is_elbo
+                else sum_bound(self.estimator, self.vae, val, self.eval_batch_size)
+            )
+            sums.val_examples = len(val)
+        test = self.context.shard_rows(self.dataset.test)
+        sums.test_elbo = sum_elbo(self.vae, test, self.eval_batch_size)
+        sums.test_examples = len(test)
+
+
+def check_finite(sums: EpochSums, epoch: int, progress: Progress, checkpoint: Path) -> None:
+    """Raise :class:`NonFiniteLossError` naming the first bad step, if the epoch had one.
+
+    ``progress`` still holds the previous epoch, as does ``checkpoint``: that is what a fix resumes from.
+    """
+    if sums.first_bad_step < 0:
+        return
+    bad = int(sums.first_bad_step)
+    raise NonFiniteLossError(
+        f"non-finite loss at epoch {epoch}, step {bad - progress.step + 1} of the epoch "
+        f"(global step {bad + 1}); {checkpoint} still holds epoch {progress.epoch}. "
+        "Try a lower train.lr, train.clip_norm, or a longer train.warmup_epochs.",
+        epoch=epoch,
+        step=bad + 1,
+    )
+
+
+def epoch_record(epoch: int, sums: EpochSums, *, beta: float, lr: float, seconds: float, steps: int) -> dict[str, Any]:
+    """The epoch's line of ``metrics.jsonl`` (keys in ``docs/training.md``)."""
+    return {"epoch": epoch, **sums.means(), "beta": beta, "lr": lr, "seconds": seconds, "steps": steps}

@@ -1,0 +1,219 @@
+"""The run folder a training run writes, and the lines it reports as it goes (``docs/training.md``).
+
+- ``config.toml`` (the resolved config) at the start; ``train.log``: the :class:`Reporter`'s lines;
+- ``metrics.jsonl``: one JSON object per epoch (``epoch, train_elbo, val_elbo, val_bound,
+  test_elbo, beta, lr, seconds, steps``);
+- ``checkpoint.pt`` after every epoch (and once before the first) and ``best.pt`` at the best
+  ``val_bound``, written atomically (``pyro_vae.checkpoint``);
+- at the end, ``evaluation.json`` (``pyro_vae.evaluate.evaluate`` on the best weights) and the
+  figures (``pyro_vae.plots.write_all_figures``): :meth:`RunFolder.finish`.
+
+Under ``torch.distributed`` rank 0 alone writes and prints: the folder and reporter of the other
+ranks are built with ``active=False`` and do nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from pyro_vae import checkpoint as ckpt
+from pyro_vae.config import Config, config_to_dict, save_config
+from pyro_vae.evaluate import evaluate
+from pyro_vae.runs import BEST, CHECKPOINT, CONFIG, METRICS, read_metrics
+from pyro_vae.train.errors import TrainingError
+
+LOG = "train.log"
+EVALUATION = "evaluation.json"
+
+
+class Reporter:
+    """A tqdm bar per epoch on a terminal, otherwise one plain line per epoch; ``train.log`` always."""
+
+    def __init__(self, log_dir: Path | None, bar: bool | None, active: bool, epochs: int) -> None:
+        self.active, self.epochs = active, epochs
+        self.bar = active and (sys.stderr.isatty() if bar is None else bar)
+        self.logger = logging.getLogger(f"pyro_vae.train.{id(self)}")
+        self.logger.setLevel(logging.INFO)
+        self.logger.propagate = False
+        self._tqdm = None
+        if active and log_dir is not None:
+            handler = logging.FileHandler(log_dir / LOG)
+            handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+            self.logger.addHandler(handler)
+
+    def start_epoch(self, epoch: int, steps: int) -> None:
+        if self.bar:
+            from tqdm.auto import tqdm
+
+            self._tqdm = tqdm(total=steps, desc=f"epoch {epoch}/{self.epochs}", leave=False, unit="step")
+
+    def advance(self) -> None:
+        if self._tqdm is not None:
+            self._tqdm.update(1)
+
+    def end_epoch(self) -> None:
+        if self._tqdm is not None:
+            self._tqdm.close()
+            self._tqdm = None
+
+    def line(self, text: str) -> None:
+        """A message for the terminal (above the bar) and for ``train.log``."""
+        if not self.active:
+            return
+        if self.bar:
+            from tqdm.auto import tqdm
+
+            tqdm.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
+        self.logger.info(text)
+
+    def epoch_line(self, record: dict[str, Any]) -> None:
+        """The epoch's numbers in one line: ``epoch   3/20  train -104.90  val -103.80 ...``."""
+        self.line(format_record(record, self.epochs))
+
+    def close(self) -> None:
+        self.end_epoch()
+        for handler in list(self.logger.handlers):
+            handler.close()
+            self.logger.removeHandler(handler)
+
+
+def format_record(record: dict[str, Any], epochs: int) -> str:
+    parts = [f"epoch {record['epoch']:>3}/{epochs}", f"train {record['train_elbo']:.2f}"]
+    named = {"val": record["val_elbo"], "val bound": record["val_bound"], "test": record["test_elbo"]}
+    if record["val_bound"] == record["val_elbo"]:  # an ELBO estimator: the bound is the ELBO
+        del named["val bound"]
+    parts += [f"{name} {value:.2f}" for name, value in named.items() if value is not None]
+    if record["beta"] < 1:
+        parts.append(f"beta {record['beta']:.3f}")
+    parts += [f"lr {record['lr']:.3g}", f"{record['seconds']:.1f}s"]
+    return "  ".join(parts)
+
+
+class RunFolder:
+    """The run folder ``path`` as training writes it; with ``active=False`` (ranks but 0) it writes nothing.
+
+    ``checkpoint.pt`` is the commit point of an epoch: on resume, metrics beyond its epoch are
+    dropped and the epoch is trained again (bitwise the same), so what was written ahead of it
+    (a metrics line, ``best.pt``) is harmless.
+    """
+
+    def __init__(self, path: Path, active: bool) -> None:
+        self.path, self.active = path, active
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / CHECKPOINT
+
+    def open(self, cfg: Config, resume: bool) -> dict[str, Any] | None:
+        """Check the folder and write ``config.toml``; return the checkpoint to resume from (``None``: a new run).
+
+        Every rank reads the checkpoint. A folder that holds a run is never overwritten, and a
+        resumed run must have the checkpoint's model and data.
+        """
+        state = None
+        if resume:
+            state = ckpt.load_checkpoint(self.checkpoint)  # a clear error when there is nothing to resume
+            check_same_model(state["config"], config_to_dict(cfg), self.checkpoint)
+        elif self.checkpoint.exists():
+            raise TrainingError(
+                f"{self.path} already holds a run ({CHECKPOINT}); continue it with --resume or choose another --out"
+            )
+        if self.active:
+            self.path.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.path / CONFIG)
+        return state
+
+    def reporter(self, bar: bool | None, epochs: int) -> Reporter:
+        """The run's reporter, logging to this folder's ``train.log``."""
+        return Reporter(self.path, bar, self.active, epochs)
+
+    def truncate_metrics(self, epoch: int) -> None:
+        """Drop metric lines of epochs the checkpoint does not hold (written before an interruption)."""
+        path = self.path / METRICS
+        if not self.active or not path.is_file():
+            return
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        kept = [line for line in lines if json.loads(line)["epoch"] <= epoch]
+        if len(kept) != len(lines):
+            path.write_text("".join(line + "\n" for line in kept))
+
+    def save_checkpoint(self, state: dict[str, Any]) -> None:
+        if self.active:
+            ckpt.save_checkpoint(state, self.checkpoint)
+
+    def write_epoch(self, record: dict[str, Any], state: dict[str, Any], improved: bool) -> None:
+        """Metrics line, then best.pt, then checkpoint.pt: an interruption anywhere leaves a resumable folder."""
+        if not self.active:
+            return
+        with open(self.path / METRICS, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if improved:
+            ckpt.save_checkpoint(state, self.path / BEST)
+        ckpt.save_checkpoint(state, self.checkpoint)
+
+    def finish(self, cfg: Config, vae, dataset, reporter: Reporter) -> dict[str, Any] | None:
+        """``evaluation.json`` and the figures, on the best weights; returns the evaluation (``None``: failed).
+
+        The best weights are ``best.pt`` when the run had a validation set, else the last epoch's.
+        Failures are reported with the command that redoes them, never fatal: the checkpoint is safe.
+        """
+        if not self.active:
+            return None
+        best = self.path / BEST
+        if best.is_file():
+            vae.load_state_dict(ckpt.load_checkpoint(best)["model"])
+        vae.eval()
+        evaluation = self._evaluate(vae, dataset, cfg.train.nll_samples, best, reporter)
+        if cfg.train.plots:
+            self._figures(vae, dataset, reporter)
+        return evaluation
+
+    def _evaluate(self, vae, dataset, nll_samples: int, best: Path, reporter: Reporter) -> dict[str, Any] | None:
+        evaluation = None
+        try:
+            evaluation = evaluate(vae, dataset, nll_samples=nll_samples)
+            evaluation["weights"] = best.name if best.is_file() else CHECKPOINT
+            (self.path / EVALUATION).write_text(json.dumps(evaluation, indent=2) + "\n")
+            reporter.line(f"{_summary(evaluation, nll_samples)} -> {self.path / EVALUATION}")
+        except Exception as err:
+            reporter.line(
+                f"evaluation failed ({type(err).__name__}: {err}); redo it with: pyro-vae evaluate --run {self.path}"
+            )
+        return evaluation
+
+    def _figures(self, vae, dataset, reporter: Reporter) -> None:
+        try:
+            from pyro_vae.plots import write_all_figures  # matplotlib loads only when figures are drawn
+
+            written = write_all_figures(vae, dataset, read_metrics(self.path), self.path)
+            if written:
+                reporter.line(f"figures: {', '.join(Path(p).name for p in written)}")
+        except Exception as err:
+            reporter.line(
+                f"figures failed ({type(err).__name__}: {err}); redo them with: pyro-vae plot --run {self.path}"
+            )
+
+
+def _summary(evaluation: dict[str, Any], nll_samples: int) -> str:
+    summary = f"test ELBO {evaluation['test_elbo']:.2f}"
+    if evaluation["test_nll"] is not None:  # None: skipped (nll_samples = 0); its SE is None for k = 1
+        nll, se = evaluation["test_nll"], evaluation["test_nll_se"] or 0
+        summary += f", test NLL {nll:.2f} ± {se:.2f} (k={nll_samples})"
+    return summary
+
+
+def check_same_model(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+    """Resuming may change training settings, never the model or the data."""
+    where_not_what = {"data_dir", "download"}  # where the files are, not which data
+    for section in ("model", "data"):
+        old, new = saved.get(section, {}), current.get(section, {})
+        changed = sorted(k for k in (set(old) | set(new)) - where_not_what if old.get(k) != new.get(k))
+        if changed:
+            diffs = ", ".join(f"{section}.{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+            raise TrainingError(f"cannot resume {path} with a different {section}: {diffs}")
