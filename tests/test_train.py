@@ -13,6 +13,7 @@ from pyro_vae import checkpoint as ckpt
 from pyro_vae import optim
 from pyro_vae.config import load_config
 from pyro_vae.model import VAE
+from pyro_vae.runs import load_run
 from pyro_vae.specs import SpecError
 from pyro_vae.train import NonFiniteLossError, TrainingError, fit, run_folder, train, warmup_beta
 from pyro_vae.train import epoch as epoch_module
@@ -117,6 +118,40 @@ def test_resume_refuses_another_model_and_a_missing_checkpoint(tmp_path):
         train(tiny("train.epochs=1"), tmp_path / "run", progress=False)
     with pytest.raises(ckpt.CheckpointError, match="no checkpoint at"):
         train(tiny(), tmp_path / "nothing", resume=True, progress=False)
+
+
+def _as_written_before_the_redesign(run_dir) -> None:
+    """Rewrite a run folder's checkpoints as the code before networks and structures wrote them:
+    one nn.Sequential per MLP (keys ``encoder.net.net.i``, ``decoder.net.i``) and no
+    ``model.structure``/``encoder``/``decoder`` in the saved config."""
+    for name in ("checkpoint.pt", "best.pt"):
+        path = run_dir / name
+        if not path.is_file():
+            continue
+        state = ckpt.load_checkpoint(path)
+        legacy = {}
+        for key, value in state["model"].items():
+            for net, old in (("encoder.net.", "encoder.net.net."), ("decoder.", "decoder.net.")):
+                key = key.replace(f"{net}head.", f"{old}2.").replace(f"{net}body.layers.", old)
+            legacy[key] = value
+        state["model"] = legacy
+        for key in ("structure", "encoder", "decoder"):
+            del state["config"]["model"][key]
+        ckpt.save_checkpoint(state, path)
+
+
+def test_a_run_written_before_the_redesign_loads_evaluates_and_resumes(tmp_path):
+    train(tiny("train.epochs=2"), tmp_path / "full", progress=False)
+    train(tiny("train.epochs=1"), tmp_path / "old", progress=False)
+    _as_written_before_the_redesign(tmp_path / "old")
+    assert "decoder.net.2.weight" in ckpt.load_checkpoint(tmp_path / "old" / "checkpoint.pt")["model"]
+    run = load_run(tmp_path / "old", device="cpu", load_data=False)
+    assert run.vae.decoder.head.weight.shape == (16, 8)
+    train(tiny("train.epochs=2"), tmp_path / "old", resume=True, progress=False)
+    a = ckpt.load_checkpoint(tmp_path / "full" / "checkpoint.pt")
+    b = ckpt.load_checkpoint(tmp_path / "old" / "checkpoint.pt")
+    _assert_same_state(a, b)
+    assert _metrics(tmp_path / "full") == _metrics(tmp_path / "old")
 
 
 class _NaNEstimator:

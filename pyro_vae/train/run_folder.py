@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pyro_vae import checkpoint as ckpt
-from pyro_vae.config import Config, config_to_dict, save_config
+from pyro_vae.config import Config, config_from_dict, config_to_dict, save_config
 from pyro_vae.evaluate import evaluate
 from pyro_vae.runs import BEST, CHECKPOINT, CONFIG, METRICS, read_metrics
 from pyro_vae.train.errors import TrainingError
@@ -211,6 +211,8 @@ def _summary(evaluation: dict[str, Any], nll_samples: int) -> str:
 def check_same_model(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
     """Resuming may change training settings, never the model or the data."""
     where_not_what = {"data_dir", "download"}  # where the files are, not which data
+    # A config saved before a key existed meant that key's default (model.structure = "vae", ...).
+    saved = config_to_dict(config_from_dict(saved, source=str(path)))
     for section in ("model", "data"):
         old, new = saved.get(section, {}), current.get(section, {})
         changed = sorted(k for k in (set(old) | set(new)) - where_not_what if old.get(k) != new.get(k))
