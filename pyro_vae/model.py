@@ -15,6 +15,7 @@ their keys on ``load_state_dict``.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 
@@ -71,7 +72,9 @@ class VAE(nn.Module):
         x_shape: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
-        x_shape = (x_dim,) if x_shape is None else tuple(x_shape)
+        x_shape = (x_dim,) if x_shape is None else tuple(int(d) for d in x_shape)
+        if math.prod(x_shape) != x_dim:
+            raise ValueError(f"x_shape {x_shape} holds {math.prod(x_shape)} values, but x_dim is {x_dim}")
         self.hidden_dims, self.activation = tuple(hidden_dims), activation
         built = STRUCTURES.build(
             structure,

@@ -163,7 +163,7 @@ class VampPrior(Prior):
         p(z) = 1/K sum_k q(z | u_k),
 
     the uniform mixture of the encoder's diagonal-Gaussian posteriors at K learned pseudo-inputs
-    u_k of the data's shape ``(x_dim,)``. The pseudo-inputs are trained with everything else
+    u_k of the data's event shape ``x_shape``. The pseudo-inputs are trained with everything else
     (gradients reach them and the encoder through log p(z)). As in the authors' code, a
     pseudo-input is ``hardtanh(w, 0, 1)`` of a free parameter w, so that it stays in the data's
     range [0, 1], with w initialized at N(``init_mean``, ``init_std``^2): default 0.05 and 0.01,
@@ -199,13 +199,14 @@ class VampPrior(Prior):
             # hardtanh has zero gradient outside (0, 1): pseudo-inputs started there never learn.
             raise ValueError(f"init_mean must lie in (0, 1), got {init_mean!r}")
         self.components, self.x_shape = int(components), tuple(x_shape)
-        self.raw_pseudo_inputs = nn.Parameter(init_mean + init_std * torch.randn(self.components, *self.x_shape))
+        # Stored flat, (K, D), whatever the event shape: checkpoints keep one layout.
+        self.raw_pseudo_inputs = nn.Parameter(init_mean + init_std * torch.randn(self.components, math.prod(x_shape)))
         self.register_buffer("logits", torch.zeros(self.components))
 
     @property
     def pseudo_inputs(self) -> torch.Tensor:
         """u_k in [0, 1], shape ``(K, *x_shape)``: inputs of the encoder's event shape."""
-        return F.hardtanh(self.raw_pseudo_inputs, 0.0, 1.0)
+        return F.hardtanh(self.raw_pseudo_inputs, 0.0, 1.0).reshape(self.components, *self.x_shape)
 
     def forward(self, encoder: nn.Module | None = None) -> dist.Distribution:
         if encoder is None or not hasattr(encoder, "gaussian_params"):

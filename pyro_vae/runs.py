@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,10 +27,12 @@ CONFIG = "config.toml"
 METRICS = "metrics.jsonl"
 
 
-def build_vae(model_cfg: ModelConfig, x_dim: int) -> VAE:
-    """The VAE that a ``[model]`` section describes, for data of width ``x_dim``."""
+def build_vae(model_cfg: ModelConfig, x_dim: int, x_shape: Sequence[int] | None = None) -> VAE:
+    """The VAE that a ``[model]`` section describes, for data of width ``x_dim`` and event shape
+    ``x_shape`` (a data set's ``image_shape``, ``(C, H, W)``: what the encoder body receives)."""
     return VAE(
         x_dim=x_dim,
+        x_shape=x_shape,
         z_dim=model_cfg.z_dim,
         hidden_dims=tuple(model_cfg.hidden_dims),
         activation=model_cfg.activation,
@@ -112,7 +115,8 @@ def load_run(
     state = load_checkpoint(path, map_location="cpu")
     config = config_from_dict(state["config"])
     device = data.resolve_device(device)
-    vae = build_vae(config.model, x_dim=int(state["x_dim"]))
+    image_shape = state.get("image_shape")
+    vae = build_vae(config.model, x_dim=int(state["x_dim"]), x_shape=image_shape or None)
     vae.load_state_dict(state["model"])
     vae.to(device).eval()
     dataset = load_dataset_for(config, device=device, data_dir=data_dir) if load_data else None

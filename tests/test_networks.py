@@ -174,3 +174,35 @@ def test_checkpoints_of_one_sequential_mlps_still_load():
     fresh.load_state_dict(legacy)
     for name, value in vae.state_dict().items():
         assert torch.equal(fresh.state_dict()[name], value), name
+
+
+def test_the_encoder_body_sees_the_data_in_its_event_shape(tmp_path):
+    from pyro_vae.checks import load_config as load_checked
+    from pyro_vae.runs import load_run
+    from pyro_vae.train import train
+
+    cfg = load_checked(
+        None,
+        [
+            "data.name=synthetic(num_train=40, num_test=20, side=4, components=2)",
+            "model.z_dim=2",
+            "model.hidden_dims=[5]",
+            "model.prior=vamp(components=3)",
+            "train.epochs=1",
+            "train.warmup_epochs=1",
+            "train.batch_size=20",
+            "train.nll_samples=0",
+            "train.plots=false",
+            "train.device=cpu",
+        ],
+    )
+    train(cfg, tmp_path / "run", progress=False)
+    vae = load_run(tmp_path / "run", device="cpu", load_data=False).vae
+    assert vae.encoder.net.body.in_shape == (1, 4, 4) and vae.x_shape == (1, 4, 4)
+    assert vae.prior.pseudo_inputs.shape == (3, 1, 4, 4) and vae.prior.raw_pseudo_inputs.shape == (3, 16)
+    seen = []
+    vae.encoder.net.body.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
+    vae.posterior(torch.rand(6, 16))
+    assert seen == [(6, 1, 4, 4)]
+    with pytest.raises(ValueError, match=r"x_shape \(3, 4\) holds 12 values, but x_dim is 10"):
+        VAE(x_dim=10, z_dim=2, x_shape=(3, 4))
