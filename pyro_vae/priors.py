@@ -199,20 +199,20 @@ class VampPrior(Prior):
             # hardtanh has zero gradient outside (0, 1): pseudo-inputs started there never learn.
             raise ValueError(f"init_mean must lie in (0, 1), got {init_mean!r}")
         self.components, self.x_shape = int(components), tuple(x_shape)
-        # Stored flat, (K, D), whatever the event shape: checkpoints keep one layout.
+        # Flat, (K, D), like the data's rows and the checkpoints before event shapes reached the encoder.
         self.raw_pseudo_inputs = nn.Parameter(init_mean + init_std * torch.randn(self.components, math.prod(x_shape)))
         self.register_buffer("logits", torch.zeros(self.components))
 
     @property
     def pseudo_inputs(self) -> torch.Tensor:
-        """u_k in [0, 1], shape ``(K, *x_shape)``: inputs of the encoder's event shape."""
-        return F.hardtanh(self.raw_pseudo_inputs, 0.0, 1.0).reshape(self.components, *self.x_shape)
+        """u_k in [0, 1], flat: shape ``(K, D)`` like the data's rows; the encoder receives them in ``x_shape``."""
+        return F.hardtanh(self.raw_pseudo_inputs, 0.0, 1.0)
 
     def forward(self, encoder: nn.Module | None = None) -> dist.Distribution:
         if encoder is None or not hasattr(encoder, "gaussian_params"):
             raise ValueError("the vamp prior is defined through the encoder: call prior(encoder)")
         try:
-            loc, scale = encoder.gaussian_params(self.pseudo_inputs)
+            loc, scale = encoder.gaussian_params(self.pseudo_inputs.reshape(self.components, *self.x_shape))
         except ValueError as err:
             raise ValueError(
                 f"prior 'vamp' mixes diagonal-Gaussian posteriors q(z|u_k), but {err}; use guide='normal' with it"

@@ -199,10 +199,11 @@ def test_the_encoder_body_sees_the_data_in_its_event_shape(tmp_path):
     train(cfg, tmp_path / "run", progress=False)
     vae = load_run(tmp_path / "run", device="cpu", load_data=False).vae
     assert vae.encoder.net.body.in_shape == (1, 4, 4) and vae.x_shape == (1, 4, 4)
-    assert vae.prior.pseudo_inputs.shape == (3, 1, 4, 4) and vae.prior.raw_pseudo_inputs.shape == (3, 16)
+    assert vae.prior.pseudo_inputs.shape == (3, 16)
     seen = []
     vae.encoder.net.body.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
     vae.posterior(torch.rand(6, 16))
-    assert seen == [(6, 1, 4, 4)]
+    vae.prior_distribution()
+    assert seen == [(6, 1, 4, 4), (3, 1, 4, 4)]  # data and pseudo-inputs alike
     with pytest.raises(ValueError, match=r"x_shape \(3, 4\) holds 12 values, but x_dim is 10"):
         VAE(x_dim=10, z_dim=2, x_shape=(3, 4))
