@@ -261,19 +261,19 @@ def _log_normal_from_noise(normal, event_dims: int, noise: torch.Tensor) -> torc
     return log_p.sum(tuple(range(-event_dims, 0))) if event_dims else log_p
 
 
-def _lean_elbo_loss(vae, x: torch.Tensor, beta, analytic_kl: bool) -> torch.Tensor:
+def _lean_elbo_loss(vae, x: torch.Tensor, beta, analytic_kl: bool, data: dict) -> torch.Tensor:
     """The guide under one :class:`SiteLogDensity`, the model replayed on its draws under another."""
     with module_registration(False):
         with SiteLogDensity() as guide:
-            vae.guide(x, beta)
+            vae.guide(x, beta, **data)
         with SiteLogDensity(replay=guide.values, kl_from=guide if analytic_kl else None) as model:
-            vae.model(x, beta)
+            vae.model(x, beta, **data)
     elbo, log_q = model.log_density(), guide.log_density(exclude=model.analytic)
     # meanfield with every latent's KL analytic leaves no log q: nothing to subtract.
     return -(elbo - log_q) if torch.is_tensor(log_q) else -elbo
 
 
-def reparameterized_elbo_loss(vae, x: torch.Tensor, beta: float | torch.Tensor = 1.0) -> torch.Tensor:
+def reparameterized_elbo_loss(vae, x: torch.Tensor, beta: float | torch.Tensor = 1.0, **data) -> torch.Tensor:
     """-(log p(x, z) - log q(z|x)) summed over the batch at one reparameterized draw z ~ q(z|x).
 
     The surrogate of Pyro's ``Trace_ELBO`` for fully reparameterized guides (there the score
@@ -285,21 +285,21 @@ def reparameterized_elbo_loss(vae, x: torch.Tensor, beta: float | torch.Tensor =
     would answer their parameter sites with the modules' own parameters anyway, and the walk over
     the parameters costs about a tenth of a CPU step. The param store is left as it was.
     """
-    return _lean_elbo_loss(vae, x, beta, analytic_kl=False)
+    return _lean_elbo_loss(vae, x, beta, False, data)
 
 
-def meanfield_elbo_loss(vae, x: torch.Tensor, beta: float | torch.Tensor = 1.0) -> torch.Tensor:
+def meanfield_elbo_loss(vae, x: torch.Tensor, beta: float | torch.Tensor = 1.0, **data) -> torch.Tensor:
     """The surrogate of Pyro's ``TraceMeanField_ELBO``: -(log p(x|z) - KL(q(z|x) || p(z))) at one draw,
     with the analytic KL wherever torch has one for the pair, and log p(z) - log q(z|x) elsewhere.
 
     The same programs and messengers as :func:`reparameterized_elbo_loss`; value and gradient
     agree with ``TraceMeanField_ELBO().differentiable_loss`` to float rounding (tested).
     """
-    return _lean_elbo_loss(vae, x, beta, analytic_kl=True)
+    return _lean_elbo_loss(vae, x, beta, True, data)
 
 
 @torch.no_grad()
-def lean_loss_supported(vae, x: torch.Tensor, beta: float | torch.Tensor = 1.0) -> tuple[bool, str]:
+def lean_loss_supported(vae, x: torch.Tensor, beta: float | torch.Tensor = 1.0, **data) -> tuple[bool, str]:
     """Whether :func:`reparameterized_elbo_loss` equals ``Trace_ELBO`` for this model and guide.
 
     Traces the programs once the way ``Trace_ELBO`` does (``get_importance_trace``: with Pyro
@@ -309,7 +309,7 @@ def lean_loss_supported(vae, x: torch.Tensor, beta: float | torch.Tensor = 1.0) 
     by the guide; every ``pyro.module`` parameter is the param store's own tensor.
     Returns (ok, reason). Draws random numbers: call it under ``torch.random.fork_rng``.
     """
-    model_trace, guide_trace = get_importance_trace("flat", math.inf, vae.model, vae.guide, (x, beta), {})
+    model_trace, guide_trace = get_importance_trace("flat", math.inf, vae.model, vae.guide, (x, beta), data)
     guide_latents = set()
     for site in sample_sites(guide_trace):
         if site["is_observed"]:

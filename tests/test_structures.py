@@ -25,7 +25,7 @@ from pyro_vae.model import VAE
 from pyro_vae.specs import SpecError
 from pyro_vae.structures import STRUCTURES, PlainVAE, Structure
 from pyro_vae.structures.base import data_plate, kl_scale, register
-from pyro_vae.traces import log_weights
+from pyro_vae.traces import log_weights, reparameterized_elbo_loss
 from pyro_vae.train.step import TrainStep
 
 DTYPE = torch.float64
@@ -191,6 +191,19 @@ def test_estimators_pass_the_data_a_structure_consumes_to_its_programs():
     for spec in ("closed_form", "jit_trace"):
         with pytest.raises(ValueError, match=f"estimator {spec!r} takes x alone, but the model consumes shift"):
             estimators.get(spec).loss(vae, x, shift=shift)
+
+
+def test_the_training_step_passes_the_data_a_structure_consumes():
+    vae, x = VAE(structure=ShiftedByData()), _two_sites()[1]
+    shift = torch.linspace(-1, 1, X_DIM, dtype=DTYPE).expand(len(x), -1)
+    exact = vae.net.log_marginal(x - shift).detach()
+    for spec in ("trace", "iwae(k=3)"):
+        step = TrainStep(vae, estimators.get(spec), torch.optim.SGD(vae.parameters(), lr=0.0))
+        for _ in range(3):
+            torch.testing.assert_close(step(x, 1.0, shift=shift), -exact.sum(), rtol=0, atol=1e-9, msg=spec)
+        assert step.path == "fast" and step.recorded.replays == {}  # extra fields are not recorded: eager
+        lean = step.recorded.loss_fn is reparameterized_elbo_loss
+        assert lean == (spec == "trace"), spec  # trace runs its lean loss, with the data passed through
 
 
 def test_enumerated_discrete_sites_are_summed_out_exactly():

@@ -490,8 +490,8 @@ class LossModule(nn.Module):
         self.estimator = estimator
         self.gradient_factor = gradient_factor
 
-    def forward(self, x: torch.Tensor, beta: float | torch.Tensor = 1.0) -> torch.Tensor:
-        return scale_gradient(self.estimator.loss(self.vae, x, beta), self.gradient_factor)
+    def forward(self, x: torch.Tensor, beta: float | torch.Tensor = 1.0, **data) -> torch.Tensor:
+        return scale_gradient(self.estimator.loss(self.vae, x, beta, **data), self.gradient_factor)
 
 
 class DistributedEstimator:
@@ -511,8 +511,8 @@ class DistributedEstimator:
     def __init__(self, module: nn.Module, estimator) -> None:
         self.module, self.estimator = module, estimator
 
-    def loss(self, vae, x: torch.Tensor, beta: float | torch.Tensor = 1.0) -> torch.Tensor:
-        return self.module(x, beta)
+    def loss(self, vae, x: torch.Tensor, beta: float | torch.Tensor = 1.0, **data) -> torch.Tensor:
+        return self.module(x, beta, **data)
 
     def __getattr__(self, name: str):
         # Only called for attributes not found normally: delegate to the wrapped estimator.

@@ -112,9 +112,11 @@ class RecordedLoss:
         self._over_capacity_logged = False
         self.fallback_reason = ""
 
-    def __call__(self, vae: nn.Module, x: torch.Tensor, beta: float | torch.Tensor = 1.0) -> torch.Tensor:
+    def __call__(self, vae: nn.Module, x: torch.Tensor, beta: float | torch.Tensor = 1.0, **data) -> torch.Tensor:
         if vae is not self.vae:
             raise ValueError("RecordedLoss was built for another module")
+        if data:  # the extra fields of a structure (labels, masks) are not part of a signature yet: eager
+            return self.loss_fn(vae, x, beta, **data)
         if am_i_wrapped() or (not torch.is_tensor(beta) and beta <= 0):
             return self.loss_fn(vae, x, beta)
         replay = self.record(x, beta)

@@ -142,37 +142,38 @@ class TrainStep:
         self._loss_fn: Callable[..., torch.Tensor] | None = None
         self._graph: _GraphedStep | None = None
 
-    def __call__(self, x: torch.Tensor, beta: float | torch.Tensor = 1.0) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, beta: float | torch.Tensor = 1.0, **data) -> torch.Tensor:
+        """One step on the batch ``x`` (and the extra fields ``data`` its model structure consumes)."""
         if self.path is None:
             # Validation as configured on this first step (and in the lean-loss check), off after;
             # the first step runs the loss eagerly, a recorded loss records from the second on.
-            self._choose(x, beta)
-            return self._eager(self.recorded.loss_fn if self.recorded is not None else self._loss_fn, x, beta)
+            self._choose(x, beta, data)
+            return self._eager(self.recorded.loss_fn if self.recorded is not None else self._loss_fn, x, beta, data)
         if self.path == "plain":
-            return self._eager(self._loss_fn, x, beta)
-        if self.path == "cuda_graph":
+            return self._eager(self._loss_fn, x, beta, data)
+        if self.path == "cuda_graph" and not data:  # a graph holds x alone; other fields run the fast path
             return self._graph_step(x, beta)
         with pyro.validation_enabled(False):
-            return self._eager(self._loss_fn, x, beta)
+            return self._eager(self._loss_fn, x, beta, data)
 
     # -- paths ---------------------------------------------------------------------------------
-    def _eager(self, loss_fn, x, beta) -> torch.Tensor:
+    def _eager(self, loss_fn, x, beta, data: dict | None = None) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(self.vae, x, beta)
+        loss = loss_fn(self.vae, x, beta, **data) if data else loss_fn(self.vae, x, beta)
         loss.backward()
         if self.clip_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.vae.parameters(), self.clip_norm, foreach=True)
         self.optimizer.step()
         return loss.detach()
 
-    def _choose(self, x, beta) -> None:
+    def _choose(self, x, beta, data: dict) -> None:
         lean = getattr(self.estimator, "fast_loss", None)
         lean_ok, lean_reason = (False, f"no fast loss for estimator {self.estimator!r}")
         if self.fast and lean is not None:
             # The check traces the programs once: keep the random stream as if it had not run.
             devices = [x.device] if x.device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices):
-                lean_ok, lean_reason = lean_loss_supported(self.vae, x, beta)
+                lean_ok, lean_reason = lean_loss_supported(self.vae, x, beta, **data)
         device = x.device
         plan = plan_path(
             device=device,
