@@ -67,3 +67,31 @@ def test_nll_throughput_reports_rate_and_memory(bench, capsys):
     assert out["examples_x_samples_per_second"] == pytest.approx(150 / out["seconds"])
     assert out["peak_memory_bytes"] >= 0 and "ru_maxrss" in out["peak_memory_method"]
     assert out["nll_nats"] > 0
+
+
+def test_behaviour_check_compares_every_number_within_the_tolerance(bench, capsys):
+    check = bench("behaviour_check")
+    before = {
+        "run": {
+            "epochs": [{"epoch": 1, "train_elbo": -100.0, "val_elbo": None, "val_bound": None, "test_elbo": -99.0}],
+            "evaluation": {"test_elbo": -98.5, "test_nll": None},
+        }
+    }
+    assert set(check.flatten(before)) == {
+        "run.epoch1.train_elbo",
+        "run.epoch1.val_elbo",
+        "run.epoch1.val_bound",
+        "run.epoch1.test_elbo",
+        "run.evaluation.test_elbo",
+        "run.evaluation.test_nll",
+    }
+    close = json.loads(json.dumps(before))
+    close["run"]["epochs"][0]["test_elbo"] = -99.0 + 5e-5
+    assert check.compare(before, close, tolerance=1e-4)
+    moved = json.loads(json.dumps(before))
+    moved["run"]["evaluation"]["test_elbo"] = -98.5 + 2e-4
+    assert not check.compare(before, moved, tolerance=1e-4)
+    assert "run.evaluation.test_elbo" in capsys.readouterr().out.split("<-- differs")[0].splitlines()[-1]
+    missing = json.loads(json.dumps(before))
+    missing["run"]["evaluation"]["test_nll"] = 188.0  # a number that appears where there was none
+    assert not check.compare(before, missing, tolerance=1e-4)
