@@ -75,7 +75,7 @@ def _batches(x: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
 def _width(vae) -> int:
     """The widest per-sample activation: x itself, z, or the output of any linear layer (hidden or head)."""
     linear = (m.out_features for m in vae.modules() if isinstance(m, torch.nn.Linear))
-    return max(vae.x_dim, vae.z_dim, *linear)
+    return max(getattr(vae, "x_dim", 1), getattr(vae, "z_dim", 1), *linear)
 
 
 def default_chunk_size(vae, batch: int, budget: int | None = None) -> int:
@@ -320,7 +320,7 @@ def _is_binary(dataset, x: torch.Tensor) -> bool:
 
 
 def _likelihood_warning(vae, dataset, x: torch.Tensor) -> str | None:
-    name = getattr(vae.likelihood, "spec_name", None)
+    name = getattr(getattr(vae, "likelihood", None), "spec_name", None)
     if name == "bernoulli" and not _is_binary(dataset, x):
         return (
             f"Bernoulli likelihood on non-binary data ({getattr(dataset, 'name', 'data')}): the ELBO and NLL "
@@ -384,18 +384,33 @@ def evaluate(
         result[f"{split}_nll_se"] = float(se.double().square().sum().sqrt() / n) if nll_samples > 1 else None
         result[f"{split}_nll_data_se"] = float(nll.std() / math.sqrt(n)) if n > 1 else None
         result["bits_per_dim"] = bits_per_dim(result[f"{split}_nll"], d)
-    if n > 1:
-        count, variances = active_units(vae, x, batch_size=batch)
-        result["active_units"] = count
-        result["active_unit_variances"] = variances.tolist()
-    try:
-        result["kl_per_dim"] = kl_per_dimension(vae, x, batch_size=batch).tolist()
-    except ValueError as err:
-        result["kl_per_dim"] = None
-        result["kl_per_dim_error"] = str(err)
+    result.update(latent_diagnostics(vae, x, batch))
     result["seconds"] = time.perf_counter() - start
     if warning:
         result["warning"] = warning
+    return result
+
+
+def latent_diagnostics(vae, x: torch.Tensor, batch_size: int) -> dict[str, Any]:
+    """``active_units`` (with ``active_unit_variances``) and ``kl_per_dim`` of a model with one latent z.
+
+    Both read the plain VAE's q(z|x) and p(z) (``vae.posterior``, ``vae.prior_distribution``); a
+    structure without them gets ``None`` for each and ``kl_per_dim_error`` saying why.
+    """
+    if not all(hasattr(vae, name) for name in ("posterior", "prior_distribution")):
+        structure = type(getattr(vae, "structure", vae)).__name__
+        why = f"active units and KL per dimension read one latent z (structure 'vae'), not {structure}'s sites"
+        return {"active_units": None, "kl_per_dim": None, "kl_per_dim_error": why}
+    result: dict[str, Any] = {}
+    if x.shape[0] > 1:
+        count, variances = active_units(vae, x, batch_size=batch_size)
+        result["active_units"] = count
+        result["active_unit_variances"] = variances.tolist()
+    try:
+        result["kl_per_dim"] = kl_per_dimension(vae, x, batch_size=batch_size).tolist()
+    except ValueError as err:
+        result["kl_per_dim"] = None
+        result["kl_per_dim_error"] = str(err)
     return result
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+from types import SimpleNamespace
 
 import pyro
 import pyro.distributions as dist
@@ -20,7 +21,7 @@ from pyro.infer import Trace_ELBO
 from torch import nn
 
 from pyro_vae import estimators
-from pyro_vae.evaluate import elbo_per_example, log_likelihood
+from pyro_vae.evaluate import elbo_per_example, evaluate, log_likelihood
 from pyro_vae.model import VAE
 from pyro_vae.specs import SpecError
 from pyro_vae.structures import STRUCTURES, PlainVAE, Structure
@@ -224,6 +225,9 @@ def test_enumerated_discrete_sites_are_summed_out_exactly():
 def test_evaluation_reads_every_latent_site():
     vae, x = _two_sites()
     exact = vae.net.log_marginal(x).detach()
+    report = evaluate(vae, SimpleNamespace(name="synthetic", test=x, is_binary=False), nll_samples=5)
+    assert report["test_nll"] == pytest.approx(-float(exact.mean()), abs=1e-9)
+    assert report["active_units"] is None and "not TwoLatentSites's sites" in report["kl_per_dim_error"]
     torch.testing.assert_close(log_likelihood(vae, x, num_samples=11, chunk_size=4), exact, rtol=0, atol=1e-10)
     torch.testing.assert_close(elbo_per_example(vae, x, num_samples=3), exact, rtol=0, atol=1e-10)
 
