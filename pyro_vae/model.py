@@ -87,19 +87,22 @@ class VAE(nn.Module):
             guide=guide,
             init=init,
         )
-        loose = [name for name, _ in built.named_parameters(recurse=False)] + [
-            name for name, _ in built.named_buffers(recurse=False)
-        ]
-        if loose:
+        self._adopt(built)
+        self._register_load_state_dict_pre_hook(_convert_legacy_keys)
+
+    def _adopt(self, structure: nn.Module) -> None:
+        """Make the structure's child modules this module's own, and keep the structure unregistered:
+        one module tree (stable state-dict keys), whatever the structure."""
+        loose = [name for name, _ in structure.named_parameters(recurse=False)]
+        loose += [name for name, _ in structure.named_buffers(recurse=False)]
+        if loose:  # they would be invisible to state_dict, .to() and the optimizer
             raise ValueError(
-                f"structure {type(built).__name__} must keep its parameters and buffers in child modules "
+                f"structure {type(structure).__name__} must keep its parameters and buffers in child modules "
                 f"(the VAE adopts its children); found {', '.join(loose)}"
             )
-        for name, child in built.named_children():
+        for name, child in structure.named_children():
             self.add_module(name, child)
-        # Not a registered submodule: its children are this module's own (one tree, stable keys).
-        self.__dict__["structure"] = built
-        self._register_load_state_dict_pre_hook(_convert_legacy_keys)
+        self.__dict__["structure"] = structure
 
     def model(self, x: torch.Tensor, beta: float | torch.Tensor = 1.0, **data) -> torch.Tensor:
         """The structure's generative model p(x, z) as a Pyro program over a batch."""
