@@ -117,6 +117,8 @@ class TrainConfig:
     optimizer: SpecValue = field(default="adam", metadata={"spec": "optimizer"})
     lr_schedule: SpecValue = field(default="constant", metadata={"spec": "lr_schedule"})
     clip_norm: float | None = field(default=None, metadata={"positive": True})  # gradient-norm clipping; None: off
+    # stop when an epoch's train ELBO per example falls this many nats below the best so far; None: off
+    divergence_nats: float | None = field(default=1e4, metadata={"positive": True})
     record: bool = True  # record the loss once per batch shape and replay it (docs/speed.md)
     # early stopping on val_bound (the estimator's validation bound); None: off
     patience: int | None = field(default=None, metadata={"min": 1})
