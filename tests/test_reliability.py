@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from pyro_vae import checkpoint as ckpt
 from pyro_vae import cli
 from pyro_vae.config import save_config
-from pyro_vae.train import DivergenceError, NonFiniteLossError, train
+from pyro_vae.train import DivergenceError, NonFiniteLossError, RunFolderLockedError, TrainingError, train
 from pyro_vae.train import loop as train_module
 from pyro_vae.train.epoch import EpochSums, Progress, count_nonfinite, divergence_problem, state_problem
 from tests.test_train import STEPS_PER_EPOCH, _metrics, tiny
@@ -152,3 +155,90 @@ def test_the_cli_prints_one_line_and_exits_failed(tmp_path, monkeypatch, capsys)
 def test_a_nan_loss_is_still_named_by_its_step(tmp_path):
     with pytest.raises(NonFiniteLossError, match="non-finite loss at epoch 1"):
         train(tiny("train.epochs=2", "train.lr=1e30", "train.optimizer=sgd"), tmp_path / "run", progress=False)
+
+
+# -- one writer per run folder -----------------------------------------------------------------------
+HOLDER = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.write(fd, str(os.getpid()).encode())
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+def _hold_lock(run_dir):
+    """Another process holding ``run_dir``'s lock, as a second ``pyro-vae train`` would."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(run_dir / ".lock")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_second_writer_is_refused_with_the_holders_pid_until_it_is_gone(tmp_path):
+    run_dir = tmp_path / "run"
+    holder = _hold_lock(run_dir)
+    try:
+        with pytest.raises(RunFolderLockedError) as info:
+            train(tiny("train.epochs=1"), run_dir, progress=False)
+    finally:
+        holder.kill()  # as kill -9: the kernel drops its lock, nothing stale is left
+        holder.wait()
+    message = str(info.value)
+    assert "\n" not in message and str(run_dir) in message and f"PID {holder.pid}" in message
+    assert not (run_dir / "config.toml").exists() and not (run_dir / "checkpoint.pt").exists()  # nothing written
+    assert train(tiny("train.epochs=1"), run_dir, progress=False)["epoch"] == 1
+
+
+def test_a_second_resume_is_refused_and_the_cli_says_so_in_one_line(tmp_path, capsys):
+    run_dir, before = _one_good_epoch(tmp_path)
+    config = (run_dir / "config.toml").read_bytes()
+    holder = _hold_lock(run_dir)
+    capsys.readouterr()  # the first epoch's lines
+    try:
+        status = cli.main(["train", "--resume", "--out", str(run_dir), "--set", "train.epochs=2", "--no-progress"])
+    finally:
+        holder.stdin.close()  # a clean exit this time
+        holder.wait()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == cli.EXIT_USAGE and len(err) == 1 and f"PID {holder.pid}" in err[0]
+    assert _bytes(run_dir) == before and (run_dir / "config.toml").read_bytes() == config
+    assert train(tiny("train.epochs=2"), run_dir, resume=True, progress=False)["epoch"] == 2
+
+
+def test_the_lock_is_held_for_the_run_and_released_after(tmp_path, monkeypatch):
+    seen = []
+    real = train_module.train_epoch
+
+    def train_epoch(run, epoch):  # a second writer arriving in the middle of the run
+        seen.append(run.folder.lock(resume=True) is None)
+        return real(run, epoch)
+
+    monkeypatch.setattr(train_module, "train_epoch", train_epoch)
+    run_dir = tmp_path / "run"
+    train(tiny("train.epochs=1"), run_dir, progress=False)
+    assert seen == [False]
+    assert (run_dir / ".lock").is_file()  # left in place, unlocked: the next run takes the same file
+    monkeypatch.setattr(train_module, "train_epoch", real)
+    assert train(tiny("train.epochs=2"), run_dir, resume=True, progress=False)["epoch"] == 2
+
+
+def test_stale_temporary_files_are_removed_on_start(tmp_path):
+    run_dir, _ = _one_good_epoch(tmp_path)
+    stale = [run_dir / ".checkpoint.pt.99999.tmp", run_dir / ".best.pt.99999.tmp"]
+    for path in stale:
+        path.write_bytes(b"half a checkpoint")
+    train(tiny("train.epochs=2"), run_dir, resume=True, progress=False)
+    assert not any(path.exists() for path in stale)
+
+
+def test_a_failed_resume_leaves_config_toml_byte_identical_and_the_folder_unlocked(tmp_path):
+    run_dir, before = _one_good_epoch(tmp_path)
+    config = (run_dir / "config.toml").read_bytes()
+    with pytest.raises(TrainingError, match="different model"):
+        train(tiny("train.epochs=2", "model.z_dim=3"), run_dir, resume=True, progress=False)
+    assert (run_dir / "config.toml").read_bytes() == config and _bytes(run_dir) == before
+    assert train(tiny("train.epochs=2"), run_dir, resume=True, progress=False)["epoch"] == 2

@@ -43,7 +43,7 @@ from pyro_vae.train.epoch import (
     has_validation,
     state_problem,
 )
-from pyro_vae.train.errors import DivergenceError
+from pyro_vae.train.errors import DivergenceError, RunFolderLockedError
 from pyro_vae.train.run_folder import Reporter, RunFolder
 from pyro_vae.train.step import TrainStep, release_capturable
 
@@ -128,6 +128,7 @@ def train(
         report_interruption(run)
     except BaseException:
         run.reporter.close()
+        run.folder.close()
         raise
     return finish(run, status, record)
 
@@ -149,10 +150,22 @@ def prepare_run(
     The order is the reproducible one: the seed before the weights are initialized; the estimator's
     DDP wrapper and each rank's own noise after; a resumed checkpoint's states over all of it.
     """
-    tcfg = cfg.train
-    device = resolve_device(device if device is not None else tcfg.device)
+    device = resolve_device(device if device is not None else cfg.train.device)
     # Rank 0's folder on every rank: each rank's default name holds its own timestamp.
     folder = RunFolder(Path(context.broadcast(str(out_dir))), active=context.is_main)
+    refusal = context.broadcast(folder.lock(resume))  # rank 0's answer: every rank stops, none waits
+    if refusal is not None:
+        raise RunFolderLockedError(refusal)
+    try:
+        return _prepare(cfg, folder, context, device, data_dir, resume, progress, download, dataset)
+    except BaseException:
+        folder.close()
+        raise
+
+
+def _prepare(cfg: Config, folder: RunFolder, context, device, data_dir, resume, progress, download, dataset) -> Run:
+    """:func:`prepare_run` once the folder is locked."""
+    tcfg = cfg.train
     state = folder.open(cfg, resume)
     context.barrier()  # every rank has looked at the folder before rank 0 writes a checkpoint into it
     # Seed first: weight initialization and everything after it is reproducible.
@@ -171,6 +184,7 @@ def prepare_run(
     if state is not None:
         run_progress = restore(state, vae, optimizer, epoch.generator, context, tcfg.seed)
         folder.truncate_metrics(run_progress.epoch)
+        folder.write_config(cfg)  # only now: the checkpoint fits this config
     reporter = folder.reporter(progress, tcfg.epochs)
     run = Run(
         cfg=cfg,
@@ -356,6 +370,7 @@ def finish(run: Run, status: str, record: dict[str, Any]) -> dict[str, Any]:
     if status != "interrupted":
         evaluation = run.folder.finish(run.cfg, run.vae, run.dataset, run.reporter)
     run.reporter.close()
+    run.folder.close()
     return {
         "run_dir": str(run.folder.path),
         "status": status,
