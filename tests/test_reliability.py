@@ -99,10 +99,10 @@ def test_a_finite_explosion_is_caught_by_the_fall_of_the_elbo(tmp_path, monkeypa
     assert _bytes(run_dir) == before
 
 
-def test_divergence_nats_none_turns_the_fall_check_off(tmp_path, monkeypatch):
+def test_divergence_nats_0_turns_the_fall_check_off(tmp_path, monkeypatch):
     run_dir, _ = _one_good_epoch(tmp_path)
     monkeypatch.setattr(train_module, "TrainStep", _BreakAt(STEPS_PER_EPOCH, _huge_decoder_bias))
-    result = train(tiny("train.epochs=2", "train.divergence_nats=none"), run_dir, resume=True, progress=False)
+    result = train(tiny("train.epochs=2", "train.divergence_nats=0"), run_dir, resume=True, progress=False)
     assert result["epoch"] == 2 and result["metrics"]["val_elbo"] < -1e4
 
 
@@ -110,7 +110,7 @@ def test_the_fall_is_measured_from_the_best_train_elbo():
     record = {"train_elbo": -120.0, "val_elbo": None, "test_elbo": None}
     assert divergence_problem(record, Progress(best_train_elbo=-100.0), 50.0) is None
     assert "train_elbo -120 fell 20 nats" in divergence_problem(record, Progress(best_train_elbo=-100.0), 10.0)
-    assert divergence_problem(record, Progress(best_train_elbo=-100.0), None) is None
+    assert divergence_problem(record, Progress(best_train_elbo=-100.0), 0) is None
     # A first epoch has no best yet: its own train ELBO is the reference for its evaluation.
     first = {"train_elbo": -120.0, "val_elbo": -130.0, "test_elbo": -1e34}
     assert "test_elbo -1e+34 fell" in divergence_problem(first, Progress(), 1e4)

@@ -265,16 +265,16 @@ def state_problem(sums: EpochSums, record: dict[str, Any]) -> str | None:
     return f"non-finite {', '.join(dict.fromkeys(bad))}" if bad else None
 
 
-def divergence_problem(record: dict[str, Any], progress: Progress, limit: float | None) -> str | None:
+def divergence_problem(record: dict[str, Any], progress: Progress, limit: float) -> str | None:
     """How far the epoch's train, validation or test ELBO fell below the best train ELBO, when more than ``limit``.
 
     An optimizer can explode without a NaN (Adam at a huge lr reaches an ELBO of -1e34 and stays
     finite): the fall from the best train ELBO so far is the sign. The epoch's own train ELBO counts
     as a best too, so the evaluation after a first epoch whose last step exploded is caught as well
-    (a model whose held-out ELBO is 1e4 nats below its train ELBO is not a model). ``limit`` None
+    (a model whose held-out ELBO is 1e4 nats below its train ELBO is not a model). ``limit`` 0
     turns the check off; None otherwise.
     """
-    if limit is None:
+    if not limit:
         return None
     best = max(v for v in (progress.best_train_elbo, record["train_elbo"]) if v is not None)
     for name in ("train_elbo", "val_elbo", "test_elbo"):
