@@ -95,7 +95,7 @@ def default_out_dir(config_path: Path | None, now: float | None = None) -> Path:
 
 def _run_train(args: argparse.Namespace) -> int:
     from pyro_vae.checks import load_config
-    from pyro_vae.train import NonFiniteLossError, train
+    from pyro_vae.train import DivergenceError, NonFiniteLossError, train
     from pyro_vae.train.distributed import session
 
     overrides = list(args.overrides) + ([f"train.seed={args.seed}"] if args.seed is not None else [])
@@ -125,7 +125,7 @@ def _run_train(args: argparse.Namespace) -> int:
                 download=args.download,
                 context=context,
             )
-    except NonFiniteLossError as err:
+    except (NonFiniteLossError, DivergenceError) as err:  # the run stopped; its folder is resumable
         print(f"pyro-vae train: {err}", file=sys.stderr)
         return EXIT_FAILED
     if result["status"] == "interrupted":

@@ -117,6 +117,9 @@ class TrainConfig:
     optimizer: SpecValue = field(default="adam", metadata={"spec": "optimizer"})
     lr_schedule: SpecValue = field(default="constant", metadata={"spec": "lr_schedule"})
     clip_norm: float | None = field(default=None, metadata={"positive": True})  # gradient-norm clipping; None: off
+    # stop when an epoch's ELBO per example falls this many nats below the best train ELBO; 0: off (not
+    # None: config.toml leaves unset keys out and reads them back as the default, here not None)
+    divergence_nats: float = field(default=1e4, metadata={"min": 0})
     record: bool = True  # record the loss once per batch shape and replay it (docs/speed.md)
     # early stopping on val_bound (the estimator's validation bound); None: off
     patience: int | None = field(default=None, metadata={"min": 1})

@@ -7,8 +7,17 @@ SVI loop). See ``docs/architecture.md``, "The training wing".
 """
 
 from pyro_vae.train.epoch import warmup_beta
-from pyro_vae.train.errors import NonFiniteLossError, TrainingError
+from pyro_vae.train.errors import DivergenceError, NonFiniteLossError, RunFolderLockedError, TrainingError
 from pyro_vae.train.fit import evaluate_elbo, fit
 from pyro_vae.train.loop import train
 
-__all__ = ["NonFiniteLossError", "TrainingError", "evaluate_elbo", "fit", "train", "warmup_beta"]
+__all__ = [
+    "DivergenceError",
+    "NonFiniteLossError",
+    "RunFolderLockedError",
+    "TrainingError",
+    "evaluate_elbo",
+    "fit",
+    "train",
+    "warmup_beta",
+]

@@ -14,12 +14,16 @@ falls, as the guide stops fitting the ELBO.
 A step makes no host sync: losses stay device scalars, and the index of the first step whose loss
 is not finite is kept in a device tensor (``torch.where``). Everything an epoch reports is a sum
 over examples or a step index (:class:`EpochSums`), added over ranks by the distributed context
-in one collective and read to the host once per epoch.
+in one collective and read to the host once per epoch. The divergence guard rides on that read:
+after the steps, the count of weight and optimizer-state tensors holding a NaN or an infinity is
+reduced on the device into the same vector (:func:`count_nonfinite`), and :func:`state_problem` and
+:func:`divergence_problem` judge the numbers on the host before anything of the epoch is written.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
@@ -63,6 +67,9 @@ class EpochSums:
     val_examples: Number = 0  # 0 when the epoch was not evaluated or there is no validation set
     test_elbo: Number = 0.0
     test_examples: Number = 0  # 0 when the epoch was not evaluated
+    # Tensors with a NaN or an infinity after the epoch's steps (summed over ranks: only 0 matters).
+    nonfinite_weights: Number = 0
+    nonfinite_optimizer: Number = 0
 
     # A step index, not a sum: over ranks it is the earliest one any rank reports.
     EARLIEST: ClassVar[tuple[str, ...]] = ("first_bad_step",)
@@ -110,13 +117,20 @@ class Progress:
     best_val_elbo: float | None = None
     best_epoch: int = 0
     bad_epochs: int = 0
+    # The highest train ELBO per example so far, what train.divergence_nats measures a fall from;
+    # None before the first epoch and in checkpoints written before the guard existed.
+    best_train_elbo: float | None = None
 
     def observe(self, record: dict[str, Any]) -> bool:
         """Track the best ``val_bound`` (the training estimator's bound); True when this epoch is the new best.
 
         Epochs without an evaluation (``train.eval_every``) do not count; without a validation set
-        there is no best epoch and ``best.pt`` is not written.
+        there is no best epoch and ``best.pt`` is not written. The best train ELBO is tracked on
+        every epoch, evaluated or not: the divergence guard needs no validation set.
         """
+        train = record.get("train_elbo")
+        if train is not None and (self.best_train_elbo is None or train > self.best_train_elbo):
+            self.best_train_elbo = train
         val = record["val_bound"]
         if val is None:
             return False
@@ -171,6 +185,7 @@ class Epoch:
     steps: int  # per epoch, on every rank
     warmup_steps: int
     eval_batch_size: int
+    optimizer: torch.optim.Optimizer | None = None  # its state is checked for NaN / inf with the weights
 
     def run(self, epoch: int, first_step: int, evaluated: bool, reporter) -> tuple[EpochSums, int, float]:
         """Train epoch ``epoch`` from global step ``first_step``; evaluate it when ``evaluated``.
@@ -194,6 +209,9 @@ class Epoch:
         if evaluated:  # at beta = 1, whatever the warm-up
             self.vae.eval()
             self.evaluate(sums)
+        # Once per epoch, on the device: it travels in the epoch's one read, no step waits for it.
+        sums.nonfinite_weights = count_nonfinite(self.vae.parameters(), self.device)
+        sums.nonfinite_optimizer = count_nonfinite(optimizer_tensors(self.optimizer), self.device)
         return self.context.reduce(sums), step, beta
 
     def evaluate(self, sums: EpochSums) -> None:
@@ -211,6 +229,62 @@ class Epoch:
         test = self.context.shard_rows(self.dataset.test)
         sums.test_elbo = sum_elbo(self.vae, test, self.eval_batch_size)
         sums.test_examples = len(test)
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer | None) -> list[torch.Tensor]:
+    """The tensors of ``optimizer``'s state (Adam's moments, SGD's momentum...); none without an optimizer."""
+    if optimizer is None:
+        return []
+    return [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+
+
+def count_nonfinite(tensors: Iterable[torch.Tensor], device: torch.device) -> Number:
+    """How many of ``tensors`` hold a NaN or an infinity, as a device scalar (no host read).
+
+    Only floating tensors on ``device``'s kind count: a CPU step counter next to CUDA weights
+    would need a copy, and a counter cannot be NaN anyway.
+    """
+    flags = [
+        torch.isfinite(t).all().logical_not()
+        for t in tensors
+        if t.is_floating_point() and t.device.type == torch.device(device).type
+    ]
+    return torch.stack(flags).sum() if flags else 0
+
+
+def state_problem(sums: EpochSums, record: dict[str, Any]) -> str | None:
+    """What was not finite at the end of an epoch whose losses were (weights, optimizer state, numbers), or None.
+
+    A step can turn the weights into NaN while its own loss is still finite (the last step of an
+    epoch does so unseen by any loss): the epoch's evaluation is then NaN and its checkpoint unusable.
+    """
+    bad = ["weights"] if sums.nonfinite_weights else []
+    bad += ["optimizer state"] if sums.nonfinite_optimizer else []
+    numbers = ("train_elbo", "val_elbo", "val_bound", "test_elbo")
+    bad += [name for name in numbers if record[name] is not None and not math.isfinite(record[name])]
+    return f"non-finite {', '.join(dict.fromkeys(bad))}" if bad else None
+
+
+def divergence_problem(record: dict[str, Any], progress: Progress, limit: float) -> str | None:
+    """How far the epoch's train, validation or test ELBO fell below the best train ELBO, when more than ``limit``.
+
+    An optimizer can explode without a NaN (Adam at a huge lr reaches an ELBO of -1e34 and stays
+    finite): the fall from the best train ELBO so far is the sign. The epoch's own train ELBO counts
+    as a best too, so the evaluation after a first epoch whose last step exploded is caught as well
+    (a model whose held-out ELBO is 1e4 nats below its train ELBO is not a model). ``limit`` 0
+    turns the check off; None otherwise.
+    """
+    if not limit:
+        return None
+    best = max(v for v in (progress.best_train_elbo, record["train_elbo"]) if v is not None)
+    for name in ("train_elbo", "val_elbo", "test_elbo"):
+        value = record[name]
+        if value is not None and best - value > limit:
+            return (
+                f"{name} {value:.4g} fell {best - value:.4g} nats per example below the best train_elbo {best:.4g} "
+                f"(train.divergence_nats={limit:g})"
+            )
+    return None
 
 
 def check_finite(sums: EpochSums, epoch: int, progress: Progress, checkpoint: Path) -> None:

@@ -13,3 +13,19 @@ class NonFiniteLossError(TrainingError):
     def __init__(self, message: str, epoch: int, step: int) -> None:
         super().__init__(message)
         self.epoch, self.step = epoch, step
+
+
+class DivergenceError(TrainingError):
+    """An epoch left non-finite weights, optimizer state or numbers, or its train ELBO fell too far.
+
+    Raised before the epoch writes anything: the message says which epoch ``checkpoint.pt`` and
+    ``best.pt`` still hold and how to resume from there with a smaller learning rate.
+    """
+
+    def __init__(self, message: str, epoch: int, step: int) -> None:
+        super().__init__(message)
+        self.epoch, self.step = epoch, step
+
+
+class RunFolderLockedError(TrainingError):
+    """Another process is writing into the run folder (it holds the folder's ``.lock``)."""

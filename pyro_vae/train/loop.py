@@ -33,7 +33,17 @@ from pyro_vae.data import make_generator, resolve_device
 from pyro_vae.optim import Schedule, build_optimizer, build_schedule
 from pyro_vae.runs import build_vae, load_dataset_for
 from pyro_vae.train.distributed import SingleProcess, current_context
-from pyro_vae.train.epoch import Epoch, Progress, check_finite, epoch_record, has_validation
+from pyro_vae.train.epoch import (
+    Epoch,
+    EpochSums,
+    Progress,
+    check_finite,
+    divergence_problem,
+    epoch_record,
+    has_validation,
+    state_problem,
+)
+from pyro_vae.train.errors import DivergenceError, RunFolderLockedError
 from pyro_vae.train.run_folder import Reporter, RunFolder
 from pyro_vae.train.step import TrainStep, release_capturable
 
@@ -98,8 +108,10 @@ def train(
     (the best epoch's ``val_bound`` and ``val_elbo``), ``metrics`` (the last epoch's record),
     ``evaluation`` (``evaluation.json``'s content, or ``None``).
 
-    Raises :class:`NonFiniteLossError` when a loss is NaN or infinite: ``checkpoint.pt`` then
-    still holds the last good epoch.
+    Raises :class:`NonFiniteLossError` when a loss is NaN or infinite, and :class:`DivergenceError`
+    when an epoch leaves non-finite weights, optimizer state or numbers, or its train ELBO falls more
+    than ``train.divergence_nats`` below the best: ``checkpoint.pt`` and ``best.pt`` then still hold
+    the last good epochs. :class:`RunFolderLockedError` when another process writes into ``out_dir``.
     """
     context = context if context is not None else current_context()
     run = prepare_run(cfg, out_dir, context, device, data_dir, resume, progress, download=download, dataset=dataset)
@@ -116,6 +128,7 @@ def train(
         report_interruption(run)
     except BaseException:
         run.reporter.close()
+        run.folder.close()
         raise
     return finish(run, status, record)
 
@@ -137,10 +150,22 @@ def prepare_run(
     The order is the reproducible one: the seed before the weights are initialized; the estimator's
     DDP wrapper and each rank's own noise after; a resumed checkpoint's states over all of it.
     """
-    tcfg = cfg.train
-    device = resolve_device(device if device is not None else tcfg.device)
+    device = resolve_device(device if device is not None else cfg.train.device)
     # Rank 0's folder on every rank: each rank's default name holds its own timestamp.
     folder = RunFolder(Path(context.broadcast(str(out_dir))), active=context.is_main)
+    refusal = context.broadcast(folder.lock(resume))  # rank 0's answer: every rank stops, none waits
+    if refusal is not None:
+        raise RunFolderLockedError(refusal)
+    try:
+        return _prepare(cfg, folder, context, device, data_dir, resume, progress, download, dataset)
+    except BaseException:
+        folder.close()
+        raise
+
+
+def _prepare(cfg: Config, folder: RunFolder, context, device, data_dir, resume, progress, download, dataset) -> Run:
+    """:func:`prepare_run` once the folder is locked."""
+    tcfg = cfg.train
     state = folder.open(cfg, resume)
     context.barrier()  # every rank has looked at the folder before rank 0 writes a checkpoint into it
     # Seed first: weight initialization and everything after it is reproducible.
@@ -159,6 +184,7 @@ def prepare_run(
     if state is not None:
         run_progress = restore(state, vae, optimizer, epoch.generator, context, tcfg.seed)
         folder.truncate_metrics(run_progress.epoch)
+        folder.write_config(cfg)  # only now: the checkpoint fits this config
     reporter = folder.reporter(progress, tcfg.epochs)
     run = Run(
         cfg=cfg,
@@ -206,6 +232,7 @@ def _epoch(cfg: Config, vae, estimator, optimizer, dataset, context: SingleProce
         steps=steps,
         warmup_steps=tcfg.warmup_epochs * steps,
         eval_batch_size=tcfg.eval_batch_size,
+        optimizer=optimizer,
     )
 
 
@@ -224,6 +251,7 @@ def restore(state: dict[str, Any], vae, optimizer, generator: torch.Generator, c
         best_val_elbo=state["best_val_elbo"],
         best_epoch=int(state["best_epoch"]),
         bad_epochs=int(state["bad_epochs"]),
+        best_train_elbo=state.get("best_train_elbo"),  # None in checkpoints written before the divergence guard
     )
     # Each rank its own stream back (or a fresh one when the number of processes changed).
     context.restore_rng_state(state, seed, progress.epoch)
@@ -275,12 +303,49 @@ def train_epoch(run: Run, epoch: int) -> dict[str, Any]:
     evaluated = epoch % tcfg.eval_every == 0 or epoch == tcfg.epochs
     sums, step, beta = run.epoch.run(epoch, progress.step, evaluated, run.reporter)
     check_finite(sums, epoch, progress, run.folder.checkpoint)
-    progress.epoch, progress.step = epoch, step
     record = epoch_record(epoch, sums, beta=beta, lr=lr, seconds=time.perf_counter() - start, steps=step)
+    check_diverged(run, epoch, step, sums, record)
+    progress.epoch, progress.step = epoch, step
     improved = progress.observe(record)
     run.folder.write_epoch(record, checkpoint_state(run), improved)
     run.reporter.epoch_line(record)
     return record
+
+
+def check_diverged(run: Run, epoch: int, step: int, sums: EpochSums, record: dict[str, Any]) -> None:
+    """Raise :class:`DivergenceError` when the epoch broke the state or exploded, before it writes anything.
+
+    Nothing of the epoch reaches the folder (no metrics line, no checkpoint), so ``checkpoint.pt``
+    and ``best.pt`` stay byte for byte the last good ones; the message says how to go on from them.
+    """
+    problem = state_problem(sums, record) or divergence_problem(record, run.progress, run.cfg.train.divergence_nats)
+    if problem is None:
+        return
+    if sums.nonfinite_weights:  # the failure path: naming the broken tensors may read them to the host
+        problem += f" ({_nonfinite_names(run.vae)})"
+    raise DivergenceError(
+        f"training diverged at epoch {epoch} (global step {step}): {problem}; {kept_and_resume(run)}",
+        epoch=epoch,
+        step=step,
+    )
+
+
+def _nonfinite_names(vae: torch.nn.Module, shown: int = 3) -> str:
+    names = [name for name, p in vae.named_parameters() if not torch.isfinite(p).all()]
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def kept_and_resume(run: Run) -> str:
+    """Which epochs ``checkpoint.pt`` and ``best.pt`` still hold, and the command that resumes with a smaller lr."""
+    progress, folder = run.progress, run.folder
+    kept = f"{folder.checkpoint} (epoch {progress.epoch}) is"
+    if progress.best_epoch:  # best.pt exists once an epoch was the best
+        kept = f"{folder.checkpoint} (epoch {progress.epoch}) and best.pt (epoch {progress.best_epoch}) are"
+    return (
+        f"{kept} untouched; resume from there with a smaller lr: "
+        f"pyro-vae train --resume --out {folder.path} --set train.lr={run.cfg.train.lr / 10:g}"
+    )
 
 
 def report_interruption(run: Run) -> None:
@@ -305,6 +370,7 @@ def finish(run: Run, status: str, record: dict[str, Any]) -> dict[str, Any]:
     if status != "interrupted":
         evaluation = run.folder.finish(run.cfg, run.vae, run.dataset, run.reporter)
     run.reporter.close()
+    run.folder.close()
     return {
         "run_dir": str(run.folder.path),
         "status": status,

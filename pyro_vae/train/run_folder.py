@@ -10,12 +10,18 @@
 
 Under ``torch.distributed`` rank 0 alone writes and prints: the folder and reporter of the other
 ranks are built with ``active=False`` and do nothing.
+
+One writer per folder: rank 0 holds ``fcntl.flock`` on ``.lock`` (which holds its PID) from before
+anything is written to the end of the run (:meth:`RunFolder.lock`). The kernel drops the lock
+when the process ends, however it ends, so a ``kill -9`` leaves no stale lock behind. Windows has
+no ``flock``: there the folder is not locked.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,7 +32,13 @@ from pyro_vae.evaluate import evaluate
 from pyro_vae.runs import BEST, CHECKPOINT, CONFIG, METRICS, read_metrics
 from pyro_vae.train.errors import TrainingError
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, so no lock (docs/training.md); the project runs on Linux
+    fcntl = None
+
 LOG = "train.log"
+LOCK = ".lock"
 EVALUATION = "evaluation.json"
 
 
@@ -105,16 +117,52 @@ class RunFolder:
 
     def __init__(self, path: Path, active: bool) -> None:
         self.path, self.active = path, active
+        self._lock_fd: int | None = None
+
+    def lock(self, resume: bool) -> str | None:
+        """Take the folder's write lock (rank 0); return why it cannot be had, else None.
+
+        It returns rather than raises so that under torchrun rank 0 can broadcast the refusal and
+        every rank stops, instead of the others waiting at a barrier. With the lock held nobody
+        else writes here, so temporary files of interrupted atomic writes are stale: removed.
+        """
+        if not self.active or fcntl is None or (resume and not self.path.is_dir()):
+            return None  # a resume of no folder fails on its missing checkpoint, with a clearer message
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            return (
+                f"{self.path} is being written by another training process (PID {holder}, which holds "
+                f"{self.path / LOCK}); wait for it to end or choose another --out"
+            )
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+        for stale in self.path.glob(".*.tmp"):  # checkpoint.save_checkpoint's .NAME.PID.tmp
+            stale.unlink(missing_ok=True)
+        return None
+
+    def close(self) -> None:
+        """Release the lock (the file stays: removing it would let two writers lock two different files)."""
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     @property
     def checkpoint(self) -> Path:
         return self.path / CHECKPOINT
 
     def open(self, cfg: Config, resume: bool) -> dict[str, Any] | None:
-        """Check the folder and write ``config.toml``; return the checkpoint to resume from (``None``: a new run).
+        """Check the folder and, for a new run, write ``config.toml``; return the checkpoint to resume from.
 
         Every rank reads the checkpoint. A folder that holds a run is never overwritten, and a
-        resumed run must have the checkpoint's model and data.
+        resumed run must have the checkpoint's model and data. A resume rewrites ``config.toml``
+        only once its checkpoint is restored (:meth:`write_config`): a failed resume leaves it as it was.
         """
         state = None
         if resume:
@@ -126,8 +174,13 @@ class RunFolder:
             )
         if self.active:
             self.path.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.path / CONFIG)
+        if not resume:
+            self.write_config(cfg)
         return state
+
+    def write_config(self, cfg: Config) -> None:
+        if self.active:
+            save_config(cfg, self.path / CONFIG)
 
     def reporter(self, bar: bool | None, epochs: int) -> Reporter:
         """The run's reporter, logging to this folder's ``train.log``."""
