@@ -155,8 +155,13 @@ def _two_sites() -> tuple[VAE, torch.Tensor]:
 
 
 def test_the_facade_adopts_the_structure_and_answers_for_it():
-    vae, _ = _two_sites()
+    vae, x = _two_sites()
     assert vae.latent_sites == ("z1", "z2") and vae.consumes == ()
+    assert vae.needs_warmup == "" and vae.check_data(x, name="x") is None  # the base class's defaults
+    plain = VAE(x_dim=6, z_dim=2, hidden_dims=(3,), prior="vamp(components=2)")
+    assert "VampPrior" in plain.needs_warmup
+    with pytest.raises(ValueError, match="bernoulli"):
+        plain.check_data(torch.full((2, 6), 3.0), name="bad data")
     assert [name for name, _ in vae.named_children()] == ["net"]
     assert set(vae.state_dict()) == {"net.W", "net.b"}  # one tree: no "structure." copies
     assert "structure" not in dict(vae.named_modules())

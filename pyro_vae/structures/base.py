@@ -12,7 +12,8 @@ attribute names:
 - ``observed_sites``: the names of the observed sites (``("x",)``);
 - ``consumes``: the extra data fields the programs take as keyword arguments besides ``x``
   (``()``; ``("labels",)`` for a semi-supervised model, ``("mask",)`` for missing data). The
-  training step and the estimators pass them through untouched.
+  training step and the estimators pass them through untouched;
+- ``check_data(x, name)`` and ``needs_warmup``: what the training loop asks before it starts.
 
 Estimators and evaluation work from the programs' Pyro traces (``pyro_vae.traces``), site by
 site, so a structure with several latent sites, or enumerated discrete ones, plugs in without
@@ -50,6 +51,15 @@ class Structure(nn.Module):
     def guide(self, x: torch.Tensor, beta: float | torch.Tensor = 1.0, **data) -> torch.Tensor:
         """The guide q(z|x) as a Pyro program over a batch, with the model's latent sites."""
         raise NotImplementedError
+
+    def check_data(self, x: torch.Tensor, name: str) -> None:
+        """Refuse, with a one-line ``ValueError`` naming ``name``, data these programs cannot model
+        (the training loop calls it once, before the first step). Nothing is refused by default."""
+
+    @property
+    def needs_warmup(self) -> str:
+        """Why this model needs KL warm-up (the loop warns when ``train.warmup_epochs`` is 0); "" when it does not."""
+        return ""
 
 
 def is_unit_beta(beta: float | torch.Tensor) -> bool:

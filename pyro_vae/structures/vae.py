@@ -85,6 +85,14 @@ class PlainVAE(Structure):
         with data_plate(x), kl_scale(beta):
             return pyro.sample("z", self.posterior(x))
 
+    def check_data(self, x: torch.Tensor, name: str) -> None:
+        """The likelihood's check: e.g. a Bernoulli needs values in [0, 1], a categorical 8-bit pixels."""
+        self.likelihood.check(x, name=name)
+
+    @property
+    def needs_warmup(self) -> str:
+        return getattr(self.prior, "needs_warmup", "")
+
     # -- plain-torch conveniences ---------------------------------------------------------
     def _event(self, x: torch.Tensor) -> torch.Tensor:
         """x as ``(batch, *x_shape)``: flat rows and images alike reach the encoder body in its shape."""

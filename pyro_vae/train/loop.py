@@ -204,11 +204,11 @@ def _prepare(cfg: Config, folder: RunFolder, context, device, data_dir, resume, 
 
 
 def _build_vae(cfg: Config, dataset, device: torch.device, warn: bool) -> torch.nn.Module:
-    """The config's VAE on ``device``, its likelihood checked against the training data once, here."""
+    """The config's VAE on ``device``, the training data checked by its structure once, here."""
     vae = build_vae(cfg.model, x_dim=dataset.x_dim, x_shape=dataset.image_shape).to(device)
-    vae.likelihood.check(dataset.train[:1024], name=f"{dataset.name} (train)")
-    if cfg.train.warmup_epochs == 0 and getattr(vae.prior, "needs_warmup", "") and warn:
-        warnings.warn(f"train.warmup_epochs is 0: {vae.prior.needs_warmup}", UserWarning, stacklevel=4)
+    vae.check_data(dataset.train[:1024], name=f"{dataset.name} (train)")
+    if cfg.train.warmup_epochs == 0 and vae.needs_warmup and warn:
+        warnings.warn(f"train.warmup_epochs is 0: {vae.needs_warmup}", UserWarning, stacklevel=4)
     return vae
 
 
