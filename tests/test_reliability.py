@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from test_train import STEPS_PER_EPOCH, _metrics, tiny
 
 from pyro_vae import checkpoint as ckpt
 from pyro_vae import cli
@@ -14,7 +15,6 @@ from pyro_vae.config import save_config
 from pyro_vae.train import DivergenceError, NonFiniteLossError, RunFolderLockedError, TrainingError, train
 from pyro_vae.train import loop as train_module
 from pyro_vae.train.epoch import EpochSums, Progress, count_nonfinite, divergence_problem, state_problem
-from tests.test_train import STEPS_PER_EPOCH, _metrics, tiny
 
 KEPT = ("checkpoint.pt", "best.pt", "metrics.jsonl")
 
