@@ -31,6 +31,7 @@ from torch import nn
 
 from pyro_vae.networks import GaussianEncoder
 from pyro_vae.registry import Registry
+from pyro_vae.specs import integer_arg, widths_arg
 
 GUIDES: Registry[nn.Module] = Registry("guide")
 
@@ -91,9 +92,7 @@ class LowRankGuide(EncoderGuide):
     """
 
     def __init__(self, body: nn.Module, z_dim: int, rank: int = 1) -> None:
-        if int(rank) != rank or rank < 1:
-            raise ValueError(f"rank must be a positive integer, got {rank!r}")
-        self.rank = int(rank)
+        self.rank = integer_arg("rank", rank)
         super().__init__(body, z_dim, extra_dim=z_dim * self.rank)
 
     def distribution(self, loc: torch.Tensor, scale: torch.Tensor, extra: torch.Tensor) -> dist.Distribution:
@@ -127,16 +126,15 @@ class IAFGuide(EncoderGuide):
         hidden: Sequence[int] | None = None,
         context_dim: int | None = None,
     ) -> None:
-        if int(flows) != flows or flows < 1:
-            raise ValueError(f"flows must be a positive integer, got {flows!r}")
+        flows = integer_arg("flows", flows)
         if z_dim < 2:
             raise ValueError(f"an autoregressive flow needs z_dim >= 2, got {z_dim}")
-        self.context_dim = int(context_dim) if context_dim is not None else 2 * z_dim
+        self.context_dim = integer_arg("context_dim", context_dim) if context_dim is not None else 2 * z_dim
         super().__init__(body, z_dim, extra_dim=self.context_dim)
-        hidden = list(hidden) if hidden is not None else None
+        hidden = widths_arg("hidden", hidden) if hidden is not None else None
         self.flows = nn.ModuleList(
             T.conditional_affine_autoregressive(z_dim, self.context_dim, hidden_dims=hidden, stable=True)
-            for _ in range(int(flows))
+            for _ in range(flows)
         )
         self.register_buffer("reverse", torch.arange(z_dim - 1, -1, -1))
 

@@ -35,6 +35,7 @@ from torch import nn
 
 from pyro_vae.networks import inverse_softplus
 from pyro_vae.registry import Registry
+from pyro_vae.specs import integer_arg
 
 LIKELIHOODS: Registry[nn.Module] = Registry("likelihood")
 
@@ -405,9 +406,7 @@ class DiscretizedLogisticLikelihood(EightBitLikelihood):
 
     def __init__(self, x_dim: int, mixtures: int = 5) -> None:
         super().__init__(x_dim)
-        if int(mixtures) != mixtures or mixtures < 1:
-            raise ValueError(f"mixtures must be a positive integer, got {mixtures!r}")
-        self.mixtures = int(mixtures)
+        self.mixtures = integer_arg("mixtures", mixtures)
         self.params_per_pixel = 3 * self.mixtures
 
     def forward(self, params: torch.Tensor) -> dist.Distribution:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pyro_vae.registry import Registry
-from pyro_vae.specs import closest
+from pyro_vae.specs import closest, widths_arg
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "softplus": nn.Softplus,
@@ -123,9 +123,7 @@ class MLPBody(nn.Module):
 
     def __init__(self, in_shape: Sequence[int], hidden: Sequence[int] = (400,), activation: str = "softplus") -> None:
         super().__init__()
-        hidden = [int(h) for h in hidden]
-        if any(h < 1 for h in hidden):
-            raise ValueError(f"hidden widths must be positive, got {hidden}")
+        hidden = widths_arg("hidden", hidden)
         self.in_shape = tuple(int(d) for d in in_shape)
         self.hidden, self.activation = tuple(hidden), activation
         dims = [math.prod(self.in_shape), *hidden]

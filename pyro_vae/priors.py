@@ -34,7 +34,7 @@ from torch import nn
 # log p(z) unbounded.
 from pyro_vae.networks import MIN_SCALE, inverse_softplus
 from pyro_vae.registry import Registry
-from pyro_vae.specs import closest
+from pyro_vae.specs import closest, integer_arg, widths_arg
 
 PRIORS: Registry[nn.Module] = Registry("prior")
 
@@ -146,9 +146,7 @@ class GaussianMixture(Prior):
 
     def __init__(self, z_dim: int, components: int = 10) -> None:
         super().__init__(z_dim)
-        if int(components) != components or components < 1:
-            raise ValueError(f"components must be a positive integer, got {components!r}")
-        self.components = int(components)
+        self.components = integer_arg("components", components)
         self.gaussians = DiagonalGaussian((self.components, z_dim), loc_init_std=1.0)
         self.logits = nn.Parameter(torch.zeros(self.components))
 
@@ -193,8 +191,7 @@ class VampPrior(Prior):
         init_std: float = 0.01,
     ) -> None:
         super().__init__(z_dim)
-        if int(components) != components or components < 1:
-            raise ValueError(f"components must be a positive integer, got {components!r}")
+        components = integer_arg("components", components)
         if not 0 < init_mean < 1:
             # hardtanh has zero gradient outside (0, 1): pseudo-inputs started there never learn.
             raise ValueError(f"init_mean must lie in (0, 1), got {init_mean!r}")
@@ -272,12 +269,11 @@ class FlowPrior(Prior):
         self.kind = FLOW_KINDS[kind]
         if z_dim < self.kind.min_dim:
             raise ValueError(f"flow kind {kind!r} needs z_dim >= {self.kind.min_dim}, got {z_dim}")
-        if int(layers) != layers or layers < 1:
-            raise ValueError(f"layers must be a positive integer, got {layers!r}")
-        hidden = list(hidden_dims) if hidden_dims is not None else None
-        self.layers = nn.ModuleList(self.kind.make(z_dim, hidden, **(options or {})) for _ in range(int(layers)))
+        layers = integer_arg("layers", layers)
+        hidden = widths_arg("hidden_dims", hidden_dims) if hidden_dims is not None else None
+        self.layers = nn.ModuleList(self.kind.make(z_dim, hidden, **(options or {})) for _ in range(layers))
         generator = torch.Generator().manual_seed(0)  # the permutations are part of the architecture
-        for i in range(int(layers) - 1):
+        for i in range(layers - 1):
             self.register_buffer(f"permutation_{i}", torch.randperm(z_dim, generator=generator))
         self.register_buffer("base_loc", torch.zeros(z_dim))
         self.register_buffer("base_scale", torch.ones(z_dim))

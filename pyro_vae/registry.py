@@ -86,7 +86,7 @@ class Registry(Generic[T]):
         ctx = {k: v for k, v in context.items() if k in accepted}
         try:
             obj = factory(**ctx, **kwargs)
-        except (TypeError, ValueError) as err:
+        except (TypeError, ValueError, OverflowError) as err:  # OverflowError: a huge number a factory did not vet
             raise SpecError(f"bad {self.kind} {format_spec(name, kwargs)}: {err}") from err
         with contextlib.suppress(AttributeError):  # objects without a __dict__ keep no record of their spec
             obj.spec = format_spec(name, kwargs)  # type: ignore[attr-defined]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import math
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -66,7 +67,7 @@ def parse_spec(spec: Spec) -> tuple[str, dict[str, Any]]:
             raise SpecError(f"in spec {spec!r}: {err}") from None
     try:
         node = ast.parse(text, mode="eval").body
-    except SyntaxError as err:
+    except (SyntaxError, RecursionError, MemoryError) as err:  # the last two: nesting deeper than the parser goes
         raise SpecError(f"cannot parse spec {spec!r}: expected name or name(key=value, ...)") from err
     if isinstance(node, ast.Name):
         return node.id, {}
@@ -78,9 +79,11 @@ def parse_spec(spec: Spec) -> tuple[str, dict[str, Any]]:
     for keyword in node.keywords:
         if keyword.arg is None:
             raise SpecError(f"cannot parse spec {spec!r}: '**' is not allowed")
+        if keyword.arg in kwargs:  # Python's parser lets f(a=1, a=2) through; silently keeping the last hides a typo
+            raise SpecError(f"in spec {spec!r}, argument {keyword.arg!r} is given twice")
         try:
             kwargs[keyword.arg] = ast.literal_eval(keyword.value)
-        except ValueError as err:
+        except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError) as err:
             raise SpecError(
                 f"in spec {spec!r}, the value of {keyword.arg!r} is not a Python literal "
                 "(numbers, strings in quotes, True/False/None, tuples and lists)"
@@ -108,3 +111,55 @@ def split_specs(text: str) -> list[str]:
         current.append(char)
     parts.append("".join(current).strip())
     return [p for p in parts if p]
+
+
+# -- argument values ---------------------------------------------------------------------------------
+# The one check of each kind of spec argument value, shared by every family (priors, guides,
+# likelihoods, networks, optimizers, schedules) so that they refuse the same inputs with the same
+# words. Each raises ValueError naming the argument and what is valid; Registry.build turns that
+# into one SpecError line naming the spec.
+
+
+def integer_arg(name: str, value: Any, minimum: int = 1) -> int:
+    """``value`` as an int >= ``minimum``: an int, or an integral finite float (``10.0``); never a bool.
+
+    Without this, ``int(1e400)`` is an OverflowError traceback, ``int(1.5)`` silently rounds and
+    ``True`` passes as 1.
+    """
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok and isinstance(value, float):
+        ok = math.isfinite(value) and value.is_integer()
+    if not ok or value < minimum:
+        what = {1: "a positive integer", 0: "a non-negative integer"}.get(minimum, f"an integer >= {minimum}")
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return int(value)
+
+
+def number_arg(
+    name: str, value: Any, low: float = -math.inf, high: float = math.inf, *, open_low: bool = False, open_high=False
+) -> float:
+    """``value`` as a finite float in the range ``low .. high`` (each end open or closed); never a bool."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > low if open_low else value >= low) and (value < high if open_high else value <= high)
+    if not ok:
+        if high == math.inf:
+            valid = f"{'>' if open_low else '>='} {low:g}"
+        else:
+            valid = f"in {'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+        raise ValueError(f"{name} must be a finite number {valid}, got {value!r}")
+    return float(value)
+
+
+def flag_arg(name: str, value: Any, optional: bool = False) -> bool | None:
+    """``value`` if it is True or False (or None when ``optional``): ``5`` is not a yes."""
+    if isinstance(value, bool) or (optional and value is None):
+        return value
+    raise ValueError(f"{name} must be True or False{' or None' if optional else ''}, got {value!r}")
+
+
+def widths_arg(name: str, value: Any) -> list[int]:
+    """A list (or tuple) of positive integer layer widths, e.g. ``[200, 200]``; ``[]`` is allowed."""
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{name} must be a list of positive integer widths, e.g. [200, 200], got {value!r}")
+    return [integer_arg(f"{name}[{i}]", v) for i, v in enumerate(value)]
