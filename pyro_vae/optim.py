@@ -14,6 +14,7 @@ from collections.abc import Iterable
 import torch
 
 from pyro_vae.registry import Registry
+from pyro_vae.specs import flag_arg, integer_arg, number_arg
 
 OPTIMIZERS: Registry[torch.optim.Optimizer] = Registry("optimizer")
 SCHEDULES: Registry[Schedule] = Registry("lr schedule")
@@ -24,6 +25,22 @@ Params = Iterable[torch.nn.Parameter]
 # Devices and dtypes for which torch has a fused (single-kernel) Adam.
 FUSED_DEVICES = ("cpu", "cuda")
 FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _common(lr: float, betas=None, eps: float | None = None, weight_decay: float = 0.0) -> dict:
+    """The arguments several optimizers share, checked once here: torch takes inf or a negative rate,
+    a 3-element ``betas`` or ``betas=(0.9,)`` (an IndexError traceback) without a clean word."""
+    out = {
+        "lr": number_arg("lr", lr, 0, open_low=True),
+        "weight_decay": number_arg("weight_decay", weight_decay, 0),
+    }
+    if eps is not None:
+        out["eps"] = number_arg("eps", eps, 0, open_low=True)
+    if betas is not None:
+        if not isinstance(betas, (list, tuple)) or len(betas) != 2:
+            raise ValueError(f"betas must be a pair of numbers in [0, 1), e.g. (0.9, 0.999), got {betas!r}")
+        out["betas"] = tuple(number_arg(f"betas[{i}]", b, 0, 1, open_high=True) for i, b in enumerate(betas))
+    return out
 
 
 def fused_supported(params: list[torch.nn.Parameter]) -> bool:
@@ -51,31 +68,39 @@ def adam(
     training step than ``foreach`` on a CPU at batch 128 (docs/results/speed.md) and equal to it up
     to float rounding; ``adam(fused=false)`` forces ``foreach``, ``adam(fused=true)`` insists on fused.
     """
+    common = _common(lr, betas, eps, weight_decay)
+    amsgrad = flag_arg("amsgrad", amsgrad)
+    fused = flag_arg("fused", fused, optional=True)
     params = list(params)
     if fused is None:
         fused = fused_supported(params)
     multi = {"fused": True} if fused else {"foreach": True}
-    return torch.optim.Adam(
-        params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, **multi
-    )
+    return torch.optim.Adam(params, amsgrad=amsgrad, **common, **multi)
 
 
 @OPTIMIZERS.register("adamw")
 def adamw(params: Params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01):
     """AdamW: Adam with decoupled weight decay (Loshchilov & Hutter 2019)."""
-    return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, foreach=True)
+    return torch.optim.AdamW(params, **_common(lr, betas, eps, weight_decay), foreach=True)
 
 
 @OPTIMIZERS.register("sgd")
 def sgd(params: Params, lr: float, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0):
     """Stochastic gradient descent, optionally with (Nesterov) momentum."""
-    return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, foreach=True)
+    momentum = number_arg("momentum", momentum, 0)
+    nesterov = flag_arg("nesterov", nesterov)
+    if nesterov and momentum == 0:  # torch's own refusal, said here in the spec's words
+        raise ValueError("nesterov=True needs momentum > 0")
+    common = _common(lr, weight_decay=weight_decay)
+    return torch.optim.SGD(params, momentum=momentum, nesterov=nesterov, **common, foreach=True)
 
 
 @OPTIMIZERS.register("rmsprop")
 def rmsprop(params: Params, lr: float, alpha: float = 0.99, eps: float = 1e-8, momentum: float = 0.0):
     """RMSprop (Tieleman & Hinton 2012)."""
-    return torch.optim.RMSprop(params, lr=lr, alpha=alpha, eps=eps, momentum=momentum, foreach=True)
+    alpha = number_arg("alpha", alpha, 0, 1)
+    momentum = number_arg("momentum", momentum, 0)
+    return torch.optim.RMSprop(params, alpha=alpha, momentum=momentum, **_common(lr, eps=eps), foreach=True)
 
 
 class Schedule:
@@ -116,9 +141,7 @@ class Cosine(Schedule):
 
     def __init__(self, epochs: int, min_factor: float = 0.0) -> None:
         super().__init__(epochs)
-        if not 0.0 <= min_factor <= 1.0:
-            raise ValueError(f"min_factor must be in [0, 1], got {min_factor}")
-        self.min_factor = min_factor
+        self.min_factor = number_arg("min_factor", min_factor, 0, 1)
 
     def factor(self, epoch: int) -> float:
         return self.min_factor + (1 - self.min_factor) * 0.5 * (
@@ -132,9 +155,8 @@ class Exponential(Schedule):
 
     def __init__(self, epochs: int, gamma: float = 0.95) -> None:
         super().__init__(epochs)
-        if not gamma > 0:
-            raise ValueError(f"gamma must be positive, got {gamma}")
-        self.gamma = gamma
+        # (0, 1]: a decay; above 1 the rate grows without bound (gamma=1e10 overflows in a few epochs)
+        self.gamma = number_arg("gamma", gamma, 0, 1, open_low=True)
 
     def factor(self, epoch: int) -> float:
         return self.gamma**epoch
@@ -146,9 +168,9 @@ class Step(Schedule):
 
     def __init__(self, epochs: int, step_size: int = 10, gamma: float = 0.5) -> None:
         super().__init__(epochs)
-        if int(step_size) < 1:
-            raise ValueError(f"step_size must be a positive integer, got {step_size}")
-        self.step_size, self.gamma = int(step_size), gamma
+        self.step_size = integer_arg("step_size", step_size)
+        # (0, 1]: a negative gamma gives a negative rate every other step, which trains uphill
+        self.gamma = number_arg("gamma", gamma, 0, 1, open_low=True)
 
     def factor(self, epoch: int) -> float:
         return self.gamma ** (epoch // self.step_size)
