@@ -337,7 +337,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _user_errors() as err:
         if os.environ.get("PYRO_VAE_DEBUG"):
             raise
-        message = str(err) or type(err).__name__
+        # One line whatever the input: a --set value or a path may itself hold a newline.
+        message = " ".join((str(err) or type(err).__name__).splitlines())
         print(f"pyro-vae {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

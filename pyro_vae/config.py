@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import re
 import sys
 import types
 import typing
@@ -50,17 +51,17 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the schema; the message names the key and what is valid."""
 
 
-def _device_problem(value: str) -> str | None:
-    """What is wrong with a device name, or None: torch is the judge of names ("auto" is ours)."""
-    if value == "auto":
-        return None
-    import torch  # here, not at the top: reading a config should not pay for importing torch
+# The device names a run can use. Not torch's list: torch parses "mps", "xla", "meta", "vulkan", ...,
+# which this library cannot train on (a traceback deep in the run); whether a "cuda:N" exists is
+# asked only when a run resolves its device (pyro_vae.data.resolve_device), not when a config is read.
+_DEVICE_NAME = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 
-    try:
-        torch.device(value)
-    except (RuntimeError, ValueError):
-        return f'{value!r} is not a device ("auto", "cpu", "cuda", "cuda:1", ...)'
-    return None
+
+def device_problem(value: str) -> str | None:
+    """What is wrong with a device name, or None: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``."""
+    if _DEVICE_NAME.fullmatch(value):
+        return None
+    return f"{value!r} is not a device this library runs on; use auto, cpu, cuda or cuda:N"
 
 
 # Field metadata, read by _check_bounds here and by pyro_vae.checks:
@@ -126,7 +127,7 @@ class TrainConfig:
     # epochs between evaluations on the validation and test sets
     eval_every: int = field(default=1, metadata={"min": 1})
     eval_batch_size: int = field(default=1000, metadata={"min": 1})
-    device: str = field(default="auto", metadata={"check": _device_problem})  # "auto": CUDA when available
+    device: str = field(default="auto", metadata={"check": device_problem})  # "auto": CUDA when available
     nll_samples: int = field(default=100, metadata={"min": 0})  # importance samples for the final test NLL; 0 skips it
     plots: bool = True
 
@@ -177,9 +178,38 @@ def _type_name(tp: Any) -> str:
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
 
 
+# No key holds anything deeper than a spec table with a list of lists in it; past this depth a value
+# is a mistake (or a fuzzer), and copying or printing it would end in a RecursionError traceback.
+MAX_DEPTH = 16
+
+
+def _too_deep(value: Any, depth: int = 0) -> bool:
+    if depth > MAX_DEPTH:
+        return True
+    if isinstance(value, Mapping):
+        return any(_too_deep(v, depth + 1) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_too_deep(v, depth + 1) for v in value)
+    return False
+
+
+def _nested_too_deeply(where: str) -> ConfigError:
+    return ConfigError(f"{where} is nested too deeply (more than {MAX_DEPTH} levels of tables or lists)")
+
+
+def _read_toml(text: str, where: str) -> Any:
+    """``tomllib.loads(text)``, with a RecursionError (a thousand nested tables) said as one line."""
+    try:
+        return tomllib.loads(text)
+    except RecursionError:
+        raise _nested_too_deeply(where) from None
+
+
 def _coerce(section: str, key: str, value: Any) -> Any:
     """``value`` as the type of ``section.key``, or a ConfigError saying what was expected."""
     where = f"{section}.{key}"
+    if _too_deep(value):
+        raise _nested_too_deeply(where)
     if _is_spec(section, key):
         if value is None and type(None) in typing.get_args(_field_type(section, key)):
             return None
@@ -302,7 +332,7 @@ def parse_override_value(section: str, key: str, text: str) -> Any:
             raise ConfigError(f"{section}.{key} cannot be none; expected {_type_name(tp)}")
         return None
     try:
-        value = tomllib.loads(f"v = {text}")["v"]
+        value = _read_toml(f"v = {text}", f"{section}.{key}")["v"]
     except tomllib.TOMLDecodeError:
         if (_optional_inner(tp) or tp) is str or _is_spec(section, key):
             return text  # bare text: a spec string or a plain string
@@ -336,13 +366,14 @@ def apply_overrides(cfg: Config, overrides: Iterable[str]) -> Config:
             d[section][key] = _coerce(section, key, value)
             _check_bounds(section, key, d[section][key])
         except (ConfigError, SpecError) as err:
-            raise ConfigError(f"--set {item}: {err}") from None
+            shown = item if len(item) <= 100 else item[:97] + "..."  # a 1000-level table is not worth echoing
+            raise ConfigError(f"--set {shown}: {err}") from None
     return config_from_dict(d, source="--set")
 
 
 def _set_spec_argument(spec: SpecValue, arg: str, text: str) -> SpecValue:
     try:
-        value = tomllib.loads(f"v = {text.strip()}")["v"]
+        value = _read_toml(f"v = {text.strip()}", arg)["v"]
     except tomllib.TOMLDecodeError:
         value = text.strip()
     if isinstance(spec, str):
@@ -365,13 +396,18 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
         cfg = Config()
     else:
         path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        if not path.is_file():  # a directory is an IsADirectoryError; a FIFO would block the open forever
+            raise ConfigError(f"config file {path} is not a regular file")
         try:
-            with open(path, "rb") as f:
-                raw = tomllib.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
+            raw = _read_toml(path.read_bytes().decode("utf-8"), str(path))
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path} is not valid TOML: not UTF-8 text ({err.reason})") from None
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"{path} is not valid TOML: {err}") from None
+        except OSError as err:  # e.g. no permission to read it
+            raise ConfigError(f"cannot read config file {path}: {err.strerror or err}") from None
         cfg = config_from_dict(raw, source=str(path))
     return apply_overrides(cfg, overrides)
 

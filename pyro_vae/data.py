@@ -42,6 +42,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from pyro_vae.config import device_problem
 from pyro_vae.registry import Registry
 from pyro_vae.specs import Spec, format_spec, parse_spec
 
@@ -442,16 +443,17 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as err:
-        raise ValueError(f"unknown device {str(device)!r}; use auto, cpu, cuda or cuda:N") from err
+    problem = device_problem(str(device))  # the one list of names, shared with the config check
+    if problem is not None:
+        raise ValueError(f"device {problem}")
+    resolved = torch.device(device)
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device {str(device)!r} requested, but CUDA is not available here (use --device cpu)")
         count = torch.cuda.device_count()
         if resolved.index is not None and resolved.index >= count:
-            raise ValueError(f"device {str(device)!r} requested, but only {count} CUDA device(s) exist")
+            plural = "device is" if count == 1 else "devices are"
+            raise ValueError(f"device {str(device)!r} requested, but {count} CUDA {plural} visible")
     return resolved
 
 
