@@ -366,12 +366,16 @@ def apply_overrides(cfg: Config, overrides: Iterable[str]) -> Config:
             d[section][key] = _coerce(section, key, value)
             _check_bounds(section, key, d[section][key])
         except (ConfigError, SpecError) as err:
-            shown = item if len(item) <= 100 else item[:97] + "..."  # a 1000-level table is not worth echoing
+            # The override as typed, unless it holds a newline (shown escaped: one line) or is huge
+            shown = item if item.isprintable() else repr(item)
+            shown = shown if len(shown) <= 100 else shown[:97] + "..."  # a 1000-level table is not worth echoing
             raise ConfigError(f"--set {shown}: {err}") from None
     return config_from_dict(d, source="--set")
 
 
-def _set_spec_argument(spec: SpecValue, arg: str, text: str) -> SpecValue:
+def _set_spec_argument(spec: SpecValue | None, arg: str, text: str) -> SpecValue:
+    if spec is None:  # an unset optional spec (model.encoder) has no arguments to change
+        raise ConfigError(f"the spec is unset, so it has no argument {arg!r} to change; set the whole spec")
     try:
         value = _read_toml(f"v = {text.strip()}", arg)["v"]
     except tomllib.TOMLDecodeError:
