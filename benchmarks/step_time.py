@@ -14,7 +14,7 @@ Variants, timed interleaved in one run (see benchmarks/README.md):
 - ``project_unrecorded``: ``project`` with ``record=False``: the lean loss runs the Pyro programs on
   every step instead of replaying their recorded graph (``pyro_vae.train.recorded``);
 - ``project_plain``: the same with ``fast=False`` (the estimator's loss as written, validation on);
-- ``project_foreach``: ``project`` with ``adam(fused=false)`` (compare with ``torch_foreach``);
+- ``project_foreach``: ``project`` with ``adam(fused=False)`` (compare with ``torch_foreach``);
 - ``est_<spec>`` and ``est_<spec>_unrecorded`` for every ``--estimators`` spec (e.g. ``iwae(k=5)``):
   the fast step with that estimator, recorded and not;
 - ``project_meanfield``: ``project`` with ``estimators.get("meanfield")`` (analytic KL, the reference's

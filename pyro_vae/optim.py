@@ -66,7 +66,7 @@ def adam(
     ``fused=None`` (default): torch's fused Adam, one kernel over all parameters, where torch has
     one for them (CPU and CUDA floating point), else ``foreach``. Fused is about 15-20% faster per
     training step than ``foreach`` on a CPU at batch 128 (docs/results/speed.md) and equal to it up
-    to float rounding; ``adam(fused=false)`` forces ``foreach``, ``adam(fused=true)`` insists on fused.
+    to float rounding; ``adam(fused=False)`` forces ``foreach``, ``adam(fused=True)`` insists on fused.
     """
     common = _common(lr, betas, eps, weight_decay)
     amsgrad = flag_arg("amsgrad", amsgrad)
