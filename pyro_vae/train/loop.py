@@ -74,6 +74,11 @@ class Run:
     def finished(self) -> bool:
         return self.progress.epoch >= self.cfg.train.epochs or self.stopped_early()
 
+    def close(self) -> None:
+        """Close the log and release the run folder's lock: the end of every run, however it ends."""
+        self.reporter.close()
+        self.folder.close()
+
 
 def train(
     cfg: Config,
@@ -114,7 +119,8 @@ def train(
     the last good epochs. :class:`RunFolderLockedError` when another process writes into ``out_dir``.
     """
     context = context if context is not None else current_context()
-    run = prepare_run(cfg, out_dir, context, device, data_dir, resume, progress, download=download, dataset=dataset)
+    options = RunOptions(device, data_dir, resume, progress, download, dataset)
+    run = prepare_run(cfg, out_dir, context, options)
     status, record = "completed", {}
     try:
         # Distribution argument checks sync with the host on every step; the data were checked when
@@ -127,54 +133,61 @@ def train(
         status = "interrupted"
         report_interruption(run)
     except BaseException:
-        run.reporter.close()
-        run.folder.close()
+        run.close()
         raise
     return finish(run, status, record)
 
 
-def prepare_run(
-    cfg: Config,
-    out_dir: str | os.PathLike,
-    context: SingleProcess,
-    device: str | torch.device | None = None,
-    data_dir: str | os.PathLike | None = None,
-    resume: bool = False,
-    progress: bool | None = None,
-    *,
-    download: bool = False,
-    dataset=None,
-) -> Run:
+@dataclass(frozen=True)
+class RunOptions:
+    """How a run is carried out, as opposed to what it trains (the config): :func:`train`'s arguments."""
+
+    device: str | torch.device | None = None  # None: train.device
+    data_dir: str | os.PathLike | None = None  # None: data.data_dir, else $PYRO_VAE_DATA, else the cache
+    resume: bool = False
+    progress: bool | None = None  # a bar, plain lines, or a bar on a terminal only (None)
+    download: bool = False
+    dataset: Any = None  # an already loaded dataset, else the config's
+
+
+def prepare_run(cfg: Config, out_dir: str | os.PathLike, context: SingleProcess, options: RunOptions) -> Run:
     """Check the run folder, build the VAE, estimator, optimizer and step, and restore a checkpoint.
 
     The order is the reproducible one: the seed before the weights are initialized; the estimator's
     DDP wrapper and each rank's own noise after; a resumed checkpoint's states over all of it.
     """
-    device = resolve_device(device if device is not None else cfg.train.device)
+    # A device that cannot be had fails before the folder is touched.
+    device = resolve_device(options.device if options.device is not None else cfg.train.device)
     # Rank 0's folder on every rank: each rank's default name holds its own timestamp.
     folder = RunFolder(Path(context.broadcast(str(out_dir))), active=context.is_main)
-    refusal = context.broadcast(folder.lock(resume))  # rank 0's answer: every rank stops, none waits
+    refusal = context.broadcast(folder.lock(options.resume))  # rank 0's answer: every rank stops, none waits
     if refusal is not None:
         raise RunFolderLockedError(refusal)
     try:
-        return _prepare(cfg, folder, context, device, data_dir, resume, progress, download, dataset)
+        return _prepare(cfg, folder, context, options, device)
     except BaseException:
         folder.close()
         raise
 
 
-def _prepare(cfg: Config, folder: RunFolder, context, device, data_dir, resume, progress, download, dataset) -> Run:
+def _dataset(cfg: Config, options: RunOptions, device: torch.device):
+    """The dataset the run trains on, on ``device``: the one passed in, else the config's."""
+    if options.dataset is not None:
+        return options.dataset
+    data_dir = options.data_dir if options.data_dir is not None else cfg.data.data_dir
+    return load_dataset_for(cfg, device=device, data_dir=data_dir, download=options.download or cfg.data.download)
+
+
+def _prepare(cfg: Config, folder: RunFolder, context: SingleProcess, options: RunOptions, device) -> Run:
     """:func:`prepare_run` once the folder is locked."""
     tcfg = cfg.train
-    state = folder.open(cfg, resume)
+    state = folder.open(cfg, options.resume)
     context.barrier()  # every rank has looked at the folder before rank 0 writes a checkpoint into it
     # Seed first: weight initialization and everything after it is reproducible.
     pyro.set_rng_seed(tcfg.seed)
     # train() owns Pyro's global param store: pyro.module must register this VAE's tensors, not stale ones.
     pyro.clear_param_store()
-    if dataset is None:
-        data_dir = data_dir if data_dir is not None else cfg.data.data_dir
-        dataset = load_dataset_for(cfg, device=device, data_dir=data_dir, download=download or cfg.data.download)
+    dataset = _dataset(cfg, options, device)
     vae = _build_vae(cfg, dataset, device, warn=context.is_main)
     estimator = estimators.get(tcfg.estimator)
     optimizer = build_optimizer(tcfg.optimizer, vae.parameters(), lr=tcfg.lr)
@@ -185,7 +198,7 @@ def _prepare(cfg: Config, folder: RunFolder, context, device, data_dir, resume, 
         run_progress = restore(state, vae, optimizer, epoch.generator, context, tcfg.seed)
         folder.truncate_metrics(run_progress.epoch)
         folder.write_config(cfg)  # only now: the checkpoint fits this config
-    reporter = folder.reporter(progress, tcfg.epochs)
+    reporter = folder.reporter(options.progress, tcfg.epochs)
     run = Run(
         cfg=cfg,
         context=context,
@@ -369,8 +382,7 @@ def finish(run: Run, status: str, record: dict[str, Any]) -> dict[str, Any]:
     evaluation = None
     if status != "interrupted":
         evaluation = run.folder.finish(run.cfg, run.vae, run.dataset, run.reporter)
-    run.reporter.close()
-    run.folder.close()
+    run.close()
     return {
         "run_dir": str(run.folder.path),
         "status": status,
