@@ -98,7 +98,7 @@ def call_with_stopped_parameters(vae: nn.Module, fn, *args, **kwargs):
         return torch.func.functional_call(_Call(vae), params, (fn, *args), kwargs)
 
 
-def _plain_vae_only(estimator, data: dict) -> None:
+def _refuse_extra_data(estimator, data: dict) -> None:
     """A one-line error for an estimator that cannot pass a structure's extra data fields on."""
     if data:
         raise ValueError(
@@ -117,7 +117,7 @@ class Estimator:
       the validation bound (no second pass);
     - ``particles``: draws per example that ``bound`` and ``loss`` take (the loop sizes its
       validation chunks by it, so that k draws per example keep the memory of one);
-    - ``fast_loss``: ``None``, or a function ``(vae, x, beta) -> loss`` with the value and gradient
+    - ``fast_loss``: ``None``, or a function ``(vae, x, beta, **data) -> loss`` with the value and gradient
       of ``loss`` and less overhead, used by the training step where ``traces.lean_loss_supported``
       says it applies to the model;
     - ``recordable``: whether the training step may record ``loss`` (or ``fast_loss``) as a graph
@@ -209,13 +209,13 @@ class ClosedFormELBO(Estimator):
     """
 
     def loss(self, vae, x: torch.Tensor, beta: float = 1.0, **data) -> torch.Tensor:
-        _plain_vae_only(self, data)
+        _refuse_extra_data(self, data)
         terms = closed_form_terms(vae, x)
         return -(terms.reconstruction - beta * terms.kl).sum()
 
     @torch.no_grad()
     def bound(self, vae, x: torch.Tensor, **data) -> torch.Tensor:
-        _plain_vae_only(self, data)
+        _refuse_extra_data(self, data)
         return closed_form_elbo(vae, x)
 
 
@@ -235,7 +235,7 @@ class _JitELBO(_PyroELBO):
         self._compiled: dict[tuple, tuple] = {}
 
     def loss(self, vae, x: torch.Tensor, beta: float = 1.0, **data) -> torch.Tensor:
-        _plain_vae_only(self, data)  # Pyro's JIT traces positional tensors only
+        _refuse_extra_data(self, data)  # Pyro's JIT traces positional tensors only
         key = (id(vae), tuple(x.shape), x.dtype, x.device)
         if key not in self._compiled:
             # Keep the bound methods: Pyro's JIT cache is keyed on id(model) and id(guide).
