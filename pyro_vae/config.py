@@ -66,6 +66,7 @@ def device_problem(value: str) -> str | None:
 
 # Field metadata, read by _check_bounds here and by pyro_vae.checks:
 #   {"min": m}                 an integer >= m
+#   {"max": m}                 an integer <= m
 #   {"positive": True}         a finite number > 0
 #   {"positive_items": noun}   a list whose items are all > 0 ("must hold positive widths")
 #   {"check": f}               f(value) -> what is wrong, or None (for what no bound can say)
@@ -102,6 +103,11 @@ class DataConfig:
     val_size: int | None = field(default=None, metadata={"min": 0})
     data_dir: str | None = None  # None: $PYRO_VAE_DATA, else ~/.cache/pyro_vae/data
     download: bool = False
+    # Training labels a semi-supervised model observes (balanced over classes, fixed by train.seed);
+    # None: every one (pyro_vae.fields)
+    labels: int | None = field(default=None, metadata={"min": 0})
+    # Quadrants of each image a conditional model is given as input (1, 2 or 3; pyro_vae.fields); None: none
+    quadrants: int | None = field(default=None, metadata={"min": 1, "max": 3})
 
 
 @dataclass
@@ -261,6 +267,8 @@ def _check_bounds(section: str, key: str, value: Any) -> None:
     where = f"{section}.{key}"
     if "min" in meta and value < meta["min"]:
         raise ConfigError(f"{where} must be at least {meta['min']}, got {value}")
+    if "max" in meta and value > meta["max"]:
+        raise ConfigError(f"{where} must be at most {meta['max']}, got {value}")
     if meta.get("positive") and not (value > 0 and math.isfinite(value)):
         raise ConfigError(f"{where} must be a positive number, got {value}")
     if "positive_items" in meta and not all(v > 0 for v in value):

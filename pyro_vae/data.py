@@ -370,7 +370,8 @@ class Dataset:
     ``train_epoch(epoch)`` is what an epoch trains on: ``train`` itself, except for
     ``mnist-dynamic``, where it is a fresh Bernoulli draw from the grey levels ``train_probs``
     (``train`` then holds the draw of epoch 0). Labels are int64 on the same device, or ``None``
-    when the variant has none (``mnist-static``).
+    when the variant has none (``mnist-static``). ``fields`` holds the extra per-example fields a
+    model structure may consume (``pyro_vae.fields``: observed labels, input masks).
     """
 
     name: str
@@ -384,6 +385,8 @@ class Dataset:
     is_binary: bool
     seed: int = 0
     train_probs: torch.Tensor | None = field(default=None, repr=False)
+    # The extra fields a model structure may consume, name -> split -> tensor (pyro_vae.fields).
+    fields: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     @property
     def x_dim(self) -> int:
@@ -553,25 +556,37 @@ def _hold_out(splits: Splits, val_size: int | None, name: str):
 # Batching
 
 
+def batch_indices(
+    n: int,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+    generator: torch.Generator | None = None,
+    drop_last: bool = False,
+) -> Iterator[torch.Tensor]:
+    """Index tensors of mini-batches over ``range(n)``, in the order of a random permutation drawn on ``device``.
+
+    ``generator`` must live on ``device`` (see :func:`make_generator`); ``None`` uses torch's global
+    generator. The indices stay on the device: slicing device-resident data with them needs no host copy.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if generator is not None and torch.device(generator.device).type != torch.device(device).type:
+        raise ValueError(f"the generator is on {generator.device} but the data is on {device}")
+    perm = torch.randperm(n, device=device, generator=generator)
+    for index in perm.split(batch_size):
+        if drop_last and len(index) < batch_size:
+            break
+        yield index
+
+
 def batches(
     x: torch.Tensor,
     batch_size: int,
     generator: torch.Generator | None = None,
     drop_last: bool = False,
 ) -> Iterator[torch.Tensor]:
-    """Mini-batches of ``x`` in the order of a random permutation drawn on ``x``'s device.
-
-    ``generator`` must live on ``x``'s device (see :func:`make_generator`); ``None`` uses torch's
-    global generator. Indexing stays on the device: no host copy, no sync.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    if generator is not None and torch.device(generator.device).type != x.device.type:
-        raise ValueError(f"the generator is on {generator.device} but the data is on {x.device}")
-    perm = torch.randperm(len(x), device=x.device, generator=generator)
-    for index in perm.split(batch_size):
-        if drop_last and len(index) < batch_size:
-            break
+    """Mini-batches of ``x`` in the order of a random permutation drawn on ``x``'s device (:func:`batch_indices`)."""
+    for index in batch_indices(len(x), batch_size, x.device, generator, drop_last):
         yield x[index]
 
 

@@ -25,6 +25,7 @@ spec               bound (``bound``)                           gradient (``loss`
 ``jit_trace``      as ``trace``                                Pyro ``JitTrace_ELBO``
 ``jit_meanfield``  as ``meanfield``                            Pyro ``JitTraceMeanField_ELBO``
 ``tracegraph``     as ``trace``                                score function + baseline, ``TraceGraph_ELBO``
+``enum``           ELBO, enumerated sites exactly              Pyro ``TraceEnum_ELBO`` (parallel enumeration)
 ``iwae(k)``        IWAE bound with k draws, per example        pathwise through the k-sample bound
 ``renyi(alpha,k)`` variational Renyi bound, per example        pathwise through the k-sample bound
 ``stl(k)``         IWAE bound (k=1: ELBO)                      "sticking the landing": no score term
@@ -49,7 +50,14 @@ import warnings
 from collections.abc import Callable
 
 import torch
-from pyro.infer import JitTrace_ELBO, JitTraceMeanField_ELBO, Trace_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
+from pyro.infer import (
+    JitTrace_ELBO,
+    JitTraceMeanField_ELBO,
+    Trace_ELBO,
+    TraceEnum_ELBO,
+    TraceGraph_ELBO,
+    TraceMeanField_ELBO,
+)
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch import nn
@@ -58,6 +66,7 @@ from pyro_vae.closed_form import closed_form_elbo, closed_form_terms
 from pyro_vae.model import beta_tensor
 from pyro_vae.registry import Registry
 from pyro_vae.traces import (
+    elbo_particles,
     enumerated_sites,
     guide_particles,
     latent_values,
@@ -170,7 +179,7 @@ class _PyroELBO(Estimator):
 
     @torch.no_grad()
     def bound(self, vae, x: torch.Tensor, **data) -> torch.Tensor:
-        return log_weights(vae, x, 1, **data)[0]
+        return elbo_particles(vae, x, 1, **data)[0]
 
 
 @ESTIMATORS.register("trace")
@@ -198,7 +207,7 @@ class MeanFieldELBO(_PyroELBO):
 
     @torch.no_grad()
     def bound(self, vae, x: torch.Tensor, **data) -> torch.Tensor:
-        return log_weights(vae, x, 1, analytic_kl=True, **data)[0]
+        return elbo_particles(vae, x, 1, analytic_kl=True, **data)[0]
 
 
 @ESTIMATORS.register("closed_form")
@@ -273,6 +282,32 @@ class JitMeanFieldELBO(_JitELBO):
         return loss
 
     bound = MeanFieldELBO.bound
+
+
+@ESTIMATORS.register("enum")
+class TraceEnumELBO(_PyroELBO):
+    """Pyro's ``TraceEnum_ELBO``: discrete guide sites marked for enumeration are summed out exactly.
+
+    For a guide site y with ``infer={"enumerate": "parallel"}`` (``pyro.infer.config_enumerate``),
+    every value of y is evaluated at once in a tensor dimension left of the data plate, and the ELBO
+    is the exact expectation over q(y|x) of the one-draw ELBO of the other latents,
+
+        ELBO(x) = sum_y q(y|x) [log p(x, y, z_y) - log q(y|x) - log q(z_y|x, y)],   z_y ~ q(z|x, y),
+
+    with the pathwise gradient for z and the exact gradient through the weights q(y|x): no
+    score-function noise (Kingma et al. 2014, eq. 7, for M2's unlabelled examples; Pyro's
+    ``examples/vae/ss_vae_M2.py``). Without enumerated sites it is ``trace``. The bound is that ELBO
+    (``traces.elbo_particles``).
+    """
+
+    elbo_class = TraceEnum_ELBO
+    # Pyro contracts the enumerated dimensions with opt_einsum, planned on the host at every call:
+    # nothing a recorded graph could hold.
+    recordable = False
+
+    def __init__(self) -> None:
+        # The data plate is the only plate a structure's programs use (dim -1): enumeration starts at -2.
+        self.elbo = TraceEnum_ELBO(max_plate_nesting=1)
 
 
 class _ScoreFunctionLatents(Messenger):

@@ -30,8 +30,9 @@ from typing import Any
 import torch
 import torch.distributions as tdist
 
+from pyro_vae.fields import split_fields
 from pyro_vae.model import posterior_mean
-from pyro_vae.traces import log_weights
+from pyro_vae.traces import elbo_particles, log_weights
 
 # Upper bound on the elements of the widest activation of one chunk, (chunk, batch, width):
 # 2**25 elements are 128 MiB in float32. The default chunk of samples is chosen so that the
@@ -63,6 +64,33 @@ def _evaluating(vae) -> Iterator[None]:
 
 def _flat(vae, x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], -1).to(_device(vae))
+
+
+def chunks(
+    x: torch.Tensor, data: dict[str, torch.Tensor], batch_size: int
+) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    """Consecutive blocks of ``batch_size`` rows of ``x`` and, row for row, of each field in ``data``."""
+    for xb, start in zip(_batches(x, batch_size), range(0, x.shape[0], batch_size), strict=True):
+        rows = slice(start, start + batch_size)
+        yield xb, {name: value[rows] for name, value in data.items()}
+
+
+def _on_device(vae, data: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: value.to(_device(vae)) for name, value in data.items()}
+
+
+def metric_sums(
+    vae, x: torch.Tensor, labels, data: dict[str, torch.Tensor], batch_size: int
+) -> dict[str, torch.Tensor]:
+    """The structure's metrics (``Structure.metrics``) summed over ``x``, name -> device scalar (no host read)."""
+    if not hasattr(vae, "metrics"):
+        return {}
+    fields = dict(data) if labels is None else {**data, "_labels": labels}
+    totals: dict[str, torch.Tensor] = {}
+    for xb, db in chunks(x, fields, batch_size):
+        for name, values in vae.metrics(xb, db.pop("_labels", None), **db).items():
+            totals[name] = totals.get(name, 0) + values.sum()
+    return totals
 
 
 def _batches(x: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
@@ -104,6 +132,7 @@ def _log_weight_moments(
     chunk_size: int | None,
     batch_size: int | None,
     progress: bool | None = False,
+    **data,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Streamed ``(logsumexp_k log w_k, logsumexp_k 2 log w_k)``, each of shape ``(batch,)``.
 
@@ -115,16 +144,16 @@ def _log_weight_moments(
         raise ValueError(f"num_samples must be at least 1, got {num_samples}")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
-    x = _flat(vae, x)
+    x, data = _flat(vae, x), _on_device(vae, data)
     batch_size = batch_size or min(x.shape[0], DEFAULT_BATCH_SIZE) or 1
     lse1, lse2 = [], []
     with _evaluating(vae), _progress(x.shape[0], progress, f"log p(x), K={num_samples}") as bar:
-        for xb in _batches(x, batch_size):
+        for xb, db in chunks(x, data, batch_size):
             chunk = chunk_size or default_chunk_size(vae, xb.shape[0])
             s1 = torch.full((xb.shape[0],), -math.inf, dtype=x.dtype, device=x.device)
             s2 = s1.clone()
             for start in range(0, num_samples, chunk):
-                lw = log_weights(vae, xb, min(chunk, num_samples - start))
+                lw = log_weights(vae, xb, min(chunk, num_samples - start), **db)
                 s1 = torch.logaddexp(s1, lw.logsumexp(0))
                 s2 = torch.logaddexp(s2, (2 * lw).logsumexp(0))
             lse1.append(s1)
@@ -142,6 +171,7 @@ def log_likelihood(
     chunk_size: int | None = None,
     batch_size: int | None = None,
     progress: bool | None = False,
+    **data,
 ) -> torch.Tensor:
     """Importance-sampled log p(x) per example, shape ``(batch,)``, in nats.
 
@@ -160,8 +190,9 @@ def log_likelihood(
             decoder's widest layer). Memory grows with the chunk, never with ``num_samples``.
         batch_size: examples evaluated at once (``None``: ``DEFAULT_BATCH_SIZE``).
         progress: a tqdm bar over examples (``None``: only on a terminal).
+        data: the fields the model structure consumes (``vae.consumes``), one row per example of ``x``.
     """
-    lse1, _ = _log_weight_moments(vae, x, num_samples, chunk_size, batch_size, progress)
+    lse1, _ = _log_weight_moments(vae, x, num_samples, chunk_size, batch_size, progress, **data)
     return lse1 - math.log(num_samples)
 
 
@@ -172,6 +203,7 @@ def log_likelihood_with_se(
     chunk_size: int | None = None,
     batch_size: int | None = None,
     progress: bool | None = False,
+    **data,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(log p-hat(x), se)``, each of shape ``(batch,)``: :func:`log_likelihood` and its standard error.
 
@@ -185,7 +217,7 @@ def log_likelihood_with_se(
     the exact posterior), not the spread of log p(x) over examples; ``nan`` for K = 1. With heavy-
     tailed weights the sample variance itself is unreliable and the SE is then optimistic.
     """
-    lse1, lse2 = _log_weight_moments(vae, x, num_samples, chunk_size, batch_size, progress)
+    lse1, lse2 = _log_weight_moments(vae, x, num_samples, chunk_size, batch_size, progress, **data)
     estimate = lse1 - math.log(num_samples)
     if num_samples < 2:
         return estimate, torch.full_like(estimate, math.nan)
@@ -196,19 +228,22 @@ def log_likelihood_with_se(
 
 # -- ELBO --------------------------------------------------------------------------------------------
 def elbo_per_example(
-    vae, x: torch.Tensor, batch_size: int = 1000, num_samples: int = 1, analytic_kl: bool = True
+    vae, x: torch.Tensor, batch_size: int = 1000, num_samples: int = 1, analytic_kl: bool = True, **data
 ) -> torch.Tensor:
     """Per-example ELBO at beta = 1, shape ``(N,)``, in nats: see :func:`elbo`."""
     if num_samples < 1:
         raise ValueError(f"num_samples must be at least 1, got {num_samples}")
-    x = _flat(vae, x)
+    x, data = _flat(vae, x), _on_device(vae, data)
     with _evaluating(vae):
         return torch.cat(
-            [log_weights(vae, xb, num_samples, analytic_kl=analytic_kl).mean(0) for xb in _batches(x, batch_size)]
+            [
+                elbo_particles(vae, xb, num_samples, analytic_kl=analytic_kl, **db).mean(0)
+                for xb, db in chunks(x, data, batch_size)
+            ]
         )
 
 
-def elbo(vae, x: torch.Tensor, batch_size: int = 1000, num_samples: int = 1, analytic_kl: bool = True) -> float:
+def elbo(vae, x: torch.Tensor, batch_size: int = 1000, num_samples: int = 1, analytic_kl: bool = True, **data) -> float:
     """Mean ELBO per example over a whole set, at beta = 1, in nats (negative; higher is better).
 
         ELBO(x) = E_q[log p(x|z)] - KL(q(z|x) || p(z)) = E_q[log p(x, z) - log q(z|x)].
@@ -220,8 +255,9 @@ def elbo(vae, x: torch.Tensor, batch_size: int = 1000, num_samples: int = 1, ana
     works for every family. Both are unbiased for the same
     number. (Near the exact posterior the log-weight is nearly constant and the plain Monte Carlo
     ELBO is the one with less variance; over a test set of thousands the difference is negligible.)
+    Enumerated discrete sites (M2's class) are averaged over exactly, weighted by q (``traces.elbo_particles``).
     """
-    return float(elbo_per_example(vae, x, batch_size, num_samples, analytic_kl).mean())
+    return float(elbo_per_example(vae, x, batch_size, num_samples, analytic_kl, **data).mean())
 
 
 # -- latent diagnostics ------------------------------------------------------------------------------
@@ -353,17 +389,24 @@ def evaluate(
     - ``bits_per_dim``: NLL / (D ln 2);
     - ``active_units`` (threshold 0.01), ``kl_per_dim`` (list, or ``None`` with ``kl_per_dim_error``
       for pairs that do not factorize);
+    - ``{split}_{name}`` for each of the structure's own metrics (``Structure.metrics``: M2's
+      ``accuracy``), the mean over the split's examples;
     - ``num_examples``, ``x_dim``, ``split``, ``nll_samples``, ``data_variant`` (``dataset.name``),
       ``seconds``, and ``warning`` (only when the numbers are not likelihoods: Bernoulli on grey levels).
+
+    The fields the structure consumes (``vae.consumes``) come from ``dataset.fields`` (``pyro_vae.fields``).
     """
     if split not in ("train", "val", "test"):
         raise ValueError(f"unknown split {split!r}; valid splits: train, val, test")
     x = getattr(dataset, split)
     if x is None or x.shape[0] == 0:
         raise ValueError(f"dataset {getattr(dataset, 'name', '?')!r} has no {split} examples")
+    data = split_fields(dataset, split, getattr(vae, "consumes", ()))
+    labels = getattr(dataset, f"{split}_labels", None)
     if subset is not None:
-        x = x[:subset]
-    x = _flat(vae, x)
+        x, labels = x[:subset], None if labels is None else labels[:subset]
+        data = {name: value[:subset] for name, value in data.items()}
+    x, data = _flat(vae, x), _on_device(vae, data)
     n, d = x.shape
     start = time.perf_counter()
     batch = batch_size or min(n, DEFAULT_BATCH_SIZE)
@@ -372,13 +415,16 @@ def evaluate(
         "split": split,
         "num_examples": n,
         "x_dim": d,
-        f"{split}_elbo": elbo(vae, x, batch_size=batch, num_samples=elbo_samples),
+        f"{split}_elbo": elbo(vae, x, batch_size=batch, num_samples=elbo_samples, **data),
     }
+    with _evaluating(vae):
+        totals = metric_sums(vae, x, None if labels is None else labels.to(x.device), data, batch)
+    result.update({f"{split}_{name}": float(total) / n for name, total in totals.items()})
     warning = _likelihood_warning(vae, dataset, x)
     result.update({f"{split}_nll": None, f"{split}_nll_se": None, f"{split}_nll_data_se": None, "bits_per_dim": None})
     result["nll_samples"] = nll_samples
     if nll_samples:
-        log_px, se = log_likelihood_with_se(vae, x, nll_samples, batch_size=batch, progress=progress)
+        log_px, se = log_likelihood_with_se(vae, x, nll_samples, batch_size=batch, progress=progress, **data)
         nll = -log_px.double()
         result[f"{split}_nll"] = float(nll.mean())
         result[f"{split}_nll_se"] = float(se.double().square().sum().sqrt() / n) if nll_samples > 1 else None

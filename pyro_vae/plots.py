@@ -285,19 +285,14 @@ def estimator_comparison(
     return _save(fig, path)
 
 
-def write_all_figures(vae, dataset, metrics: Iterable[Mapping[str, Any]], out_dir: str | Path) -> list[Path]:
-    """Write every figure that applies into ``out_dir``; return the paths written.
+def vae_figures(vae, dataset) -> dict[str, Callable[[Path], Path]]:
+    """The plain VAE's figures of a run on ``dataset`` (``Structure.figures``'s default), name -> drawer.
 
     Uses ``dataset.test``, ``dataset.test_labels`` (may be ``None``) and ``dataset.image_shape``.
-    Each figure is isolated: one that fails is reported as a ``RuntimeWarning`` naming it and the
-    error, and the others are still written.
     """
-    out_dir = Path(out_dir)
     x, labels = dataset.test, getattr(dataset, "test_labels", None)
     shape = getattr(dataset, "image_shape", None)
-    metrics = list(metrics)
     figures: dict[str, Callable[[Path], Path]] = {
-        "learning_curves.png": lambda p: learning_curves(metrics, p),
         "reconstructions.png": lambda p: reconstructions(vae, x, shape, p),
         "samples.png": lambda p: sample_figure(vae, shape, 64, p),
         "latent_codes.png": lambda p: latent_codes(vae, x, labels, p),
@@ -305,6 +300,20 @@ def write_all_figures(vae, dataset, metrics: Iterable[Mapping[str, Any]], out_di
     }
     if vae.z_dim == 2:
         figures["manifold.png"] = lambda p: manifold(vae, shape, p)
+    return figures
+
+
+def write_all_figures(vae, dataset, metrics: Iterable[Mapping[str, Any]], out_dir: str | Path) -> list[Path]:
+    """Write every figure that applies into ``out_dir``; return the paths written.
+
+    The learning curves, then the figures of the model's structure (``vae.figures(dataset)``; the
+    plain VAE's are :func:`vae_figures`). Each figure is isolated: one that fails is reported as a
+    ``RuntimeWarning`` naming it and the error, and the others are still written.
+    """
+    out_dir = Path(out_dir)
+    metrics = list(metrics)
+    figures: dict[str, Callable[[Path], Path]] = {"learning_curves.png": lambda p: learning_curves(metrics, p)}
+    figures.update(vae.figures(dataset) if hasattr(vae, "figures") else vae_figures(vae, dataset))
     written = []
     for name, draw in figures.items():
         try:

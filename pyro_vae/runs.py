@@ -19,6 +19,7 @@ import torch
 from pyro_vae import data
 from pyro_vae.checkpoint import CheckpointError, load_checkpoint
 from pyro_vae.config import Config, ModelConfig, config_from_dict
+from pyro_vae.fields import attach_fields
 from pyro_vae.model import VAE
 
 CHECKPOINT = "checkpoint.pt"
@@ -70,9 +71,10 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def load_dataset_for(config: Config, device: torch.device | str = "cpu", data_dir=None, download: bool = False):
-    """The dataset a config's ``[data]`` section names, on ``device``."""
+    """The dataset a config's ``[data]`` section names, on ``device``, with the fields it asks for
+    (``pyro_vae.fields``)."""
     section = config.data
-    return data.load_dataset(
+    dataset = data.load_dataset(
         section.name,
         root=data_dir,
         device=device,
@@ -81,6 +83,7 @@ def load_dataset_for(config: Config, device: torch.device | str = "cpu", data_di
         seed=config.train.seed,
         download=download,
     )
+    return attach_fields(dataset, labels=section.labels, quadrants=section.quadrants, seed=config.train.seed)
 
 
 def weights_path(run_dir: str | os.PathLike, which: str = "best") -> Path:

@@ -89,16 +89,72 @@ def log_weights(
     weight of a draw is w = sum_y q(y|x) p(x, y, z_y) / (q(y|x) q(z_y|x, y)) = sum_y p(x, y, z_y) / q(z_y|x, y),
     with z_y drawn given each y, so E[w] = p(x) still holds and every bound built on these weights
     stays a bound (``analytic_kl`` is not applied then: a KL cannot sit inside the sum over y).
+    Where a row masks the enumerated site out (``poutine.mask``: y observed there, as M2's labelled
+    rows through ``obs_mask``), its q is uniform over the enumerated copies, which all hold the
+    observed value: w is then their average, p(x, y_obs, z) / q(z|x, y_obs) (:func:`enumerated_log_q`).
     """
     guide_trace, model_trace = particle_traces(vae, x, k, beta, **data)
     enumerated = enumerated_sites(guide_trace)
     if enumerated:
         log_w = trace_log_density(model_trace) - trace_log_density(guide_trace, exclude=enumerated)
-        log_w = log_w.expand(*log_w.shape[:-2], k, x.shape[0])
+        log_q = enumerated_log_q(guide_trace, enumerated)
+        log_w = (log_w + log_q - _masked_log_q(guide_trace, enumerated)).expand(*log_q.shape[:-2], k, x.shape[0])
         return log_w.logsumexp(tuple(range(log_w.dim() - 2)))
     if analytic_kl:
         return _analytic_kl_log_weights(guide_trace, model_trace)
     return trace_log_density(model_trace) - trace_log_density(guide_trace)
+
+
+def elbo_particles(
+    vae, x: torch.Tensor, k: int = 1, beta: Beta = 1.0, *, analytic_kl: bool = False, **data
+) -> torch.Tensor:
+    """The ELBO of ``k`` draws per example, shape ``(k, batch)``: log p(x, z) - log q(z|x) at each draw.
+
+    Equal to :func:`log_weights` without enumerated sites. Enumerated discrete guide sites y are
+    averaged over exactly, weighted by q: sum_y q(y|x) [log p(x, y, z_y) - log q(y|x) - log q(z_y|x, y)],
+    the ELBO that Pyro's ``TraceEnum_ELBO`` computes (Kingma et al. 2014, eq. 7 for M2's unlabelled
+    bound), whereas :func:`log_weights` sums y out inside the weight (a tighter bound, for the
+    importance-weighted estimators and the NLL).
+    """
+    guide_trace, model_trace = particle_traces(vae, x, k, beta, **data)
+    enumerated = enumerated_sites(guide_trace)
+    if not enumerated:
+        if analytic_kl:
+            return _analytic_kl_log_weights(guide_trace, model_trace)
+        return trace_log_density(model_trace) - trace_log_density(guide_trace)
+    log_q = enumerated_log_q(guide_trace, enumerated)
+    terms = (log_q.exp() * (trace_log_density(model_trace) - trace_log_density(guide_trace))).expand(
+        *log_q.shape[:-2], k, x.shape[0]
+    )
+    return terms.sum(tuple(range(terms.dim() - 2)))
+
+
+def _masked_log_q(guide_trace, enumerated: set[str]) -> torch.Tensor:
+    """Sum over the enumerated sites of log q(y) at each enumerated value, 0 where the site is masked out."""
+    total = 0.0
+    for name in sorted(enumerated):
+        site = guide_trace.nodes[name]
+        log_q = site["fn"].log_prob(site["value"])
+        mask = site["mask"]
+        if mask is not None:
+            log_q = torch.where(torch.as_tensor(mask, device=log_q.device), log_q, log_q.new_zeros(()))
+        total = total + log_q
+    return total
+
+
+def enumerated_log_q(guide_trace, enumerated: set[str]) -> torch.Tensor:
+    """log q~(y): the guide's probabilities of the enumerated values, normalized over each site's enumeration dim.
+
+    Where a site is not masked this is log q(y|x) itself (already normalized); where a row masks it
+    out (its log q is 0 at every value) it is -log K, the uniform average over the K enumerated
+    copies, which hold the same observed value there.
+    """
+    total = 0.0
+    for name in sorted(enumerated):
+        site = guide_trace.nodes[name]
+        log_q = _masked_log_q(guide_trace, {name})
+        total = total + log_q - log_q.logsumexp(site["infer"]["_enumerate_dim"], keepdim=True)
+    return total
 
 
 def _analytic_kl_log_weights(guide_trace, model_trace) -> torch.Tensor:

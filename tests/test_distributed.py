@@ -493,8 +493,21 @@ def test_one_process_batches_are_the_device_side_permutation():
     source = distributed.SingleProcess().batches(dataset, 4, seed=SEED)
     got = list(source(0, torch.Generator().manual_seed(1)))
     expected = list(batches(x, 4, torch.Generator().manual_seed(1)))
-    assert [b.tolist() for b in got] == [b.tolist() for b in expected]
+    assert [b.tolist() for b, fields in got] == [b.tolist() for b in expected]
+    assert all(fields == {} for _, fields in got)  # the structure consumes no fields
     assert distributed.SingleProcess().steps_per_epoch(10, 4) == len(got) == 3
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_batches_carry_the_consumed_fields_row_for_row(world_size):
+    x = torch.arange(10.0).unsqueeze(-1)
+    labels = torch.arange(10) * 10
+    attributes = {"train_epoch": lambda self, epoch, generator: x, "fields": {"labels": {"train": labels}}}
+    dataset = type("Data", (), attributes)()
+    ctx = distributed.SingleProcess() if world_size == 1 else distributed.ProcessGroup(rank=1, world_size=2)
+    source = ctx.batches(dataset, 4, seed=SEED, consumes=("labels",))
+    got = list(source(0, torch.Generator().manual_seed(1)))
+    assert got and all(torch.equal(fields["labels"], xb.squeeze(-1).long() * 10) for xb, fields in got)
 
 
 def test_a_torchrun_worker_without_a_process_group_is_refused(monkeypatch):

@@ -33,11 +33,22 @@ def test_epoch_sums_travel_as_one_float64_vector_and_come_back_by_name():
         val_examples=2,
     )
     vector = sums.to_tensor()
-    assert vector.dtype == torch.float64 and vector.shape == (len(fields(EpochSums)),)
-    back = EpochSums.from_tensor(vector)
+    assert vector.dtype == torch.float64 and vector.shape == (len(fields(EpochSums)) - 1,)  # no extra sums
+    back = sums.read_back(vector)
     assert back == EpochSums(-12.5, 5.0, -1.0, -3.0, -2.5, 2.0, 0.0, 0.0)
     assert back.means() == {"train_elbo": 2.5, "val_elbo": -1.5, "val_bound": -1.25, "test_elbo": None}
     assert EpochSums.earliest_entries() == (2,) and vector[2] == -1
+
+
+def test_epoch_sums_carry_a_structures_metrics_after_the_named_entries():
+    sums = EpochSums(loss=-4.0, examples=2, test_examples=4, val_examples=2)
+    sums.extra = {"val_accuracy": torch.tensor(1.0), "test_accuracy": torch.tensor(3.0)}
+    vector = sums.to_tensor()
+    assert vector.tolist()[-2:] == [3.0, 1.0]  # sorted by name: test_accuracy, val_accuracy
+    back = sums.read_back(vector)
+    assert back.extra == {"test_accuracy": 3.0, "val_accuracy": 1.0}
+    means = back.means()
+    assert means["test_accuracy"] == 0.75 and means["val_accuracy"] == 0.5
 
 
 def test_epoch_record_has_the_metrics_keys_in_order():

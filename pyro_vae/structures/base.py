@@ -13,7 +13,10 @@ attribute names:
 - ``consumes``: the extra data fields the programs take as keyword arguments besides ``x``
   (``()``; ``("labels",)`` for a semi-supervised model, ``("mask",)`` for missing data). The
   training step and the estimators pass them through untouched;
-- ``check_data(x, name)`` and ``needs_warmup``: what the training loop asks before it starts.
+- ``check_data(x, name)`` and ``needs_warmup``: what the training loop asks before it starts;
+- ``metrics(x, labels, **data)``: numbers per example beside the bound (M2's accuracy), which the
+  training loop reports for the validation and test sets every epoch and ``evaluate`` reports too;
+- ``figures(dataset)``: the figures a run of this structure draws (``pyro_vae.plots``).
 
 Estimators and evaluation work from the programs' Pyro traces (``pyro_vae.traces``), site by
 site, so a structure with several latent sites, or enumerated discrete ones, plugs in without
@@ -29,7 +32,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pyro
 import torch
@@ -60,6 +64,23 @@ class Structure(nn.Module):
     def needs_warmup(self) -> str:
         """Why this model needs KL warm-up (the loop warns when ``train.warmup_epochs`` is 0); "" when it does not."""
         return ""
+
+    def metrics(self, x: torch.Tensor, labels: torch.Tensor | None, **data) -> dict[str, torch.Tensor]:
+        """Numbers per example beside the bound, name -> tensor of shape ``(batch,)`` (their mean is
+        reported as ``{split}_{name}``); ``labels`` are the true labels of the split (``None`` if it
+        has none) and ``data`` the consumed fields as the bound sees them. None by default."""
+        return {}
+
+    def figures(self, dataset) -> dict[str, Callable[[Path], Path]]:
+        """File name -> a function that draws that figure at a path, for a run on ``dataset``.
+
+        By default the plain VAE's (``pyro_vae.plots.vae_figures``): reconstructions, samples,
+        latent codes, interpolation, and the 2-d manifold; each calls the methods it needs
+        (``reconstruct``, ``sample``, ``posterior``, ``decode``), so a structure that has them gets them.
+        """
+        from pyro_vae.plots import vae_figures  # matplotlib loads only when figures are drawn
+
+        return vae_figures(self, dataset)
 
 
 def is_unit_beta(beta: float | torch.Tensor) -> bool:

@@ -53,14 +53,17 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from pyro_vae import checkpoint
-from pyro_vae.data import batches as shuffled_batches
-from pyro_vae.data import epoch_seed, resolve_device
+from pyro_vae.data import batch_indices, epoch_seed, resolve_device
+from pyro_vae.fields import split_fields
 
 # Variables that torchrun (torch.distributed.run) sets in every worker.
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 # (epoch, generator) -> the epoch's training batches, device tensors (batch, x_dim).
-BatchSource = Callable[[int, torch.Generator], Iterable[torch.Tensor]]
+# (epoch, generator) -> the epoch's batches, each ``(x, fields)``: the rows of x and of each field
+# the model structure consumes (``pyro_vae.fields``), taken with the same indices.
+Batch = tuple[torch.Tensor, dict[str, torch.Tensor]]
+BatchSource = Callable[[int, torch.Generator], Iterable[Batch]]
 
 
 class Sums(Protocol):
@@ -68,8 +71,7 @@ class Sums(Protocol):
 
     def to_tensor(self) -> torch.Tensor: ...
 
-    @classmethod
-    def from_tensor(cls, vector: torch.Tensor) -> Any: ...
+    def read_back(self, vector: torch.Tensor) -> Any: ...
 
     @classmethod
     def earliest_entries(cls) -> tuple[int, ...]: ...
@@ -106,10 +108,17 @@ class SingleProcess:
         return self.rank == 0
 
     # -- data
-    def batches(self, dataset, batch_size: int, seed: int) -> BatchSource:
-        """``(epoch, generator) -> batches`` of ``dataset.train_epoch(epoch, generator)``: here a
-        device-side permutation drawn with ``generator`` (``pyro_vae.data.batches``)."""
-        return lambda epoch, generator: shuffled_batches(dataset.train_epoch(epoch, generator), batch_size, generator)
+    def batches(self, dataset, batch_size: int, seed: int, consumes: Sequence[str] = ()) -> BatchSource:
+        """``(epoch, generator) -> batches`` of ``dataset.train_epoch(epoch, generator)`` with the training
+        fields named in ``consumes``: here a device-side permutation drawn with ``generator``
+        (``pyro_vae.data.batch_indices``)."""
+
+        def source(epoch: int, generator: torch.Generator) -> Iterator[Batch]:
+            x = dataset.train_epoch(epoch, generator)
+            indices = batch_indices(len(x), batch_size, x.device, generator)
+            return with_fields(x, split_fields(dataset, "train", consumes), indices)
+
+        return source
 
     def steps_per_epoch(self, n: int, batch_size: int) -> int:
         """Steps that :meth:`batches` yields per epoch on every rank for ``n`` training examples."""
@@ -126,9 +135,9 @@ class SingleProcess:
 
         ``sums.to_tensor()`` is the per-rank vector; the entries at ``sums.earliest_entries()``
         hold a step index (-1: none) and become the earliest index any rank reports instead of a
-        sum; ``from_tensor`` reads the result back as numbers. In one process only the read is left.
+        sum; ``read_back`` reads the result back as numbers. In one process only the read is left.
         """
-        return type(sums).from_tensor(self._add_over_ranks(sums.to_tensor(), sums.earliest_entries()))
+        return sums.read_back(self._add_over_ranks(sums.to_tensor(), sums.earliest_entries()))
 
     def _add_over_ranks(self, vector: torch.Tensor, earliest: Sequence[int]) -> torch.Tensor:
         return vector
@@ -177,9 +186,9 @@ class ProcessGroup(SingleProcess):
     local_rank: int = 0
     backend: str | None = None
 
-    def batches(self, dataset, batch_size: int, seed: int) -> BatchSource:
+    def batches(self, dataset, batch_size: int, seed: int, consumes: Sequence[str] = ()) -> BatchSource:
         """This rank's shard of each epoch's batches (:func:`sharded_batch_source`)."""
-        return sharded_batch_source(dataset, batch_size, seed, self)
+        return sharded_batch_source(dataset, batch_size, seed, self, consumes)
 
     def _add_over_ranks(self, vector: torch.Tensor, earliest: Sequence[int]) -> torch.Tensor:
         return reduce_sums(vector, earliest=earliest)
@@ -427,8 +436,11 @@ def num_steps(n: int, batch_size: int, world_size: int) -> int:
     return -(-(n // world_size) // local)
 
 
-def sharded_batch_source(dataset, batch_size: int, seed: int, ctx: SingleProcess | None = None):
-    """``(epoch, generator) -> batches``: this rank's shard of ``dataset.train_epoch(epoch, generator)``.
+def sharded_batch_source(
+    dataset, batch_size: int, seed: int, ctx: SingleProcess | None = None, consumes: Sequence[str] = ()
+) -> BatchSource:
+    """``(epoch, generator) -> batches``: this rank's shard of ``dataset.train_epoch(epoch, generator)``
+    and of the training fields named in ``consumes``.
 
     ``generator`` is in the same state on every rank, so a dynamically binarized epoch is the same
     tensor on all of them; the shard itself comes from (seed, epoch) alone (:func:`shard_indices`).
@@ -436,10 +448,18 @@ def sharded_batch_source(dataset, batch_size: int, seed: int, ctx: SingleProcess
     ctx = ctx or current_context()
     per_rank_batch_size(batch_size, ctx.world_size)  # a bad split fails before training starts
 
-    def source(epoch: int, generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
-        return shard_batches(dataset.train_epoch(epoch, generator), batch_size, seed, epoch, ctx)
+    def source(epoch: int, generator: torch.Generator | None = None) -> Iterator[Batch]:
+        x = dataset.train_epoch(epoch, generator)
+        indices = shard_indices(len(x), batch_size, seed, epoch, ctx.rank, ctx.world_size, x.device)
+        return with_fields(x, split_fields(dataset, "train", consumes), indices)
 
     return source
+
+
+def with_fields(x: torch.Tensor, fields: dict[str, torch.Tensor], indices: Iterable[torch.Tensor]) -> Iterator[Batch]:
+    """``(x[index], {name: field[index]})`` for each index tensor: a batch and its fields, row for row."""
+    for index in indices:
+        yield x[index], {name: field[index] for name, field in fields.items()}
 
 
 def shard_rows(x: torch.Tensor, rank: int | None = None, world_size: int | None = None) -> torch.Tensor:

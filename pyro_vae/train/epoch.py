@@ -24,14 +24,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from pyro_vae.evaluate import elbo_per_example
+from pyro_vae.evaluate import chunks, elbo_per_example, metric_sums
+from pyro_vae.fields import split_fields
 from pyro_vae.train.distributed import BatchSource, SingleProcess
 from pyro_vae.train.errors import NonFiniteLossError
 
@@ -55,7 +56,7 @@ class EpochSums:
 
     While the epoch runs they are device tensors (or plain numbers for what is known on the host).
     :meth:`to_tensor` stacks them into the one float64 vector that the distributed context adds
-    over ranks; :meth:`from_tensor` reads it back, the epoch's one host read. Each mean is a sum
+    over ranks; :meth:`read_back` reads it back, the epoch's one host read. Each mean is a sum
     over a count added up the same way, so it is exact over shards of any size.
     """
 
@@ -70,37 +71,50 @@ class EpochSums:
     # Tensors with a NaN or an infinity after the epoch's steps (summed over ranks: only 0 matters).
     nonfinite_weights: Number = 0
     nonfinite_optimizer: Number = 0
+    # The structure's metrics (``Structure.metrics``) summed over a split, ``{split}_{name}`` -> sum;
+    # their counts are the split's examples.
+    extra: dict[str, Number] = field(default_factory=dict)
 
     # A step index, not a sum: over ranks it is the earliest one any rank reports.
     EARLIEST: ClassVar[tuple[str, ...]] = ("first_bad_step",)
 
+    @classmethod
+    def _names(cls) -> list[str]:
+        return [f.name for f in fields(cls) if f.name != "extra"]
+
     def to_tensor(self) -> torch.Tensor:
-        """The entries as one float64 vector on the device of the tensor entries (no host copy)."""
-        values = [getattr(self, f.name) for f in fields(self)]
+        """The entries, then the extra sums by name, as one float64 vector on the device of the tensor
+        entries (no host copy)."""
+        values = [getattr(self, name) for name in self._names()] + [self.extra[k] for k in sorted(self.extra)]
         like = next(v for v in values if isinstance(v, torch.Tensor))
         # new_full fills on the device from a kernel argument: a host number needs no copy.
         return torch.stack(
             [v.double() if isinstance(v, torch.Tensor) else like.new_full((), v, dtype=torch.float64) for v in values]
         )
 
-    @classmethod
-    def from_tensor(cls, vector: torch.Tensor) -> EpochSums:
-        """The entries of :meth:`to_tensor`'s vector as Python numbers (one ``tolist``: a host read)."""
-        return cls(*vector.tolist())
+    def read_back(self, vector: torch.Tensor) -> EpochSums:
+        """The entries of a vector laid out as :meth:`to_tensor` lays out these sums, as Python numbers
+        (one ``tolist``: a host read)."""
+        numbers = vector.tolist()
+        count = len(self._names())
+        return EpochSums(*numbers[:count], extra=dict(zip(sorted(self.extra), numbers[count:], strict=True)))
 
     @classmethod
     def earliest_entries(cls) -> tuple[int, ...]:
         """Positions in the vector of the entries reduced by the earliest over ranks (:attr:`EARLIEST`)."""
-        names = [f.name for f in fields(cls)]
+        names = cls._names()
         return tuple(names.index(name) for name in cls.EARLIEST)
 
     def means(self) -> dict[str, float | None]:
         """Per-example means in nats; ``None`` for what the epoch did not evaluate."""
+        counts = {"val": self.val_examples, "test": self.test_examples}
+        extra = {name: total / counts[name.split("_", 1)[0]] for name, total in sorted(self.extra.items())}
         return {
             "train_elbo": -self.loss / self.examples,
             "val_elbo": self.val_elbo / self.val_examples if self.val_examples else None,
             "val_bound": self.val_bound / self.val_examples if self.val_examples else None,
             "test_elbo": self.test_elbo / self.test_examples if self.test_examples else None,
+            **extra,
         }
 
 
@@ -147,17 +161,18 @@ def has_validation(dataset) -> bool:
     return dataset.val is not None and len(dataset.val) > 0
 
 
-def sum_elbo(vae, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+def sum_elbo(vae, x: torch.Tensor, batch_size: int, **data) -> torch.Tensor:
     """Sum over ``x`` of the one-sample ELBO at beta = 1, as a device scalar (no host read)."""
-    return elbo_per_example(vae, x, batch_size=batch_size).sum()
+    return elbo_per_example(vae, x, batch_size=batch_size, **data).sum()
 
 
-def sum_bound(estimator, vae, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+def sum_bound(estimator, vae, x: torch.Tensor, batch_size: int, **data) -> torch.Tensor:
     """Sum over ``x`` of the training estimator's own bound (``estimator.bound``, beta = 1), a device scalar."""
     # k draws per example: k times fewer examples per chunk keep the memory of the one-draw ELBO's.
     chunk = max(1, batch_size // estimator.particles)
     with torch.no_grad():
-        return sum((estimator.bound(vae, xb).sum() for xb in x.split(chunk)), x.new_zeros(()))
+        parts = (estimator.bound(vae, xb, **db).sum() for xb, db in chunks(x, data, chunk))
+        return sum(parts, x.new_zeros(()))
 
 
 def epoch_losses(losses: list[torch.Tensor], first_step: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,9 +212,9 @@ class Epoch:
         reporter.start_epoch(epoch, self.steps)
         losses: list[torch.Tensor] = []  # device scalars: the step itself adds no kernel to sum them
         examples, step, beta = 0, first_step, 1.0
-        for x in self.batches(epoch, self.generator):
+        for x, data in self.batches(epoch, self.generator):
             beta = warmup_beta(step, self.warmup_steps)
-            losses.append(self.step(x, beta))
+            losses.append(self.step(x, beta, **data))
             examples += x.shape[0]
             step += 1
             reporter.advance()
@@ -217,18 +232,35 @@ class Epoch:
     def evaluate(self, sums: EpochSums) -> None:
         """Add the validation and test sums of this rank's block of each split (the context adds the blocks)."""
         if has_validation(self.dataset):
-            val = self.context.shard_rows(self.dataset.val)
-            sums.val_elbo = sum_elbo(self.vae, val, self.eval_batch_size)
+            val, data = self._rows("val")
+            sums.val_elbo = sum_elbo(self.vae, val, self.eval_batch_size, **data)
             # The ELBO estimators' bound is the validation ELBO just computed: no second pass.
             sums.val_bound = (
                 sums.val_elbo
                 if self.estimator.bound_is_elbo
-                else sum_bound(self.estimator, self.vae, val, self.eval_batch_size)
+                else sum_bound(self.estimator, self.vae, val, self.eval_batch_size, **data)
             )
             sums.val_examples = len(val)
-        test = self.context.shard_rows(self.dataset.test)
-        sums.test_elbo = sum_elbo(self.vae, test, self.eval_batch_size)
+            self._add_metrics(sums, "val", val, data)
+        test, data = self._rows("test")
+        sums.test_elbo = sum_elbo(self.vae, test, self.eval_batch_size, **data)
         sums.test_examples = len(test)
+        self._add_metrics(sums, "test", test, data)
+
+    def _rows(self, split: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """This rank's block of a split and of the fields the structure consumes."""
+        data = split_fields(self.dataset, split, self.vae.consumes)
+        return self.context.shard_rows(getattr(self.dataset, split)), {
+            name: self.context.shard_rows(value) for name, value in data.items()
+        }
+
+    def _add_metrics(self, sums: EpochSums, split: str, x: torch.Tensor, data: dict[str, torch.Tensor]) -> None:
+        """The structure's own numbers (``Structure.metrics``), summed over this rank's block of the split."""
+        labels = getattr(self.dataset, f"{split}_labels", None)
+        labels = None if labels is None else self.context.shard_rows(labels)
+        with torch.no_grad():
+            for name, values in metric_sums(self.vae, x, labels, data, self.eval_batch_size).items():
+                sums.extra[f"{split}_{name}"] = values
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer | None) -> list[torch.Tensor]:

@@ -30,8 +30,10 @@ from pyro_vae import checkpoint as ckpt
 from pyro_vae import estimators
 from pyro_vae.config import Config, config_to_dict
 from pyro_vae.data import make_generator, resolve_device
+from pyro_vae.fields import check_provided
 from pyro_vae.optim import Schedule, build_optimizer, build_schedule
 from pyro_vae.runs import build_vae, load_dataset_for
+from pyro_vae.specs import parse_spec
 from pyro_vae.train.distributed import SingleProcess, current_context
 from pyro_vae.train.epoch import (
     Epoch,
@@ -219,6 +221,7 @@ def _prepare(cfg: Config, folder: RunFolder, context: SingleProcess, options: Ru
 def _build_vae(cfg: Config, dataset, device: torch.device, warn: bool) -> torch.nn.Module:
     """The config's VAE on ``device``, the training data checked by its structure once, here."""
     vae = build_vae(cfg.model, x_dim=dataset.x_dim, x_shape=dataset.image_shape).to(device)
+    check_provided(dataset, vae.consumes, structure=parse_spec(cfg.model.structure)[0])
     vae.check_data(dataset.train[:1024], name=f"{dataset.name} (train)")
     if cfg.train.warmup_epochs == 0 and vae.needs_warmup and warn:
         warnings.warn(f"train.warmup_epochs is 0: {vae.needs_warmup}", UserWarning, stacklevel=4)
@@ -237,7 +240,7 @@ def _epoch(cfg: Config, vae, estimator, optimizer, dataset, context: SingleProce
         vae=vae,
         estimator=estimator,
         step=step,
-        batches=context.batches(dataset, tcfg.batch_size, tcfg.seed),
+        batches=context.batches(dataset, tcfg.batch_size, tcfg.seed, vae.consumes),
         generator=make_generator(tcfg.seed, dataset.train.device),
         context=context,
         dataset=dataset,
