@@ -262,7 +262,7 @@ def test_a_replaced_parameter_or_buffer_is_recorded_again():
     assert_bitwise_equal(
         value_and_grads(rec, vae, x, 1.0, seed=2), value_and_grads(reparameterized_elbo_loss, vae, x, 1.0, seed=2)
     )
-    assert rec.replays[rec._signature(x, 1.0)] is not first
+    assert rec.replays[rec._signature(x, 1.0, {})] is not first
 
 
 def test_inside_a_pyro_handler_or_with_beta_not_positive_the_loss_runs_eagerly():

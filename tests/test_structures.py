@@ -28,6 +28,7 @@ from pyro_vae.structures import STRUCTURES, PlainVAE, Structure
 from pyro_vae.structures.base import data_plate, kl_scale, register
 from pyro_vae.traces import log_weights, reparameterized_elbo_loss
 from pyro_vae.train.step import TrainStep
+from pyro_vae.train.recorded import RecordedLoss
 
 DTYPE = torch.float64
 D1, D2, X_DIM = 2, 1, 4
@@ -207,9 +208,20 @@ def test_the_training_step_passes_the_data_a_structure_consumes():
         step = TrainStep(vae, estimators.get(spec), torch.optim.SGD(vae.parameters(), lr=0.0))
         for _ in range(3):
             torch.testing.assert_close(step(x, 1.0, shift=shift), -exact.sum(), rtol=0, atol=1e-9, msg=spec)
-        assert step.path == "fast" and step.recorded.replays == {}  # extra fields are not recorded: eager
+        # The fields are inputs of the recorded graph, like x: one replay for this signature.
+        assert step.path == "fast" and [r is not None for r in step.recorded.replays.values()] == [True], spec
         lean = step.recorded.loss_fn is reparameterized_elbo_loss
         assert lean == (spec == "trace"), spec  # trace runs its lean loss, with the data passed through
+
+
+def test_a_replay_reads_the_fields_it_is_given_not_those_it_was_recorded_with():
+    vae, x = VAE(structure=ShiftedByData()), _two_sites()[1]
+    recorded = RecordedLoss(reparameterized_elbo_loss, vae)
+    for offset in (0.0, 0.5, -2.0):  # one signature: recorded once, replayed with each new shift
+        shift = torch.linspace(-1, 1, X_DIM, dtype=DTYPE).expand(len(x), -1) + offset
+        exact = vae.net.log_marginal(x - shift).detach()
+        torch.testing.assert_close(recorded(vae, x, 1.0, shift=shift).detach(), -exact.sum(), rtol=0, atol=1e-9)
+    assert len(recorded.replays) == 1 and None not in recorded.replays.values()
 
 
 def test_enumerated_discrete_sites_are_summed_out_exactly():

@@ -26,7 +26,9 @@ What a replay computes is what the eager loss computes, operation for operation:
   record and runs eagerly, with a logged reason.
 
 A signature is (batch shape, dtype, device, whether ``beta`` is the number 1, whether the model is
-in training mode): a KL warm-up's ``beta`` is a graph input, so the schedule does not re-record.
+in training mode, and the name, shape and dtype of each extra data field a structure consumes): a KL
+warm-up's ``beta`` is a graph input, so the schedule does not re-record, and so are the fields
+(labels, masks), which a replay reads like x.
 A parameter or buffer replaced by another tensor (``module.to()`` replaces buffers,
 ``load_state_dict(assign=True)`` parameters) is noticed at the next call, which records again.
 What the graph cannot see is Python state that changes between calls without changing the
@@ -76,9 +78,13 @@ class Replay:
     tensors) and, for :meth:`current`, where each of them lives in the model."""
 
     def __init__(
-        self, graph_module: torch.fx.GraphModule, takes_beta: bool, owners: list[tuple[dict, str, torch.Tensor]]
+        self,
+        graph_module: torch.fx.GraphModule,
+        takes_beta: bool,
+        owners: list[tuple[dict, str, torch.Tensor]],
+        fields: tuple[str, ...] = (),
     ) -> None:
-        self.graph_module, self.takes_beta, self.owners = graph_module, takes_beta, owners
+        self.graph_module, self.takes_beta, self.owners, self.fields = graph_module, takes_beta, owners, fields
 
     @property
     def num_ops(self) -> int:
@@ -88,10 +94,11 @@ class Replay:
         """Whether every parameter and buffer the graph holds is still the one its module holds."""
         return all(slots.get(name) is tensor for slots, name, tensor in self.owners)
 
-    def __call__(self, x: torch.Tensor, beta) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, beta, data: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        fields = [data[name] for name in self.fields] if self.fields else []
         if self.takes_beta:
-            return self.graph_module(x, beta_tensor(beta, x))
-        return self.graph_module(x)
+            return self.graph_module(x, beta_tensor(beta, x), *fields)
+        return self.graph_module(x, *fields)
 
 
 class RecordedLoss:
@@ -115,28 +122,27 @@ class RecordedLoss:
     def __call__(self, vae: nn.Module, x: torch.Tensor, beta: float | torch.Tensor = 1.0, **data) -> torch.Tensor:
         if vae is not self.vae:
             raise ValueError("RecordedLoss was built for another module")
-        if data:  # the extra fields of a structure (labels, masks) are not part of a signature yet: eager
-            return self.loss_fn(vae, x, beta, **data)
         if am_i_wrapped() or (not torch.is_tensor(beta) and beta <= 0):
-            return self.loss_fn(vae, x, beta)
-        replay = self.record(x, beta)
+            return self.loss_fn(vae, x, beta, **data)
+        replay = self.record(x, beta, **data)
         if replay is None:
-            return self.loss_fn(vae, x, beta)
-        return replay(x, beta)
+            return self.loss_fn(vae, x, beta, **data)
+        return replay(x, beta, data)
 
-    def _signature(self, x: torch.Tensor, beta) -> tuple:
+    def _signature(self, x: torch.Tensor, beta, data: dict[str, torch.Tensor]) -> tuple:
         # Module mode too: a network with dropout records what it does in the mode it is in.
-        return x.shape, x.dtype, x.device, is_unit_beta(beta), self.vae.training
+        fields = tuple((name, data[name].shape, data[name].dtype) for name in sorted(data))
+        return x.shape, x.dtype, x.device, is_unit_beta(beta), self.vae.training, fields
 
     # -- recording -------------------------------------------------------------------------------
-    def record(self, x: torch.Tensor, beta: float | torch.Tensor = 1.0) -> Replay | None:
+    def record(self, x: torch.Tensor, beta: float | torch.Tensor = 1.0, **data) -> Replay | None:
         """The replay for this signature, recorded (and checked) if it is new or holds a replaced
         parameter or buffer; ``None`` where the signature runs eagerly.
 
         Call it before a CUDA graph capture: recording runs the eager loss for its check, which a
         capture must not see.
         """
-        key = self._signature(x, beta)
+        key = self._signature(x, beta, data)
         replay = self.replays.get(key, _MISSING)
         if replay is None or (replay is not _MISSING and replay.current()):
             return replay
@@ -157,8 +163,8 @@ class RecordedLoss:
         owner = getattr(self.loss_fn, "__self__", None)  # an estimator's state, for a bound ``loss``
         try:
             with pyro.validation_enabled(False), _state_restored(self.vae, owner):
-                replay = self._trace(x, beta)
-                mismatch = self._mismatch(replay, x, beta)
+                replay = self._trace(x, beta, data)
+                mismatch = self._mismatch(replay, x, beta, data)
         except torch.cuda.OutOfMemoryError:
             raise
         except FrozenTensorError as error:
@@ -195,16 +201,19 @@ class RecordedLoss:
         self.replays[key] = None
         return None
 
-    def _trace(self, x: torch.Tensor, beta) -> Replay:
+    def _trace(self, x: torch.Tensor, beta, data: dict[str, torch.Tensor]) -> Replay:
         # Imported here: torch.fx's tracer pulls in much of torch._subclasses, which a process that
         # never records (evaluation, plotting) need not load.
         from torch.fx.experimental.proxy_tensor import make_fx
 
         takes_beta = not is_unit_beta(beta)
+        names = tuple(sorted(data))
         inputs = (x, beta_tensor(beta, x)) if takes_beta else (x,)
+        inputs += tuple(data[name] for name in names)
 
         def loss(*args):
-            return self.loss_fn(self.vae, *args)
+            fixed = 2 if takes_beta else 1
+            return self.loss_fn(self.vae, *args[:fixed], **dict(zip(names, args[fixed:], strict=True)))
 
         # Fake tensors for the inputs; the model's parameters and buffers stay real and become
         # attributes of the graph (the very tensors, so a replay reads their current values and
@@ -213,14 +222,14 @@ class RecordedLoss:
         graph_module = make_fx(loss, tracing_mode="fake", pre_dispatch=True, _allow_non_fake_inputs=True)(*inputs)
         owners = _check_constants(graph_module, self.vae)
         _simplify(graph_module)
-        return Replay(graph_module, takes_beta, owners)
+        return Replay(graph_module, takes_beta, owners, names)
 
-    def _mismatch(self, replay: Replay, x: torch.Tensor, beta) -> str:
+    def _mismatch(self, replay: Replay, x: torch.Tensor, beta, data: dict[str, torch.Tensor]) -> str:
         """'' when replay and eager loss agree in value and gradient on the same random numbers."""
         params = [p for p in self.vae.parameters() if p.requires_grad]
         devices = [x.device] if x.device.type == "cuda" else []
         results = []
-        for fn in (lambda: self.loss_fn(self.vae, x, beta), lambda: replay(x, beta)):
+        for fn in (lambda: self.loss_fn(self.vae, x, beta, **data), lambda: replay(x, beta, data)):
             # Both from the generator's current state, which is restored after each: the training
             # run draws as if the check had not happened.
             with torch.random.fork_rng(devices=devices):
