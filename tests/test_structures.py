@@ -27,8 +27,8 @@ from pyro_vae.specs import SpecError
 from pyro_vae.structures import STRUCTURES, PlainVAE, Structure
 from pyro_vae.structures.base import data_plate, kl_scale, register
 from pyro_vae.traces import log_weights, reparameterized_elbo_loss
-from pyro_vae.train.step import TrainStep
 from pyro_vae.train.recorded import RecordedLoss
+from pyro_vae.train.step import TrainStep
 
 DTYPE = torch.float64
 D1, D2, X_DIM = 2, 1, 4
