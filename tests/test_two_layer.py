@@ -23,6 +23,7 @@ import itertools
 import json
 import math
 import re
+from pathlib import Path
 
 import pyro
 import pytest
@@ -45,6 +46,7 @@ from pyro_vae.train.step import TrainStep
 
 DTYPE = torch.float64
 D, K1, K2, S = 6, 3, 2, 0.5
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 GROUPS = ("encoder", "decoder", "z2_encoder", "z1_decoder")  # q(z1|x), p(x|z1), q(z2|z1), p(z1|z2)
 
 
@@ -347,3 +349,23 @@ def test_a_short_training_run_writes_metrics_checkpoint_evaluation_and_figures(t
     assert result["test_nll"] > 0 > result["test_elbo"]
     (out / "samples.png").unlink()
     assert cli.main(["plot", "--run", str(out)]) == 0 and (out / "samples.png").is_file()
+
+
+def test_the_shipped_config_is_the_papers_two_layer_model():
+    from pyro_vae.runs import build_vae
+
+    cfg = load_config(CONFIGS / "mnist_dynamic_2layer.toml")
+    assert (cfg.data.name, cfg.train.nll_samples, cfg.model.hidden_dims) == ("mnist-dynamic", 5000, [200, 200])
+    vae = build_vae(cfg.model, x_dim=784)
+    widths = {
+        name: [m.out_features for m in getattr(vae, name).modules() if isinstance(m, torch.nn.Linear)]
+        for name in GROUPS
+    }
+    # 784-(200-200)-100-(100-100)-50 with Gaussian heads (loc and scale: twice the latent size)
+    assert widths == {
+        "encoder": [200, 200, 200],
+        "decoder": [200, 200, 784],
+        "z2_encoder": [100, 100, 100],
+        "z1_decoder": [100, 100, 200],
+    }
+    assert vae.z_dim == 100 and vae.z2_dim == 50 and isinstance(vae.encoder.net.body.layers[1], torch.nn.Tanh)
