@@ -102,9 +102,9 @@ def main(argv=None) -> None:
             "estimator": entry["estimator"],
             "seconds_per_step": per_step,
             "seconds_per_epoch": per_step * entry["steps_per_epoch"],
-            "ratio_to_reference": per_step * entry["steps_per_epoch"] / (
-                statistics.median(times[reference]) * entries[reference]["steps_per_epoch"]
-            ),
+            "ratio_to_reference": per_step
+            * entry["steps_per_epoch"]
+            / (statistics.median(times[reference]) * entries[reference]["steps_per_epoch"]),
             "path": taken,
             "reason": reason,
         }
@@ -115,9 +115,8 @@ def _summary(result: dict) -> str:
     lines = [f"{'config':34} {'estimator':12} {'s/epoch':>8} {'ratio':>6}  path"]
     for path, r in result["configs"].items():
         why = f" ({r['reason']})" if r["reason"] else ""
-        lines.append(
-            f"{path:34} {r['estimator']:12} {r['seconds_per_epoch']:8.1f} {r['ratio_to_reference']:6.2f}  {r['path']}{why}"
-        )
+        numbers = f"{r['seconds_per_epoch']:8.1f} {r['ratio_to_reference']:6.2f}"
+        lines.append(f"{path:34} {r['estimator']:12} {numbers}  {r['path']}{why}")
     return "\n".join(lines)
 
 

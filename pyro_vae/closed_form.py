@@ -91,7 +91,14 @@ class ELBOTerms(NamedTuple):
 
 
 def _pair(vae) -> tuple[str, str]:
-    """(guide name, prior name) of a plain VAE; a ``ValueError`` for a model without one encoder and one prior."""
+    """(guide name, prior name) of a plain VAE; a ``ValueError`` for a model without one encoder and one prior.
+
+    A model structure says itself whether this applies (``Structure.closed_form_refusal``, "" when
+    it does); an object without that attribute is judged by its parts.
+    """
+    refusal = getattr(vae, "closed_form_refusal", "")
+    if refusal:
+        raise ValueError(f"{refusal}; use a Monte Carlo estimator: trace, meanfield, iwae, renyi, stl or dreg")
     if not all(hasattr(vae, part) for part in ("encoder", "prior", "posterior", "decode")):
         raise ValueError(
             f"the closed-form ELBO is written for the plain VAE (one latent z, structure 'vae'), not for "

@@ -66,6 +66,7 @@ from pyro_vae.closed_form import closed_form_elbo, closed_form_terms
 from pyro_vae.model import beta_tensor
 from pyro_vae.registry import Registry
 from pyro_vae.traces import (
+    analytic_kl_sites,
     elbo_particles,
     enumerated_sites,
     guide_particles,
@@ -200,10 +201,21 @@ class MeanFieldELBO(_PyroELBO):
 
     The bound is ``traces.log_weights(..., analytic_kl=True)``; its variance over draws is that of the
     reconstruction term only. Pyro requires the guide's latent sites to be independent of each other (mean field).
+
+    A structure that allows the analytic KL at some latent sites only (``Structure.analytic_kl_sites``:
+    a bottom-up guide such as the two-layer VAE's) gets the loss from those log weights instead,
+    -sum log w, with the KL where allowed and log p - log q at the draw elsewhere: Pyro's
+    ``TraceMeanField_ELBO`` would take every registered KL, a biased bound there. For a
+    reparameterized guide its pathwise gradient is the ELBO's (as ``Trace_ELBO``'s is).
     """
 
     elbo_class = TraceMeanField_ELBO
     fast_loss = staticmethod(meanfield_elbo_loss)
+
+    def loss(self, vae, x: torch.Tensor, beta: float = 1.0, **data) -> torch.Tensor:
+        if analytic_kl_sites(vae) is not None:
+            return -elbo_particles(vae, x, 1, beta, analytic_kl=True, **data).sum()
+        return super().loss(vae, x, beta, **data)
 
     @torch.no_grad()
     def bound(self, vae, x: torch.Tensor, **data) -> torch.Tensor:
@@ -273,6 +285,14 @@ class JitMeanFieldELBO(_JitELBO):
     """Pyro's ``JitTraceMeanField_ELBO``: ``meanfield`` compiled with the PyTorch JIT."""
 
     elbo_class = JitTraceMeanField_ELBO
+
+    def loss(self, vae, x: torch.Tensor, beta: float = 1.0, **data) -> torch.Tensor:
+        if analytic_kl_sites(vae) is not None:  # Pyro's mean-field ELBO would take every KL: a biased bound
+            raise ValueError(
+                f"estimator {str(self)!r} takes the analytic KL at every latent site, but this model allows it at "
+                f"{', '.join(analytic_kl_sites(vae)) or 'none'} only; use meanfield, trace, iwae, stl or dreg"
+            )
+        return super().loss(vae, x, beta, **data)
 
     def _pyro_loss(self, elbo, model, guide, x, beta, **data) -> torch.Tensor:
         loss = elbo.differentiable_loss(model, guide, x, beta)

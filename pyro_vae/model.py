@@ -24,8 +24,7 @@ from torch import nn
 
 from pyro_vae.networks import mlp_spec
 from pyro_vae.structures import STRUCTURES
-from pyro_vae.structures.base import beta_tensor, is_unit_beta, module_registration
-from pyro_vae.structures.vae import MEAN_SAMPLES, posterior_mean
+from pyro_vae.structures.base import MEAN_SAMPLES, beta_tensor, is_unit_beta, module_registration, posterior_mean
 
 __all__ = ["MEAN_SAMPLES", "VAE", "beta_tensor", "is_unit_beta", "module_registration", "posterior_mean"]
 

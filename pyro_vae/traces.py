@@ -11,7 +11,8 @@ the guide run under a particle plate at dim -2 (``k`` draws per example, vectori
 model replayed on its draws, so every term has shape ``(k, batch)``. Every latent site counts,
 however many a structure has; ``poutine.scale`` (the KL warm-up beta) and ``poutine.mask``
 (missing data) are honoured. With ``analytic_kl`` a latent site whose KL(q || p) torch registers
-contributes -KL instead of log p - log q at the draw (``TraceMeanField_ELBO``'s per-example value).
+contributes -KL instead of log p - log q at the draw (``TraceMeanField_ELBO``'s per-example value),
+if the structure allows it for that site (``Structure.analytic_kl_sites``; ``None``: every site).
 
 Two evaluations of the same quantity live here:
 
@@ -101,7 +102,7 @@ def log_weights(
         log_w = (log_w + log_q - _masked_log_q(guide_trace, enumerated)).expand(*log_q.shape[:-2], k, x.shape[0])
         return log_w.logsumexp(tuple(range(log_w.dim() - 2)))
     if analytic_kl:
-        return _analytic_kl_log_weights(guide_trace, model_trace)
+        return _analytic_kl_log_weights(guide_trace, model_trace, analytic_kl_sites(vae))
     return trace_log_density(model_trace) - trace_log_density(guide_trace)
 
 
@@ -120,7 +121,7 @@ def elbo_particles(
     enumerated = enumerated_sites(guide_trace)
     if not enumerated:
         if analytic_kl:
-            return _analytic_kl_log_weights(guide_trace, model_trace)
+            return _analytic_kl_log_weights(guide_trace, model_trace, analytic_kl_sites(vae))
         return trace_log_density(model_trace) - trace_log_density(guide_trace)
     log_q = enumerated_log_q(guide_trace, enumerated)
     terms = (log_q.exp() * (trace_log_density(model_trace) - trace_log_density(guide_trace))).expand(
@@ -157,7 +158,14 @@ def enumerated_log_q(guide_trace, enumerated: set[str]) -> torch.Tensor:
     return total
 
 
-def _analytic_kl_log_weights(guide_trace, model_trace) -> torch.Tensor:
+def analytic_kl_sites(vae) -> tuple[str, ...] | None:
+    """The latent sites whose analytic KL may stand for log p - log q (``Structure.analytic_kl_sites``;
+    ``None``: every site with a registered KL)."""
+    return getattr(vae, "analytic_kl_sites", None)
+
+
+def _analytic_kl_log_weights(guide_trace, model_trace, allowed: tuple[str, ...] | None) -> torch.Tensor:
+    """log w with -KL(q || p) for each latent site in ``allowed`` (every one when None) that has one."""
     latent = latent_values(guide_trace)
     total = 0.0
     for site in sample_sites(model_trace):
@@ -166,12 +174,21 @@ def _analytic_kl_log_weights(guide_trace, model_trace) -> torch.Tensor:
             total = total + _site_log_density(site)
             continue
         q = guide_trace.nodes[name]["fn"]
-        try:
-            total = total - scale_and_mask(kl_divergence(q, site["fn"]), site["scale"], site["mask"])
-        except NotImplementedError:
+        kl = _registered_kl(q, site["fn"]) if allowed is None or name in allowed else None
+        if kl is not None:
+            total = total - scale_and_mask(kl, site["scale"], site["mask"])
+        else:
             log_ratio = site["fn"].log_prob(site["value"]) - q.log_prob(site["value"])
             total = total + scale_and_mask(log_ratio, site["scale"], site["mask"])
     return total
+
+
+def _registered_kl(q, p) -> torch.Tensor | None:
+    """KL(q || p) where torch registers it for the pair, else None."""
+    try:
+        return kl_divergence(q, p)
+    except NotImplementedError:
+        return None
 
 
 def _site_log_density(site) -> torch.Tensor:
@@ -246,12 +263,18 @@ class SiteLogDensity(Messenger):
     the guide's distribution is registered in torch contributes ``-scale * mask * KL(q || p)``
     (the guide site's scale and mask, as ``TraceMeanField_ELBO``) instead of its log-density, and
     is listed in ``analytic``: the guide's term for it is then left out (:meth:`log_density`).
-    Terms are evaluated only when summed, so a log q that the KL replaces is never computed.
+    ``kl_sites`` restricts that to the sites it names (``Structure.analytic_kl_sites``; ``None``:
+    every site). Terms are evaluated only when summed, so a log q that the KL replaces is never computed.
     """
 
-    def __init__(self, replay: dict[str, torch.Tensor] | None = None, kl_from: SiteLogDensity | None = None) -> None:
+    def __init__(
+        self,
+        replay: dict[str, torch.Tensor] | None = None,
+        kl_from: SiteLogDensity | None = None,
+        kl_sites: tuple[str, ...] | None = None,
+    ) -> None:
         super().__init__()
-        self.replay, self.kl_from = replay, kl_from
+        self.replay, self.kl_from, self.kl_sites = replay, kl_from, kl_sites
         self.values: dict[str, torch.Tensor] = {}  # name -> value of each latent site
         self.sites: dict[str, tuple] = {}  # name -> (fn, scale, mask) of each latent site
         self.noise: dict[str, tuple] = {}  # name -> (Normal, event dims, e) of the sites drawn here from one
@@ -294,6 +317,8 @@ class SiteLogDensity(Messenger):
         if not msg["is_observed"]:
             self.values[name], self.sites[name] = value, (fn, scale, mask)
         guide_site = self.kl_from.sites.get(name) if self.kl_from is not None and not msg["is_observed"] else None
+        if guide_site is not None and self.kl_sites is not None and name not in self.kl_sites:
+            guide_site = None  # the structure says -KL is not this site's expectation: log p at the draw
         if guide_site is not None:
             try:
                 kl = kl_divergence(guide_site[0], fn)
@@ -322,7 +347,8 @@ def _lean_elbo_loss(vae, x: torch.Tensor, beta, analytic_kl: bool, data: dict) -
     with module_registration(False):
         with SiteLogDensity() as guide:
             vae.guide(x, beta, **data)
-        with SiteLogDensity(replay=guide.values, kl_from=guide if analytic_kl else None) as model:
+        kl_from = guide if analytic_kl else None
+        with SiteLogDensity(replay=guide.values, kl_from=kl_from, kl_sites=analytic_kl_sites(vae)) as model:
             vae.model(x, beta, **data)
     elbo, log_q = model.log_density(), guide.log_density(exclude=model.analytic)
     # meanfield with every latent's KL analytic leaves no log q: nothing to subtract.
@@ -349,7 +375,9 @@ def meanfield_elbo_loss(vae, x: torch.Tensor, beta: float | torch.Tensor = 1.0, 
     with the analytic KL wherever torch has one for the pair, and log p(z) - log q(z|x) elsewhere.
 
     The same programs and messengers as :func:`reparameterized_elbo_loss`; value and gradient
-    agree with ``TraceMeanField_ELBO().differentiable_loss`` to float rounding (tested).
+    agree with ``TraceMeanField_ELBO().differentiable_loss`` to float rounding (tested), except
+    that only the sites the structure allows (``Structure.analytic_kl_sites``) take the KL: there
+    ``log_weights(..., analytic_kl=True)`` is the reference.
     """
     return _lean_elbo_loss(vae, x, beta, True, data)
 

@@ -56,3 +56,5 @@ def test_example_runs_in_smoke_mode(script, data_root, tmp_path):
         assert (out / "config.toml").is_file() and (out / "checkpoint.pt").is_file()
     if script.stem == "mnist_dynamic_vae":
         assert "test NLL" in stdout and "k=10" in stdout
+    if script.stem == "two_layer_vae":
+        assert "test NLL" in stdout and "two layers: VAE 85.33, IWAE k=50 82.90" in stdout

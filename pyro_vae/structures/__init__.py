@@ -4,6 +4,8 @@
 spec               model / guide                                          reference
 =================  =====================================================  =====================
 ``vae``            z ~ p(z), x ~ p(x|z) / z ~ q(z|x)                      Kingma & Welling 2014
+``two_layer(...)`` z2 ~ p(z2), z1 ~ p(z1|z2), x ~ p(x|z1) /                Burda et al. 2015, sec. 5
+                   z1 ~ q(z1|x), z2 ~ q(z2|z1)
 =================  =====================================================  =====================
 
 A new structure is one class registered here (``@STRUCTURES.register("name")``) plus its tests;
@@ -14,11 +16,13 @@ from __future__ import annotations
 
 from pyro_vae.registry import Registry
 from pyro_vae.structures.base import Structure
+from pyro_vae.structures.two_layer import TwoLayerVAE
 from pyro_vae.structures.vae import PlainVAE
 
 STRUCTURES: Registry[Structure] = Registry("structure")
 # What the VAE facade passes every structure (each takes the ones it needs); a spec never sets them.
 CONTEXT = ("x_shape", "z_dim", "encoder", "decoder", "prior", "likelihood", "guide", "init")
 STRUCTURES.register("vae")(PlainVAE)
+STRUCTURES.register("two_layer")(TwoLayerVAE)
 
-__all__ = ["CONTEXT", "STRUCTURES", "PlainVAE", "Structure"]
+__all__ = ["CONTEXT", "STRUCTURES", "PlainVAE", "Structure", "TwoLayerVAE"]

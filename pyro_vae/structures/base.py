@@ -17,6 +17,9 @@ attribute names:
 - ``metrics(x, labels, **data)``: numbers per example beside the bound (M2's accuracy), which the
   training loop reports for the validation and test sets every epoch and ``evaluate`` reports too;
 - ``figures(dataset)``: the figures a run of this structure draws (``pyro_vae.plots``).
+- ``analytic_kl_sites``: the latent sites whose analytic KL may replace log p - log q in the
+  ``meanfield`` bound (``None``: every site that has one);
+- ``closed_form_refusal``: why the hand-written closed-form ELBO does not apply ("" when it does).
 
 Estimators and evaluation work from the programs' Pyro traces (``pyro_vae.traces``), site by
 site, so a structure with several latent sites, or enumerated discrete ones, plugs in without
@@ -32,13 +35,24 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Callable, Iterator
+import math
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pyro
+import pyro.distributions as dist
 import torch
 from pyro import poutine
 from torch import nn
+
+from pyro_vae.guides import build_guide
+from pyro_vae.likelihoods import build_likelihood
+from pyro_vae.networks import Decoder, build_network
+
+# Draws for the posterior mean of guides without an analytic mean (flows): the Monte Carlo error
+# adds about Var_q / 1000 <= 1e-3 to a unit's variance over the data, ten times below the 0.01 of
+# Burda et al.'s active-unit test (pyro_vae.evaluate.active_units).
+MEAN_SAMPLES = 1000
 
 
 class Structure(nn.Module):
@@ -47,6 +61,21 @@ class Structure(nn.Module):
     latent_sites: tuple[str, ...] = ("z",)
     observed_sites: tuple[str, ...] = ("x",)
     consumes: tuple[str, ...] = ()
+    # The latent sites whose log p(z) - log q(z) the ``meanfield`` bound may replace by -KL(q || p)
+    # (``pyro_vae.traces``); ``None``: every site whose pair torch has a KL for. That replacement
+    # is exact only when the expectation over the site, given everything else the two densities
+    # depend on, is the KL: when p's and q's parameters do not depend on the site's own draw
+    # through another latent. A bottom-up guide breaks it: in q(z1|x) q(z2|z1) with p(z1|z2),
+    # z2 is drawn given z1, so E_q[log p(z1|z2) - log q(z1|x)] is not -KL(q(z1|x) || p(z1|z2))
+    # at the drawn z2; such a structure lists its safe sites (``("z2",)``).
+    analytic_kl_sites: tuple[str, ...] | None = None
+
+    @property
+    def closed_form_refusal(self) -> str:
+        """Why ``pyro_vae.closed_form`` (the hand-written ELBO of one latent z) does not apply to this
+        structure, as the start of a one-line error; "" for a structure it does apply to."""
+        name = type(self).__name__
+        return f"the closed-form ELBO is written for the plain VAE (one latent z, structure 'vae'), not for {name}"
 
     def model(self, x: torch.Tensor, beta: float | torch.Tensor = 1.0, **data) -> torch.Tensor:
         """The generative model p(x, z) as a Pyro program over a batch."""
@@ -81,6 +110,73 @@ class Structure(nn.Module):
         from pyro_vae.plots import vae_figures  # matplotlib loads only when figures are drawn
 
         return vae_figures(self, dataset)
+
+
+class ObservedLayer(Structure):
+    """The data layer x <-> z shared by structures whose x depends on one latent z (the plain VAE's z,
+    the two-layer VAE's z1): q(z|x) = guide(encoder body(x)), p(x|z) = likelihood(decoder(z)), the
+    decoder being its body plus the head the likelihood asks for (``Likelihood.head``).
+
+    :meth:`build_observed_layer` makes the children ``likelihood``, ``encoder`` and ``decoder`` (the
+    names the figures and the latent diagnostics read); the rest are plain-torch conveniences.
+    """
+
+    def build_observed_layer(self, x_shape: Sequence[int], z_dim: int, encoder, decoder, likelihood, guide) -> None:
+        """Build ``likelihood``, ``encoder`` (q(z|x)) and ``decoder`` (z -> the likelihood's parameters)."""
+        self.x_shape = tuple(int(d) for d in x_shape)
+        self.x_dim, self.z_dim = math.prod(self.x_shape), z_dim
+        self.likelihood = build_likelihood(likelihood, x_dim=self.x_dim)
+        self.encoder = guide_on_body(guide, encoder, self.x_shape, z_dim)
+        self.decoder = likelihood_decoder(decoder, self.likelihood, z_dim)
+
+    def check_data(self, x: torch.Tensor, name: str) -> None:
+        """The likelihood's check: e.g. a Bernoulli needs values in [0, 1], a categorical 8-bit pixels."""
+        self.likelihood.check(x, name=name)
+
+    def _event(self, x: torch.Tensor) -> torch.Tensor:
+        """x as ``(batch, *x_shape)``: flat rows and images alike reach the encoder body in its shape."""
+        return x.reshape(x.shape[0], *self.x_shape)
+
+    def posterior(self, x: torch.Tensor) -> dist.Distribution:
+        """q(z|x) as a distribution (batch shape ``(batch,)``)."""
+        return self.encoder(self._event(x))
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loc, scale) of a diagonal-Gaussian q(z|x)."""
+        return self.encoder.gaussian_params(self._event(x))
+
+    def decode(self, z: torch.Tensor) -> dist.Distribution:
+        """p(x|z)."""
+        return self.likelihood(self.decoder(z))
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor, sample_z: bool = False) -> torch.Tensor:
+        """E[x|z] at the posterior mean of z (or at a sample of q(z|x)), in data units."""
+        q = self.posterior(x)
+        z = q.sample() if sample_z else posterior_mean(q)
+        return self.likelihood.mean(self.decoder(z))
+
+
+def guide_on_body(guide, encoder, x_shape: Sequence[int], z_dim: int) -> nn.Module:
+    """The guide a spec names, on the network body ``encoder`` names for inputs of event shape ``x_shape``;
+    a guide passed built is used as it is."""
+    if isinstance(guide, nn.Module):
+        return guide
+    return build_guide(guide, body=build_network(encoder, tuple(x_shape)), z_dim=z_dim)
+
+
+def likelihood_decoder(decoder, likelihood: nn.Module, z_dim: int) -> Decoder:
+    """The network body ``decoder`` names on inputs of size ``z_dim``, then the head ``likelihood`` asks for."""
+    body = build_network(decoder, (z_dim,))
+    return Decoder(body, likelihood.head(body.out_features))
+
+
+def posterior_mean(q: dist.Distribution, num_samples: int = MEAN_SAMPLES) -> torch.Tensor:
+    """E_q[z]: analytic where the distribution has it, else the mean of ``num_samples`` draws (flows)."""
+    try:
+        return q.mean
+    except NotImplementedError:
+        return q.sample((num_samples,)).mean(0)
 
 
 def is_unit_beta(beta: float | torch.Tensor) -> bool:
