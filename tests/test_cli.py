@@ -98,6 +98,10 @@ def test_end_to_end_on_an_mnist_subset(tmp_path, data_root, capsys):
     printed = capsys.readouterr().out
     assert all(key in printed for key in cli.CONTRACT_KEYS)
 
+    subset = ["evaluate", "--run", str(out), "--data-dir", str(data_root), "--nll-samples", "0", "--subset", "7"]
+    assert cli.main([*subset, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["num_examples"] == 7
+
 
 def _mnist_config(tmp_path: Path) -> str:
     path = tmp_path / "mnist_tiny.toml"
