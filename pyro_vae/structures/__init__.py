@@ -4,6 +4,8 @@
 spec               model / guide                                          reference
 =================  =====================================================  =====================
 ``vae``            z ~ p(z), x ~ p(x|z) / z ~ q(z|x)                      Kingma & Welling 2014
+``cvae``           z ~ p(z|x_in), y ~ p(y|z) / z ~ q(z|x_in, y)           Sohn, Lee & Yan 2015
+``cvae_baseline``  y ~ p(y|x_in) / (no latent)                          Sohn, Lee & Yan 2015
 =================  =====================================================  =====================
 
 A new structure is one class registered here (``@STRUCTURES.register("name")``) plus its tests;
@@ -14,11 +16,14 @@ from __future__ import annotations
 
 from pyro_vae.registry import Registry
 from pyro_vae.structures.base import Structure
+from pyro_vae.structures.cvae import CVAE, Baseline
 from pyro_vae.structures.vae import PlainVAE
 
 STRUCTURES: Registry[Structure] = Registry("structure")
 # What the VAE facade passes every structure (each takes the ones it needs); a spec never sets them.
 CONTEXT = ("x_shape", "z_dim", "encoder", "decoder", "prior", "likelihood", "guide", "init")
 STRUCTURES.register("vae")(PlainVAE)
+STRUCTURES.register("cvae")(CVAE)
+STRUCTURES.register("cvae_baseline")(Baseline)
 
-__all__ = ["CONTEXT", "STRUCTURES", "PlainVAE", "Structure"]
+__all__ = ["CONTEXT", "CVAE", "STRUCTURES", "Baseline", "PlainVAE", "Structure"]
