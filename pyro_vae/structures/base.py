@@ -16,7 +16,8 @@ attribute names:
 - ``check_data(x, name)`` and ``needs_warmup``: what the training loop asks before it starts;
 - ``metrics(x, labels, **data)``: numbers per example beside the bound (M2's accuracy), which the
   training loop reports for the validation and test sets every epoch and ``evaluate`` reports too;
-- ``figures(dataset)``: the figures a run of this structure draws (``pyro_vae.plots``).
+- ``figures(dataset)``: the figures a run of this structure draws (``pyro_vae.plots``);
+- ``observed_dim(x, **data)``: the values per example the observed sites score (for bits/dim).
 
 Estimators and evaluation work from the programs' Pyro traces (``pyro_vae.traces``), site by
 site, so a structure with several latent sites, or enumerated discrete ones, plugs in without
@@ -70,6 +71,11 @@ class Structure(nn.Module):
         reported as ``{split}_{name}``); ``labels`` are the true labels of the split (``None`` if it
         has none) and ``data`` the consumed fields as the bound sees them. None by default."""
         return {}
+
+    def observed_dim(self, x: torch.Tensor, **data) -> float:
+        """How many values per example the model's observed sites score (bits/dim divides by it): all of
+        x by default; a conditional model's predicted pixels only."""
+        return float(x[0].numel())
 
     def figures(self, dataset) -> dict[str, Callable[[Path], Path]]:
         """File name -> a function that draws that figure at a path, for a run on ``dataset``.

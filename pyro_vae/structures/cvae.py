@@ -90,6 +90,10 @@ class Conditional(Structure):
         pixels = predicted_pixels_only(self.likelihood(params), input_mask)
         return pyro.sample("y", pixels, obs=self.likelihood.prepare(x))
 
+    def observed_dim(self, x: torch.Tensor, *, input_mask: torch.Tensor) -> float:
+        """The predicted pixels per example (on average over the batch): the dimension of y."""
+        return float((~input_mask).sum(-1).double().mean())
+
     def check_data(self, x: torch.Tensor, name: str) -> None:
         """The likelihood's check (a Bernoulli needs values in [0, 1])."""
         self.likelihood.check(x, name=name)
