@@ -286,6 +286,10 @@ def test_a_short_run_writes_metrics_evaluation_and_completions(tmp_path, structu
     assert cli.main(["evaluate", "--run", str(out), "--nll-samples", "7", "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["nll_samples"] == 7 and printed["test_nll"] > 0
+    for command in (["sample", "--run", str(out), "--out", str(tmp_path / "s.png")], ["compare", "--run", str(out)]):
+        assert cli.main([*command, "--estimators", "trace"] if command[0] == "compare" else command) != 0
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     (out / "completions.png").unlink()
     assert cli.main(["plot", "--run", str(out)]) == 0
     assert (out / "completions.png").is_file()

@@ -102,6 +102,13 @@ class Conditional(Structure):
         """The likelihood's parameters for ``num`` predictions of y given x_in, shape ``(num, batch, out_dim)``."""
         raise NotImplementedError
 
+    def sample(self, num: int) -> torch.Tensor:
+        """Refused: the model draws y given x_in, not images from nothing (``pyro-vae sample``)."""
+        raise ValueError(
+            "a conditional model completes given pixels rather than sampling whole images: see completions.png "
+            "(pyro-vae plot --run DIR)"
+        )
+
     @torch.no_grad()
     def complete(self, x: torch.Tensor, input_mask: torch.Tensor, num: int = FIGURE_SAMPLES) -> torch.Tensor:
         """``num`` completions of each image, shape ``(num, batch, D)``: the given pixels of x, and
