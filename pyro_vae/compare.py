@@ -305,6 +305,11 @@ def compare_run(
     from pyro_vae.runs import load_run
 
     run = load_run(run_dir, device=device, data_dir=data_dir)
+    if run.vae.consumes:  # the comparison passes x alone to the estimators
+        raise ValueError(
+            f"compare passes x alone, but this run's model consumes {', '.join(run.vae.consumes)}; "
+            "compare estimators on it in Python with estimator.bound(vae, x, **fields)"
+        )
     test = run.dataset.test
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")

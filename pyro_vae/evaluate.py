@@ -386,7 +386,8 @@ def evaluate(
       the number may move with other importance samples of the same examples;
     - ``{split}_nll_data_se``: sd_i(-log p-hat(x_i)) / sqrt(N): the sampling error of the mean over
       examples as an estimate of the expected NLL of the data distribution (usually far larger);
-    - ``bits_per_dim``: NLL / (D ln 2);
+    - ``bits_per_dim``: NLL / (D ln 2), D the values the model scores (``Structure.observed_dim``:
+      all of x, or a conditional model's predicted pixels);
     - ``active_units`` (threshold 0.01), ``kl_per_dim`` (list, or ``None`` with ``kl_per_dim_error``
       for pairs that do not factorize);
     - ``{split}_{name}`` for each of the structure's own metrics (``Structure.metrics``: M2's
@@ -429,12 +430,17 @@ def evaluate(
         result[f"{split}_nll"] = float(nll.mean())
         result[f"{split}_nll_se"] = float(se.double().square().sum().sqrt() / n) if nll_samples > 1 else None
         result[f"{split}_nll_data_se"] = float(nll.std() / math.sqrt(n)) if n > 1 else None
-        result["bits_per_dim"] = bits_per_dim(result[f"{split}_nll"], d)
+        result["bits_per_dim"] = bits_per_dim(result[f"{split}_nll"], _observed_dim(vae, x, data))
     result.update(latent_diagnostics(vae, x, batch))
     result["seconds"] = time.perf_counter() - start
     if warning:
         result["warning"] = warning
     return result
+
+
+def _observed_dim(vae, x: torch.Tensor, data: dict[str, torch.Tensor]) -> float:
+    """The values per example the NLL scores: all of x, or what the structure says (a CVAE: the predicted pixels)."""
+    return vae.observed_dim(x, **data) if hasattr(vae, "observed_dim") else float(x.shape[1])
 
 
 def latent_diagnostics(vae, x: torch.Tensor, batch_size: int) -> dict[str, Any]:
@@ -460,7 +466,7 @@ def latent_diagnostics(vae, x: torch.Tensor, batch_size: int) -> dict[str, Any]:
     return result
 
 
-def bits_per_dim(nll: float, x_dim: int) -> float:
+def bits_per_dim(nll: float, x_dim: float) -> float:
     """NLL in nats per example -> bits per dimension: NLL / (D ln 2)."""
     return nll / (x_dim * math.log(2))
 

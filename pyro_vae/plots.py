@@ -14,6 +14,7 @@ Figures (Kingma & Welling 2014 show the manifold and latent-space figures):
   principal components when z_dim > 2);
 - :func:`manifold`: for z_dim = 2, E[x|z] on a grid of standard-normal quantiles;
 - :func:`interpolation`: decodings along straight lines between the codes of two test images;
+- :func:`completions`: a conditional model's completions of partly given images (``complete(x, mask, n)``);
 - :func:`write_all_figures`: all that apply, each isolated so one failure does not stop the others.
 
 Every figure is a ``matplotlib.figure.Figure`` drawn on its own Agg canvas, never registered with
@@ -243,6 +244,38 @@ def interpolation(
     row_images = torch.cat([x[:rows, None], decoded.to(x.dtype), x[rows:, None]], 1)  # (rows, steps + 2, x_dim)
     images = _images(row_images.reshape(-1, x.shape[1]), image_shape)
     return _image_figure(images, steps + 2, path, "latent interpolation (ends: the inputs)")
+
+
+# The shade of the pixels a conditional model predicts, in the input column of the completions figure.
+UNSEEN_GREY = 0.5
+
+
+@torch.no_grad()
+def completions(
+    model,
+    x: torch.Tensor,
+    input_mask: torch.Tensor,
+    image_shape: Sequence[int] | None,
+    path: str | Path,
+    samples: int = 5,
+    num: int = 8,
+) -> Path:
+    """One row per example: the input (given pixels, the rest grey), ``samples`` completions, the truth.
+
+    ``model.complete(x, input_mask, samples)`` gives the completions, shape ``(samples, num, D)``: the
+    given pixels of x with a prediction of the others pasted in (a CVAE: E[y|z] for z ~ p(z|x_in);
+    a deterministic baseline: its one prediction, ``samples = 1``). Sohn et al. (2015), Figure 3.
+    """
+    num = min(num, x.shape[0])
+    if num < 1:
+        raise ValueError("completions need at least one example")
+    x = x[:num].to(_param(model).device).reshape(num, -1)
+    mask = input_mask[:num].to(x.device)
+    filled = model.complete(x, mask, samples).to(x.dtype)  # (samples, num, D)
+    given = torch.where(mask, x, torch.full_like(x, UNSEEN_GREY))
+    rows = torch.cat([given[:, None], filled.transpose(0, 1), x[:, None]], 1)  # (num, samples + 2, D)
+    title = f"input (grey: to predict), {filled.shape[0]} completion{'s' * (filled.shape[0] > 1)}, truth"
+    return _image_figure(_images(rows.reshape(-1, x.shape[1]), image_shape), rows.shape[1], path, title)
 
 
 def estimator_comparison(

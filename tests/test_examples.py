@@ -52,6 +52,10 @@ def test_example_runs_in_smoke_mode(script, data_root, tmp_path):
         rows = json.loads((out / "probe.json").read_text())["rows"]
         assert [r["step"] for r in rows] == [0, 10, 20] and "plateau" in stdout
         assert all(r["kl"] > -1 and r["posterior_scale"] > 0 for r in rows)
+    elif script.stem == "cvae_quadrants":  # the baseline and the CVAE side by side, and the model printed
+        for structure in ("cvae_baseline", "cvae"):
+            assert json.loads((out / "q1" / structure / "evaluation.json").read_text())["test_elbo"] < 0
+        assert 'pyro.sample("z"' in stdout and "NN (baseline)" in stdout and "(Pyro  71.8)" in stdout
     else:
         assert (out / "config.toml").is_file() and (out / "checkpoint.pt").is_file()
     if script.stem == "mnist_dynamic_vae":

@@ -263,7 +263,7 @@ def test_structures_are_chosen_by_name_with_clear_errors():
     assert "vae" in STRUCTURES and STRUCTURES.factory("vae") is PlainVAE
     assert isinstance(VAE(x_dim=6, z_dim=2, hidden_dims=(3,)).structure, PlainVAE)
     with pytest.raises(
-        SpecError, match=r"unknown structure 'vea' \(did you mean \"vae\"\?\); valid structures: two_layer, vae"
+        SpecError, match=r"unknown structure 'vea' \(did you mean \"vae\"\?\); valid structures: .*\bvae\b"
     ):
         VAE(x_dim=6, z_dim=2, structure="vea")
 

@@ -6,6 +6,8 @@ spec               model / guide                                          refere
 ``vae``            z ~ p(z), x ~ p(x|z) / z ~ q(z|x)                      Kingma & Welling 2014
 ``two_layer(...)`` z2 ~ p(z2), z1 ~ p(z1|z2), x ~ p(x|z1) /                Burda et al. 2015, sec. 5
                    z1 ~ q(z1|x), z2 ~ q(z2|z1)
+``cvae``           z ~ p(z|x_in), y ~ p(y|z) / z ~ q(z|x_in, y)           Sohn, Lee & Yan 2015
+``cvae_baseline``  y ~ p(y|x_in) / (no latent)                          Sohn, Lee & Yan 2015
 =================  =====================================================  =====================
 
 A new structure is one class registered here (``@STRUCTURES.register("name")``) plus its tests;
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 from pyro_vae.registry import Registry
 from pyro_vae.structures.base import Structure
+from pyro_vae.structures.cvae import CVAE, Baseline
 from pyro_vae.structures.two_layer import TwoLayerVAE
 from pyro_vae.structures.vae import PlainVAE
 
@@ -24,5 +27,7 @@ STRUCTURES: Registry[Structure] = Registry("structure")
 CONTEXT = ("x_shape", "z_dim", "encoder", "decoder", "prior", "likelihood", "guide", "init")
 STRUCTURES.register("vae")(PlainVAE)
 STRUCTURES.register("two_layer")(TwoLayerVAE)
+STRUCTURES.register("cvae")(CVAE)
+STRUCTURES.register("cvae_baseline")(Baseline)
 
-__all__ = ["CONTEXT", "STRUCTURES", "PlainVAE", "Structure", "TwoLayerVAE"]
+__all__ = ["CONTEXT", "CVAE", "STRUCTURES", "Baseline", "PlainVAE", "Structure", "TwoLayerVAE"]

@@ -19,7 +19,8 @@ attribute names:
 - ``figures(dataset)``: the figures a run of this structure draws (``pyro_vae.plots``).
 - ``analytic_kl_sites``: the latent sites whose analytic KL may replace log p - log q in the
   ``meanfield`` bound (``None``: every site that has one);
-- ``closed_form_refusal``: why the hand-written closed-form ELBO does not apply ("" when it does).
+- ``closed_form_refusal``: why the hand-written closed-form ELBO does not apply ("" when it does);
+- ``observed_dim(x, **data)``: the values per example the observed sites score (for bits/dim).
 
 Estimators and evaluation work from the programs' Pyro traces (``pyro_vae.traces``), site by
 site, so a structure with several latent sites, or enumerated discrete ones, plugs in without
@@ -99,6 +100,11 @@ class Structure(nn.Module):
         reported as ``{split}_{name}``); ``labels`` are the true labels of the split (``None`` if it
         has none) and ``data`` the consumed fields as the bound sees them. None by default."""
         return {}
+
+    def observed_dim(self, x: torch.Tensor, **data) -> float:
+        """How many values per example the model's observed sites score (bits/dim divides by it): all of
+        x by default; a conditional model's predicted pixels only."""
+        return float(x[0].numel())
 
     def figures(self, dataset) -> dict[str, Callable[[Path], Path]]:
         """File name -> a function that draws that figure at a path, for a run on ``dataset``.
