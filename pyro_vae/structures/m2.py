@@ -144,7 +144,7 @@ class M2(Structure):
         known = self._known(x, labels)
         with data_plate(x):
             with poutine.mask(mask=known < 0):
-                guessed = pyro.sample("y_unobserved", self.classify(x), infer={"enumerate": "parallel"})
+                guessed = pyro.sample("y_unobserved", self.guess(x, known), infer={"enumerate": "parallel"})
             y = torch.where(known >= 0, known, guessed)
             with kl_scale(beta):
                 return pyro.sample("z", self.encoder(joined(x, self.onehot(y, x))))
@@ -188,6 +188,18 @@ class M2(Structure):
     def classify(self, x: torch.Tensor) -> dist.Categorical:
         """q(y|x) for flat rows ``(batch, x_dim)``."""
         return dist.Categorical(logits=self.classifier(x.reshape(x.shape[0], *self.x_shape)))
+
+    def guess(self, x: torch.Tensor, known: torch.Tensor) -> dist.Categorical:
+        """The guide's distribution of ``"y_unobserved"``: q(y|x) on unlabelled rows, uniform on labelled ones.
+
+        On a labelled row the site is masked out and its C enumerated copies all carry the observed
+        label, each with its own draw of z. ``TraceEnum_ELBO`` still averages those copies with the
+        site's probabilities: with q(y|x) there, the classifier would get a gradient from labelled
+        rows that is zero only in expectation (pure noise). Uniform weights make the labelled bound
+        the plain mean over the copies, as ``pyro_vae.traces`` computes it, with no such gradient.
+        """
+        logits = self.classifier(x.reshape(x.shape[0], *self.x_shape))
+        return dist.Categorical(logits=torch.where((known >= 0).unsqueeze(-1), torch.zeros_like(logits), logits))
 
     def decode(self, z: torch.Tensor, y: torch.Tensor) -> dist.Distribution:
         """p(x|y, z), broadcasting y (possibly enumerated) against z."""
