@@ -52,6 +52,10 @@ def test_example_runs_in_smoke_mode(script, data_root, tmp_path):
         rows = json.loads((out / "probe.json").read_text())["rows"]
         assert [r["step"] for r in rows] == [0, 10, 20] and "plateau" in stdout
         assert all(r["kl"] > -1 and r["posterior_scale"] > 0 for r in rows)
+    elif script.stem == "m2_semi_supervised":  # its own SVI loop: metrics with accuracies, printed
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [r["epoch"] for r in records] == [1] and 0 <= records[0]["test_accuracy"] <= 1
+        assert "test accuracy" in stdout
     else:
         assert (out / "config.toml").is_file() and (out / "checkpoint.pt").is_file()
     if script.stem == "mnist_dynamic_vae":
