@@ -76,6 +76,7 @@ from pyro_vae.traces import (
     particle_traces,
     reparameterized_elbo_loss,
     replayed_log_density,
+    sample_sites,
     trace_log_density,
 )
 
@@ -113,7 +114,7 @@ def _refuse_extra_data(estimator, data: dict) -> None:
     if data:
         raise ValueError(
             f"estimator {str(estimator)!r} takes x alone, but the model consumes {', '.join(sorted(data))}; "
-            "use trace, meanfield, tracegraph, iwae, renyi, stl or dreg"
+            "use trace, meanfield, tracegraph, enum, iwae, renyi, stl or dreg"
         )
 
 
@@ -195,12 +196,32 @@ class TraceELBO(_PyroELBO):
     fast_loss = staticmethod(reparameterized_elbo_loss)
 
 
+class _ReparameterizedMeanField(TraceMeanField_ELBO):
+    """``TraceMeanField_ELBO`` that refuses, in one line, a guide with a latent site it cannot differentiate.
+
+    Pyro's class has no score-function term: a discrete guide site (M2's enumerated label) would get
+    a wrong gradient with validation off and a bare ``NotImplementedError`` with it on. The check
+    reads the guide trace Pyro builds anyway.
+    """
+
+    def _get_trace(self, model, guide, args, kwargs):
+        model_trace, guide_trace = super()._get_trace(model, guide, args, kwargs)
+        for site in sample_sites(guide_trace):
+            if not site["is_observed"] and not site["fn"].has_rsample:
+                raise ValueError(
+                    f"estimator 'meanfield' needs every latent site reparameterized, but guide site "
+                    f"{site['name']!r} is not (TraceMeanField_ELBO has no score-function term); use enum, trace or iwae"
+                )
+        return model_trace, guide_trace
+
+
 @ESTIMATORS.register("meanfield")
 class MeanFieldELBO(_PyroELBO):
     """Pyro's ``TraceMeanField_ELBO``: Monte Carlo reconstruction, analytic KL where registered.
 
     The bound is ``traces.log_weights(..., analytic_kl=True)``; its variance over draws is that of the
-    reconstruction term only. Pyro requires the guide's latent sites to be independent of each other (mean field).
+    reconstruction term only. Pyro requires the guide's latent sites to be independent of each other (mean field)
+    and reparameterized (a discrete site is refused in one line).
 
     A structure that allows the analytic KL at some latent sites only (``Structure.analytic_kl_sites``:
     a bottom-up guide such as the two-layer VAE's) gets the loss from those log weights instead,
@@ -209,7 +230,7 @@ class MeanFieldELBO(_PyroELBO):
     reparameterized guide its pathwise gradient is the ELBO's (as ``Trace_ELBO``'s is).
     """
 
-    elbo_class = TraceMeanField_ELBO
+    elbo_class = _ReparameterizedMeanField
     fast_loss = staticmethod(meanfield_elbo_loss)
 
     def loss(self, vae, x: torch.Tensor, beta: float = 1.0, **data) -> torch.Tensor:

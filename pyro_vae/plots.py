@@ -15,6 +15,8 @@ Figures (Kingma & Welling 2014 show the manifold and latent-space figures):
 - :func:`manifold`: for z_dim = 2, E[x|z] on a grid of standard-normal quantiles;
 - :func:`interpolation`: decodings along straight lines between the codes of two test images;
 - :func:`completions`: a conditional model's completions of partly given images (``complete(x, mask, n)``);
+- :func:`class_samples`, :func:`style_transfer`: a class-conditional model's (M2's) samples by class,
+  and the style of test inputs decoded with every class (:func:`m2_figures`);
 - :func:`write_all_figures`: all that apply, each isolated so one failure does not stop the others.
 
 Every figure is a ``matplotlib.figure.Figure`` drawn on its own Agg canvas, never registered with
@@ -334,6 +336,45 @@ def vae_figures(vae, dataset) -> dict[str, Callable[[Path], Path]]:
     if vae.z_dim == 2:
         figures["manifold.png"] = lambda p: manifold(vae, shape, p)
     return figures
+
+
+@torch.no_grad()
+def class_samples(vae, image_shape: Sequence[int] | None, path: str | Path, columns: int = 10, seed: int = 0) -> Path:
+    """E[x|y, z] of a class-conditional model: row c is y = c, column j one z_j ~ N(0, I) shared down the column.
+
+    Reads ``vae.classes``, ``vae.z_dim`` and ``vae.conditional_mean(z, y)`` (M2, Kingma et al. 2014, Fig. 1).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    param = _param(vae)
+    z = torch.randn(1, columns, vae.z_dim, generator=generator, dtype=param.dtype).to(param.device)
+    y = torch.arange(vae.classes, device=param.device)[:, None]  # (classes, 1) against (1, columns, z_dim)
+    means = vae.conditional_mean(z, y)  # (classes, columns, x_dim)
+    images = _images(means.reshape(-1, means.shape[-1]), image_shape)
+    return _image_figure(images, columns, path, "rows: class y; columns: one style z each")
+
+
+@torch.no_grad()
+def style_transfer(vae, x: torch.Tensor, image_shape: Sequence[int] | None, path: str | Path, rows: int = 8) -> Path:
+    """For each of ``rows`` inputs (first column): its style z = E q(z|x, y = argmax q(y|x)), decoded with every y.
+
+    Reads ``vae.style(x) -> (y, z)`` and ``vae.conditional_mean(z, y)`` (Kingma et al. 2014, Fig. 2).
+    """
+    x = x[:rows].to(_param(vae).device)
+    x = x.reshape(x.shape[0], -1)
+    _, z = vae.style(x)
+    y = torch.arange(vae.classes, device=x.device)[:, None]
+    decoded = vae.conditional_mean(z, y).transpose(0, 1)  # (rows, classes, x_dim)
+    images = _images(torch.cat([x[:, None], decoded.to(x.dtype)], 1).reshape(-1, x.shape[1]), image_shape)
+    return _image_figure(images, vae.classes + 1, path, "input, then its style decoded with y = 0, 1, ...")
+
+
+def m2_figures(vae, dataset) -> dict[str, Callable[[Path], Path]]:
+    """The semi-supervised M2's figures of a run on ``dataset`` (``M2.figures``), name -> drawer."""
+    shape = getattr(dataset, "image_shape", None)
+    return {
+        "class_samples.png": lambda p: class_samples(vae, shape, p),
+        "style_transfer.png": lambda p: style_transfer(vae, dataset.test, shape, p),
+    }
 
 
 def write_all_figures(vae, dataset, metrics: Iterable[Mapping[str, Any]], out_dir: str | Path) -> list[Path]:

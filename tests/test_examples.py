@@ -56,6 +56,10 @@ def test_example_runs_in_smoke_mode(script, data_root, tmp_path):
         for structure in ("cvae_baseline", "cvae"):
             assert json.loads((out / "q1" / structure / "evaluation.json").read_text())["test_elbo"] < 0
         assert 'pyro.sample("z"' in stdout and "NN (baseline)" in stdout and "(Pyro  71.8)" in stdout
+    elif script.stem == "m2_semi_supervised":  # its own SVI loop: metrics with accuracies, printed
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [r["epoch"] for r in records] == [1] and 0 <= records[0]["test_accuracy"] <= 1
+        assert "test accuracy" in stdout
     else:
         assert (out / "config.toml").is_file() and (out / "checkpoint.pt").is_file()
     if script.stem == "mnist_dynamic_vae":

@@ -8,6 +8,8 @@ spec               model / guide                                          refere
                    z1 ~ q(z1|x), z2 ~ q(z2|z1)
 ``cvae``           z ~ p(z|x_in), y ~ p(y|z) / z ~ q(z|x_in, y)           Sohn, Lee & Yan 2015
 ``cvae_baseline``  y ~ p(y|x_in) / (no latent)                          Sohn, Lee & Yan 2015
+``m2``             y ~ Cat(1/C), z ~ N(0, I), x ~ p(x|y, z), y observed   Kingma et al. 2014 (M2)
+                   where labelled / y ~ q(y|x) enumerated, z ~ q(z|x, y)
 =================  =====================================================  =====================
 
 A new structure is one class registered here (``@STRUCTURES.register("name")``) plus its tests;
@@ -19,6 +21,7 @@ from __future__ import annotations
 from pyro_vae.registry import Registry
 from pyro_vae.structures.base import Structure
 from pyro_vae.structures.cvae import CVAE, Baseline
+from pyro_vae.structures.m2 import M2
 from pyro_vae.structures.two_layer import TwoLayerVAE
 from pyro_vae.structures.vae import PlainVAE
 
@@ -29,5 +32,6 @@ STRUCTURES.register("vae")(PlainVAE)
 STRUCTURES.register("two_layer")(TwoLayerVAE)
 STRUCTURES.register("cvae")(CVAE)
 STRUCTURES.register("cvae_baseline")(Baseline)
+STRUCTURES.register("m2")(M2)
 
-__all__ = ["CONTEXT", "CVAE", "STRUCTURES", "Baseline", "PlainVAE", "Structure", "TwoLayerVAE"]
+__all__ = ["CONTEXT", "CVAE", "M2", "STRUCTURES", "Baseline", "PlainVAE", "Structure", "TwoLayerVAE"]

@@ -14,7 +14,7 @@ attribute names:
   (``()``; ``("labels",)`` for a semi-supervised model, ``("mask",)`` for missing data). The
   training step and the estimators pass them through untouched;
 - ``check_data(x, name)`` and ``needs_warmup``: what the training loop asks before it starts;
-- ``metrics(x, labels, **data)``: numbers per example beside the bound (M2's accuracy), which the
+- ``metrics(x, true_labels, **data)``: numbers per example beside the bound (M2's accuracy), which the
   training loop reports for the validation and test sets every epoch and ``evaluate`` reports too;
 - ``figures(dataset)``: the figures a run of this structure draws (``pyro_vae.plots``).
 - ``analytic_kl_sites``: the latent sites whose analytic KL may replace log p - log q in the
@@ -95,10 +95,11 @@ class Structure(nn.Module):
         """Why this model needs KL warm-up (the loop warns when ``train.warmup_epochs`` is 0); "" when it does not."""
         return ""
 
-    def metrics(self, x: torch.Tensor, labels: torch.Tensor | None, **data) -> dict[str, torch.Tensor]:
+    def metrics(self, x: torch.Tensor, true_labels: torch.Tensor | None, **data) -> dict[str, torch.Tensor]:
         """Numbers per example beside the bound, name -> tensor of shape ``(batch,)`` (their mean is
-        reported as ``{split}_{name}``); ``labels`` are the true labels of the split (``None`` if it
-        has none) and ``data`` the consumed fields as the bound sees them. None by default."""
+        reported as ``{split}_{name}``); ``true_labels`` are the split's true labels (``None`` if it
+        has none; not the ``labels`` field, which holds only the observed ones) and ``data`` the
+        consumed fields as the bound sees them. None by default."""
         return {}
 
     def observed_dim(self, x: torch.Tensor, **data) -> float:
