@@ -58,6 +58,9 @@ def build(path: str, device: torch.device, data_dir) -> dict:
 
 def time_steps(entry: dict, steps: int) -> float:
     """Seconds per step over ``steps`` full batches (the loss read once at the end)."""
+    # Pyro's param store is global and keyed by module names ("encoder", "decoder") that every
+    # structure uses: each config registers its own tensors afresh, as in a run of its own.
+    pyro.clear_param_store()
     batches = entry["batches"]()
     losses = []
     start = time.perf_counter()
