@@ -462,3 +462,19 @@ def test_the_loop_records_its_loss_unless_told_not_to_and_trains_the_same(tmp_pa
         ckpt.load_checkpoint(tmp_path / "recorded" / "checkpoint.pt"),
         ckpt.load_checkpoint(tmp_path / "eager" / "checkpoint.pt"),
     )
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.structure=two_layer(z2_dim=2, hidden=[4])", "train.estimator=closed_form"], "no closed form"),
+        (["model.structure=m2", "train.estimator=dreg(k=2)"], "needs every latent site reparameterized"),
+    ],
+)
+def test_an_estimator_that_does_not_apply_refuses_before_a_checkpoint_is_written(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        train(tiny(*overrides), tmp_path / "run", device="cpu", progress=False)
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    # Nothing was lost: the same folder takes a run that applies.
+    result = train(tiny(overrides[0]), tmp_path / "run", device="cpu", progress=False)
+    assert result["status"] == "completed"

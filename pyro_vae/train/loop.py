@@ -16,6 +16,7 @@ every rank's RNG state in the checkpoint.
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 import warnings
@@ -30,7 +31,7 @@ from pyro_vae import checkpoint as ckpt
 from pyro_vae import estimators
 from pyro_vae.config import Config, config_to_dict
 from pyro_vae.data import make_generator, resolve_device
-from pyro_vae.fields import check_provided
+from pyro_vae.fields import check_provided, split_fields
 from pyro_vae.optim import Schedule, build_optimizer, build_schedule
 from pyro_vae.runs import build_vae, load_dataset_for
 from pyro_vae.specs import parse_spec
@@ -192,6 +193,7 @@ def _prepare(cfg: Config, folder: RunFolder, context: SingleProcess, options: Ru
     dataset = _dataset(cfg, options, device)
     vae = _build_vae(cfg, dataset, device, warn=context.is_main)
     estimator = estimators.get(tcfg.estimator)
+    check_estimator_applies(estimator, vae, dataset)
     optimizer = build_optimizer(tcfg.optimizer, vae.parameters(), lr=tcfg.lr)
     schedule = build_schedule(tcfg.lr_schedule, epochs=tcfg.epochs)
     epoch = _epoch(cfg, vae, estimator, optimizer, dataset, context, device)
@@ -226,6 +228,22 @@ def _build_vae(cfg: Config, dataset, device: torch.device, warn: bool) -> torch.
     if cfg.train.warmup_epochs == 0 and vae.needs_warmup and warn:
         warnings.warn(f"train.warmup_epochs is 0: {vae.needs_warmup}", UserWarning, stacklevel=4)
     return vae
+
+
+def check_estimator_applies(estimator, vae, dataset) -> None:
+    """Evaluate the estimator's loss once on two training examples, so that an estimator that does not
+    apply to the structure (``closed_form`` on two layers, ``dreg`` on an enumerated site) refuses in
+    one line before a checkpoint is written; nothing of the run changes.
+
+    The loss runs on a copy of the estimator (``tracegraph`` keeps a running baseline) with the random
+    generators forked, so the run draws what it would have drawn without the check.
+    """
+    x = dataset.train[:2]
+    data = {name: value[:2] for name, value in split_fields(dataset, "train", vae.consumes).items()}
+    devices = [x.device] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the training step's first call reports what matters
+        copy.deepcopy(estimator).loss(vae, x, 1.0, **data)
 
 
 def _epoch(cfg: Config, vae, estimator, optimizer, dataset, context: SingleProcess, device) -> Epoch:
