@@ -176,6 +176,30 @@ class Step(Schedule):
         return self.gamma ** (epoch // self.step_size)
 
 
+@SCHEDULES.register("burda")
+class Burda(Schedule):
+    """The IWAE paper's schedule (Burda, Grosse & Salakhutdinov 2015, section 5): stage i = 0, 1, ...
+    lasts ``base``^i epochs at lr * ``decay``^i, i.e. 1 epoch at lr, 3 at lr 10^(-1/7), 9 at
+    lr 10^(-2/7), ... (3280 epochs for the paper's 8 stages, with ``base`` 3 and ``decay`` 10^(-1/7)).
+    """
+
+    def __init__(self, epochs: int, base: int = 3, decay: float = 10 ** (-1 / 7)) -> None:
+        super().__init__(epochs)
+        self.base = integer_arg("base", base, 2)
+        self.decay = number_arg("decay", decay, 0, 1, open_low=True)
+
+    def stage(self, epoch: int) -> int:
+        """The stage of (0-based) ``epoch``: the i with sum_{j<i} base^j <= epoch < sum_{j<=i} base^j."""
+        stage, end = 0, 1
+        while epoch >= end:
+            stage += 1
+            end += self.base**stage
+        return stage
+
+    def factor(self, epoch: int) -> float:
+        return self.decay ** self.stage(epoch)
+
+
 def build_optimizer(spec, params: Params, lr: float) -> torch.optim.Optimizer:
     """An optimizer from a spec such as ``"adam"`` or ``"sgd(momentum=0.9)"``."""
     return OPTIMIZERS.build(spec, params=params, lr=lr)

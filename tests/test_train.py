@@ -378,6 +378,17 @@ def test_optimizer_and_schedule_registries():
         optim.build_schedule("cosin", epochs=3)
 
 
+def test_the_iwae_papers_schedule_runs_stage_i_for_3_to_the_i_epochs_at_10_to_the_minus_i_over_7():
+    burda = optim.build_schedule("burda", epochs=3280)
+    stages = [burda.stage(e) for e in range(3280)]
+    # Stage i covers epochs [sum_{j<i} 3^j, sum_{j<=i} 3^j): 1, 3, 9, ..., 2187 epochs, 3280 in all.
+    assert [stages.count(i) for i in range(8)] == [3**i for i in range(8)] and stages[-1] == 7
+    assert burda.factor(0) == 1.0 and burda.factor(1) == pytest.approx(10 ** (-1 / 7))
+    assert burda.factor(3279) == pytest.approx(10 ** (-1)) and burda.factor(13) == pytest.approx(10 ** (-3 / 7))
+    with pytest.raises(ValueError, match="base must be an integer >= 2"):
+        optim.build_schedule("burda(base=1)", epochs=3)
+
+
 def test_adam_is_fused_where_torch_has_it_and_foreach_on_request():
     params = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(2))]
     default = optim.build_optimizer("adam", params, lr=0.1)
