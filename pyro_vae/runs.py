@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +18,8 @@ from typing import Any
 import torch
 
 from pyro_vae import data
-from pyro_vae.checkpoint import CheckpointError, load_checkpoint
-from pyro_vae.config import Config, ModelConfig, config_from_dict
+from pyro_vae.checkpoint import WEIGHTS_ENTRIES, CheckpointError, load_checkpoint, load_weights
+from pyro_vae.config import Config, ConfigError, ModelConfig, config_from_dict, config_to_dict, load_config
 from pyro_vae.fields import attach_fields
 from pyro_vae.model import VAE
 
@@ -62,12 +63,69 @@ class Run:
     image_shape: tuple[int, ...] | None = None
 
 
-def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """The per-epoch records of ``metrics.jsonl`` (empty when the file does not exist)."""
+class RunFolderError(ValueError):
+    """A run folder's file that cannot be read (a bad line in ``metrics.jsonl``); the message names it."""
+
+
+class RunFolderWarning(UserWarning):
+    """A run folder whose files disagree, where a sound choice can still be made (``config.toml``
+    edited after training: the checkpoint's own config is used)."""
+
+
+def read_metrics(run_dir: str | os.PathLike, torn_tail_ok: bool = False) -> list[dict[str, Any]]:
+    """The per-epoch records of ``metrics.jsonl`` (empty when the file does not exist).
+
+    A line that is not a JSON object with an integer ``epoch`` is a :class:`RunFolderError` naming
+    the file and line. With ``torn_tail_ok`` (resuming), a last line without its newline that does
+    not parse is dropped instead: it is an append that a ``kill -9`` cut short, of an epoch that no
+    checkpoint holds, so the resumed run writes it again.
+    """
     path = Path(run_dir) / METRICS
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text(errors="replace")
+    lines = text.splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        record = _metrics_record(line)
+        if record is None:
+            if torn_tail_ok and number == len(lines) and not text.endswith("\n"):
+                break
+            raise RunFolderError(
+                f"{path} line {number} is not a metrics record (a JSON object with an integer epoch): "
+                f"{line[:60]!r}; delete that line (and any after it) and try again"
+            )
+        records.append(record)
+    return records
+
+
+def _metrics_record(line: str) -> dict[str, Any] | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(record, dict) or type(record.get("epoch")) is not int:
+        return None
+    return record
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any], sections=("model", "data")) -> list[str]:
+    """``section.key: old -> new`` for each key of ``sections`` that differs between two config dicts.
+
+    Where the data files live (``data.data_dir``, ``data.download``) is not which data, so it is not
+    a difference. A config written before a key existed meant that key's default.
+    """
+    where_not_what = {"data_dir", "download"}
+    saved, current = (config_to_dict(config_from_dict(d, source="checkpoint")) for d in (saved, current))
+    diffs = []
+    for section in sections:
+        old, new = saved[section], current[section]
+        for key in sorted(set(old) - where_not_what):
+            if old[key] != new[key]:
+                diffs.append(f"{section}.{key}: {old[key]!r} -> {new[key]!r}")
+    return diffs
 
 
 def load_dataset_for(config: Config, device: torch.device | str = "cpu", data_dir=None, download: bool = False):
@@ -115,12 +173,13 @@ def load_run(
     path = weights_path(run_dir, which)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint in {run_dir} (expected {CHECKPOINT}); has this run trained an epoch?")
-    state = load_checkpoint(path, map_location="cpu")
-    config = config_from_dict(state["config"])
+    state = load_checkpoint(path, map_location="cpu", required=WEIGHTS_ENTRIES)
+    config = config_from_dict(state["config"], source=f"the config in {path}")
+    _warn_if_config_toml_differs(run_dir, state["config"], path)
     device = data.resolve_device(device)
     image_shape = state.get("image_shape")
     vae = build_vae(config.model, x_dim=int(state["x_dim"]), x_shape=image_shape or None)
-    vae.load_state_dict(state["model"])
+    load_weights(vae, state, "model", path)
     vae.to(device).eval()
     dataset = load_dataset_for(config, device=device, data_dir=data_dir) if load_data else None
     return Run(
@@ -134,3 +193,26 @@ def load_run(
         epoch=int(state["epoch"]),
         image_shape=tuple(state["image_shape"]) if state.get("image_shape") else None,
     )
+
+
+def _warn_if_config_toml_differs(run_dir: Path, saved: dict[str, Any], path: Path) -> None:
+    """Say (a :class:`RunFolderWarning`) when ``config.toml`` no longer describes the checkpoint's model or data.
+
+    The checkpoint's own config is used either way: it is the one its tensors were trained with.
+    ``config.toml`` is only a copy for people to read, so an edit of it cannot change what is
+    evaluated; refusing would make the run unusable for no gain, saying nothing would mislead.
+    """
+    toml = run_dir / CONFIG
+    if not toml.is_file():
+        return
+    try:
+        diffs = config_differences(saved, config_to_dict(load_config(toml)))
+    except ConfigError as err:
+        diffs = [f"it cannot be read ({err})"]
+    if diffs:
+        warnings.warn(
+            f"{toml} differs from the config saved in {path} ({'; '.join(diffs)}); "
+            f"using the checkpoint's, which its weights were trained with",
+            RunFolderWarning,
+            stacklevel=3,
+        )
