@@ -56,6 +56,8 @@ ENV_VAR = "PYRO_VAE_DATA"
 EVAL_BINARIZATION_SEED = 1234
 
 DATASETS: Registry[Splits] = Registry("dataset")
+# Variants whose files hold their own validation split: a config's data.val_size does not apply to them.
+FIXED_SPLITS = frozenset({"mnist-static"})
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -93,6 +95,11 @@ def _reading(path: Path) -> Iterator[None]:
 
 # ---------------------------------------------------------------------------------------------
 # Data root
+
+
+def has_fixed_splits(name: Spec) -> bool:
+    """Whether the variant ``name`` brings its own validation set (``data.val_size`` cannot change it)."""
+    return parse_spec(name)[0] in FIXED_SPLITS
 
 
 def resolve_data_root(data_dir: str | os.PathLike | None = None) -> Path:
@@ -482,6 +489,8 @@ class Dataset:
     train_probs: torch.Tensor | None = field(default=None, repr=False)
     # The extra fields a model structure may consume, name -> split -> tensor (pyro_vae.fields).
     fields: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
+    # What a run should tell its user about how its config was applied (train.log), one line each.
+    notes: list[str] = field(default_factory=list, repr=False)
 
     @property
     def x_dim(self) -> int:

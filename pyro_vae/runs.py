@@ -7,7 +7,9 @@ training estimator's validation bound, ``val_bound``), ``evaluation.json``, ``tr
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -22,6 +24,7 @@ from pyro_vae.checkpoint import WEIGHTS_ENTRIES, CheckpointError, load_checkpoin
 from pyro_vae.config import Config, ConfigError, ModelConfig, config_from_dict, config_to_dict, load_config
 from pyro_vae.fields import attach_fields
 from pyro_vae.model import VAE
+from pyro_vae.specs import parse_spec
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
@@ -29,9 +32,49 @@ CONFIG = "config.toml"
 METRICS = "metrics.jsonl"
 
 
+# Past this many parameters a model is refused before anything is allocated: 2**31 float32 weights are
+# 8 GiB, and their gradients and Adam's two moments make that 32 GiB, beyond the machines this runs on.
+MAX_PARAMETERS = 2**31
+
+
+def estimate_parameters(model_cfg: ModelConfig, x_dim: int) -> int:
+    """A lower bound on the parameter count of the VAE a ``[model]`` section describes, from the
+    config alone: the encoder MLP to the guide's mean and scale, the decoder MLP to ``x_dim``, and
+    ``z_dim`` numbers per prior component. Python integers: a width of 1e300 does not overflow.
+
+    Conv and resnet bodies, flows and structure extras are left out: a lower bound never refuses a
+    model that would fit, and what it leaves out is never what makes a model absurdly large.
+    """
+    widths = list(model_cfg.hidden_dims)
+    for spec in (model_cfg.encoder, model_cfg.decoder):
+        hidden = parse_spec(spec)[1].get("hidden") if spec is not None else None
+        if isinstance(hidden, (list, tuple)) and all(isinstance(w, int) for w in hidden):
+            widths = list(hidden)  # an mlp spec names its own widths
+    z = model_cfg.z_dim
+    encoder, decoder = [x_dim, *widths, 2 * z], [z, *reversed(widths), x_dim]
+    layers = sum(a * b + b for chain in (encoder, decoder) for a, b in itertools.pairwise(chain))
+    components = parse_spec(model_cfg.prior)[1].get("components", 0)
+    # a value the prior will refuse (inf, nan, "x") counts as none: the prior's own check names it
+    countable = isinstance(components, (int, float)) and math.isfinite(components) and components > 0
+    return layers + (int(components) * z if countable else 0)
+
+
+def check_size(model_cfg: ModelConfig, x_dim: int) -> None:
+    """Refuse, in one line saying the estimate, a model too large to allocate (:data:`MAX_PARAMETERS`)."""
+    count = estimate_parameters(model_cfg, x_dim)
+    if count > MAX_PARAMETERS:
+        raise ConfigError(
+            f"the model would have at least {count:.3g} parameters ({4 * count / 2**30:.3g} GiB of float32 "
+            f"weights, before gradients and optimizer state), more than the {MAX_PARAMETERS:.3g} this "
+            f"library builds; reduce model.z_dim ({model_cfg.z_dim}), model.hidden_dims or the prior's components"
+        )
+
+
 def build_vae(model_cfg: ModelConfig, x_dim: int, x_shape: Sequence[int] | None = None) -> VAE:
     """The VAE that a ``[model]`` section describes, for data of width ``x_dim`` and event shape
-    ``x_shape`` (a data set's ``image_shape``, ``(C, H, W)``: what the encoder body receives)."""
+    ``x_shape`` (a data set's ``image_shape``, ``(C, H, W)``: what the encoder body receives).
+    A model too large to allocate is refused first (:func:`check_size`)."""
+    check_size(model_cfg, x_dim)
     return VAE(
         x_dim=x_dim,
         x_shape=x_shape,
@@ -130,17 +173,28 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any], sections=
 
 def load_dataset_for(config: Config, device: torch.device | str = "cpu", data_dir=None, download: bool = False):
     """The dataset a config's ``[data]`` section names, on ``device``, with the fields it asks for
-    (``pyro_vae.fields``)."""
+    (``pyro_vae.fields``).
+
+    ``data.val_size`` applies to the variants that hold out a validation set from their training set;
+    one with fixed splits (``mnist-static``) ignores it, with a note in ``dataset.notes``, so that a
+    config written for MNIST swaps to it with one ``--set data.name=...`` (docs/config.md).
+    """
     section = config.data
+    val_size, ignored = section.val_size, data.has_fixed_splits(section.name) and section.val_size is not None
     dataset = data.load_dataset(
         section.name,
         root=data_dir,
         device=device,
         subset=section.subset,
-        val_size=section.val_size,
+        val_size=None if ignored else val_size,
         seed=config.train.seed,
         download=download,
     )
+    if ignored:
+        dataset.notes.append(
+            f"data.val_size={val_size} is ignored: {dataset.name} has fixed splits, "
+            f"its own validation set of {len(dataset.val)} examples"
+        )
     return attach_fields(dataset, labels=section.labels, quadrants=section.quadrants, seed=config.train.seed)
 
 

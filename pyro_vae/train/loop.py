@@ -304,6 +304,8 @@ def checkpoint_state(run: Run, progress: Progress | None = None) -> dict[str, An
 
 def _start(run: Run, resumed: bool) -> None:
     """The first lines of ``train.log`` and, for a new run, the checkpoint of epoch 0."""
+    for note in getattr(run.dataset, "notes", ()):  # how the config was applied to this data set
+        run.reporter.line(note)
     if run.patience and not has_validation(run.dataset):
         run.reporter.line(
             f"train.patience={run.patience} is ignored: {run.dataset.name} has no validation set (data.val_size)"
