@@ -7,6 +7,7 @@ training estimator's validation bound, ``val_bound``), ``evaluation.json``, ``tr
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import json
 import math
@@ -24,6 +25,7 @@ from pyro_vae.checkpoint import WEIGHTS_ENTRIES, CheckpointError, load_checkpoin
 from pyro_vae.config import Config, ConfigError, ModelConfig, config_from_dict, config_to_dict, load_config
 from pyro_vae.fields import attach_fields
 from pyro_vae.model import VAE
+from pyro_vae.networks import MLPBody
 from pyro_vae.specs import parse_spec
 
 CHECKPOINT = "checkpoint.pt"
@@ -42,21 +44,31 @@ def estimate_parameters(model_cfg: ModelConfig, x_dim: int) -> int:
     config alone: the encoder MLP to the guide's mean and scale, the decoder MLP to ``x_dim``, and
     ``z_dim`` numbers per prior component. Python integers: a width of 1e300 does not overflow.
 
-    Conv and resnet bodies, flows and structure extras are left out: a lower bound never refuses a
-    model that would fit, and what it leaves out is never what makes a model absurdly large.
+    Bodies that are not MLPs (conv, resnet), flows and structure extras are left out: a lower bound
+    never refuses a model that would fit, and what it leaves out is never what makes a model absurdly large.
     """
-    widths = list(model_cfg.hidden_dims)
-    for spec in (model_cfg.encoder, model_cfg.decoder):
-        hidden = parse_spec(spec)[1].get("hidden") if spec is not None else None
-        if isinstance(hidden, (list, tuple)) and all(isinstance(w, int) for w in hidden):
-            widths = list(hidden)  # an mlp spec names its own widths
     z = model_cfg.z_dim
-    encoder, decoder = [x_dim, *widths, 2 * z], [z, *reversed(widths), x_dim]
-    layers = sum(a * b + b for chain in (encoder, decoder) for a, b in itertools.pairwise(chain))
+    encoder = _mlp_widths(model_cfg.encoder, model_cfg.hidden_dims)
+    decoder = _mlp_widths(model_cfg.decoder, model_cfg.hidden_dims[::-1])
+    chains = [[x_dim, *encoder, 2 * z]] if encoder is not None else []
+    chains += [[z, *decoder, x_dim]] if decoder is not None else []
+    layers = sum(a * b + b for chain in chains for a, b in itertools.pairwise(chain))
     components = parse_spec(model_cfg.prior)[1].get("components", 0)
     # a value the prior will refuse (inf, nan, "x") counts as none: the prior's own check names it
     countable = isinstance(components, (int, float)) and math.isfinite(components) and components > 0
     return layers + (int(components) * z if countable else 0)
+
+
+def _mlp_widths(spec, shorthand: list[int]) -> list[int] | None:
+    """The hidden widths of an encoder or decoder body: the ``hidden_dims`` shorthand when unset, an
+    ``mlp`` spec's own ``hidden``; None for another kind of body (its size is not a chain of widths)."""
+    if spec is None:
+        return list(shorthand)
+    name, kwargs = parse_spec(spec)
+    hidden = kwargs.get("hidden", inspect.signature(MLPBody).parameters["hidden"].default)
+    if name != "mlp" or not isinstance(hidden, (list, tuple)) or not all(isinstance(w, int) for w in hidden):
+        return None
+    return list(hidden)
 
 
 def check_size(model_cfg: ModelConfig, x_dim: int) -> None:

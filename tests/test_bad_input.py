@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pyro_vae import checks, cli, optim
+from pyro_vae import config as config_module
 from pyro_vae.config import SECTIONS, Config, ConfigError
 from pyro_vae.data import resolve_device
 from pyro_vae.model import VAE
@@ -319,3 +320,24 @@ def test_the_estimate_is_a_lower_bound_exact_for_a_plain_mlp_vae(config):
     assert estimate == actual if cfg.model.structure == "vae" else estimate < actual
     cfg = checks.load_config(None, ["model.prior=mixture(components=10)"])
     assert estimate_parameters(cfg.model, 784) <= sum(p.numel() for p in build_vae(cfg.model, 784).parameters())
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model.encoder=mlp", "model.hidden_dims=[7]"],  # an mlp spec's own default widths, not the shorthand
+        ["model.encoder=mlp(hidden=[30, 20])", "model.decoder=mlp(hidden=[5])"],
+    ],
+)
+def test_the_estimate_stays_below_the_count_of_other_bodies(overrides):
+    cfg = checks.load_config(None, overrides)
+    vae = build_vae(cfg.model, x_dim=784, x_shape=(1, 28, 28))
+    assert estimate_parameters(cfg.model, 784) <= sum(p.numel() for p in vae.parameters())
+
+
+def test_a_body_that_is_not_an_mlp_is_left_out_of_the_estimate():
+    # a conv body's size is not a chain of widths; only the decoder (one linear layer here) is counted
+    cfg = config_module.load_config(
+        None, ["model.encoder=conv", "model.hidden_dims=[4000]", "model.decoder=mlp(hidden=[])"]
+    )
+    assert estimate_parameters(cfg.model, 784) == 50 * 784 + 784
