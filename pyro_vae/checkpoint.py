@@ -24,11 +24,15 @@ arbitrary code when unpickled) is refused with :class:`CheckpointError`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import random
 import re
+import signal
+import threading
 import zipfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -119,7 +123,13 @@ def restore_param_store(params: dict[str, torch.Tensor], names: dict[str, str], 
 
 # -- files -----------------------------------------------------------------------------------------
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Write ``state`` to ``path`` atomically: temp file in the same folder, fsync, rename."""
+    """Write ``state`` to ``path`` atomically: temp file in the same folder, fsync, rename.
+
+    Anything that stops the write (a full disk, a Ctrl-C) removes the temp file and leaves ``path``
+    as it was. A Ctrl-C inside ``torch.save`` surfaces from its zip writer as a ``RuntimeError``
+    (the writer's cleanup fails on the half-written file); it is raised again as the
+    ``KeyboardInterrupt`` it was, so the caller reports an interruption, not a crash.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {"format": FORMAT, "version": VERSION, **state}
@@ -130,11 +140,54 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        if not isinstance(err, KeyboardInterrupt) and _interrupted(err):
+            raise KeyboardInterrupt from None
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def _interrupted(err: BaseException) -> bool:
+    """Whether a ``KeyboardInterrupt`` is among the exceptions ``err`` was raised while handling."""
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt):
+            return True
+        seen.add(id(cause))
+        cause = cause.__context__
+    return False
+
+
+@contextlib.contextmanager
+def deferred_interrupt() -> Iterator[None]:
+    """Let what runs inside finish before a Ctrl-C takes effect; a second Ctrl-C stops it at once.
+
+    A run's epoch is committed by writing its checkpoint files: deferring the first SIGINT until they
+    are written makes an interruption land between two epochs, never inside a save. Only the main
+    thread can handle signals; elsewhere (and under a non-default handler) this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread() or (
+        signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield
+        return
+    pending: list[int] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if pending:  # the second Ctrl-C: the user will not wait for the save
+            raise KeyboardInterrupt
+        pending.append(signum)
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if pending:
+        raise KeyboardInterrupt
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -151,8 +204,25 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint with ``torch.load(weights_only=True)``; refuse anything that is not plain data."""
+# What reading a run's weights needs (runs.load_run), and what resuming it needs besides.
+WEIGHTS_ENTRIES = ("model", "config", "x_dim", "epoch")
+RESUME_ENTRIES = (
+    *WEIGHTS_ENTRIES,
+    *("optimizer", "param_store", "param_constraints", "step", "best_val_elbo", "best_epoch", "bad_epochs"),
+    *("rng", "data_generator"),
+)
+_MISMATCH = ("size mismatch", "Missing key", "Unexpected key")
+_DAMAGED = "the file is damaged or was not written by pyro-vae train"
+
+
+def load_checkpoint(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu", required: Sequence[str] = ()
+) -> dict[str, Any]:
+    """Read a checkpoint with ``torch.load(weights_only=True)``; refuse anything that is not plain data.
+
+    ``required``: entries the caller needs (:data:`WEIGHTS_ENTRIES`, :data:`RESUME_ENTRIES`); a
+    missing one is a :class:`CheckpointError` naming it, not a ``KeyError`` later.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
@@ -161,19 +231,57 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        detail = re.search(r"WeightsUnpickler error: ?\s*(.+)", str(err))
-        detail_text = detail.group(1).strip() if detail else str(err).strip().splitlines()[-1]
-        if "Unsupported global" in detail_text:
-            name = re.search(r"GLOBAL (\S+)", detail_text)
-            raise CheckpointError(
-                f"refusing to load {path}: it contains a pickled object ({name.group(1) if name else detail_text}), "
-                "and unpickling it could run code; a checkpoint holds only tensors and plain values"
-            ) from err
-        raise CheckpointError(f"cannot read checkpoint {path}: {detail_text}") from err
+        raise _unpickling_error(path, err) from None
     except (RuntimeError, EOFError, OSError) as err:
-        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
+        raise CheckpointError(f"cannot read checkpoint {path}: {_first_line(str(err))}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a pyro_vae checkpoint (no format tag {FORMAT!r})")
     if state.get("version") != VERSION:
         raise CheckpointError(f"{path} has checkpoint version {state.get('version')}, this code reads {VERSION}")
+    missing = [entry for entry in required if entry not in state]
+    if missing:
+        names = ", ".join(repr(entry) for entry in missing)
+        raise CheckpointError(
+            f"checkpoint {path} has no {names} entry: {_DAMAGED}; use the run's other checkpoint "
+            f"(best.pt or checkpoint.pt) or train the run again"
+        )
     return state
+
+
+def _unpickling_error(path: Path, err: pickle.UnpicklingError) -> CheckpointError:
+    """torch's refusal of a pickled object said in the project's words (torch's own advice is to
+    turn the safety off, which is exactly what must not be done with a file of unknown origin)."""
+    text = str(err)
+    name = re.search(r"GLOBAL (\S+)", text)
+    if name or "Weights only load failed" in text:
+        what = name.group(1) if name else "something other than tensors and plain values"
+        return CheckpointError(
+            f"refusing to load {path}: it contains a pickled object ({what}), and unpickling it could run "
+            "code; a pyro_vae checkpoint holds only tensors and plain values, so this file is not one"
+        )
+    return CheckpointError(f"cannot read checkpoint {path}: {_first_line(text)}")
+
+
+def _first_line(text: str, limit: int = 200) -> str:
+    """The first non-empty line of an error message, shortened: torch's run to paragraphs."""
+    line = next((part.strip() for part in text.splitlines() if part.strip()), text.strip())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def load_weights(module: torch.nn.Module | torch.optim.Optimizer, state: dict[str, Any], entry: str, path) -> None:
+    """``module.load_state_dict(state[entry])``, a mismatch said as one line naming the file and entry.
+
+    A mismatch means the checkpoint's tensors do not fit the model its own config describes (or the
+    optimizer the run's config builds): the file was edited, damaged, or pieced together from two runs.
+    """
+    try:
+        module.load_state_dict(state[entry])
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as err:
+        # torch lists every mismatch on its own line after a heading; the first one says enough
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+        detail = next((line for line in lines if line.startswith(_MISMATCH)), lines[0])
+        raise CheckpointError(
+            f"the {entry!r} entry of {path} does not fit the {type(module).__name__} its config describes "
+            f"({_first_line(detail)}): the file's tensors and config disagree; use the run's other "
+            f"checkpoint (best.pt or checkpoint.pt) or train the run again"
+        ) from None

@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -334,23 +335,32 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, TrainingError)
 
 
+def _one_line(text: str) -> str:
+    """One line whatever the input: a --set value or a path may itself hold a newline."""
+    return " ".join(text.splitlines())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``pyro-vae`` and ``python -m pyro_vae``; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     command = SUBCOMMANDS[args.command]
-    try:
-        return command.run(args)
-    except _user_errors() as err:
-        if os.environ.get("PYRO_VAE_DEBUG"):
-            raise
-        # One line whatever the input: a --set value or a path may itself hold a newline.
-        message = " ".join((str(err) or type(err).__name__).splitlines())
-        print(f"pyro-vae {args.command}: error: {message}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print(f"pyro-vae {args.command}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    with warnings.catch_warnings():  # restores Python's own warning printer when the command returns
+
+        def show(message, category, filename, lineno, file=None, line=None) -> None:
+            print(f"pyro-vae {args.command}: warning: {_one_line(str(message))}", file=sys.stderr)
+
+        warnings.showwarning = show  # a warning is a line for the user, not a source location
+        try:
+            return command.run(args)
+        except _user_errors() as err:
+            if os.environ.get("PYRO_VAE_DEBUG"):
+                raise
+            print(f"pyro-vae {args.command}: error: {_one_line(str(err) or type(err).__name__)}", file=sys.stderr)
+            return EXIT_USAGE
+        except KeyboardInterrupt:
+            print(f"pyro-vae {args.command}: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -30,21 +30,24 @@ root. Without it, a missing dataset raises :class:`DatasetNotFoundError` naming 
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import os
 import pickle
+import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from pyro_vae.config import device_problem
 from pyro_vae.registry import Registry
-from pyro_vae.specs import Spec, format_spec, parse_spec
+from pyro_vae.specs import Spec, SpecError, format_spec, parse_spec
 
 DEFAULT_DATA_ROOT = Path("~/.cache/pyro_vae/data")
 ENV_VAR = "PYRO_VAE_DATA"
@@ -53,14 +56,50 @@ ENV_VAR = "PYRO_VAE_DATA"
 EVAL_BINARIZATION_SEED = 1234
 
 DATASETS: Registry[Splits] = Registry("dataset")
+# Variants whose files hold their own validation split: a config's data.val_size does not apply to them.
+FIXED_SPLITS = frozenset({"mnist-static"})
 
 
 class DatasetNotFoundError(FileNotFoundError):
     """A dataset's files are not under the data root; the message says where it looked and how to fix it."""
 
 
+class DataFileError(ValueError):
+    """A data file that is there but cannot be used: corrupt, truncated, inconsistent, not finite.
+
+    The message is one line naming the file; the command line prints it and exits with status 2.
+    """
+
+
+_REPLACE = "replace it with a good copy (or delete it and run with --download)"
+
+
+def _bad_file(path: Path, problem: str) -> DataFileError:
+    return DataFileError(f"{path}: {problem}; {_REPLACE}")
+
+
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Whatever a reader of ``path`` raises on a damaged file (zlib, zipfile, pickle, numpy errors,
+    each with its own type and wording) becomes one :class:`DataFileError` naming the file."""
+    try:
+        yield
+    except (DataFileError, DatasetNotFoundError):
+        raise
+    except (OSError, EOFError, ValueError, KeyError, IndexError, TypeError, zipfile.BadZipFile, zlib.error) as err:
+        detail = " ".join(str(err).split()) or type(err).__name__
+        raise _bad_file(path, f"cannot be read ({detail[:200]})") from None
+    except pickle.UnpicklingError as err:
+        raise _bad_file(path, f"cannot be read ({err})") from None
+
+
 # ---------------------------------------------------------------------------------------------
 # Data root
+
+
+def has_fixed_splits(name: Spec) -> bool:
+    """Whether the variant ``name`` brings its own validation set (``data.val_size`` cannot change it)."""
+    return parse_spec(name)[0] in FIXED_SPLITS
 
 
 def resolve_data_root(data_dir: str | os.PathLike | None = None) -> Path:
@@ -129,7 +168,7 @@ class Splits:
 def _read_bytes(path: Path) -> bytearray:
     # A bytearray, not bytes: numpy views of it are writable, so torch.from_numpy does not warn.
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
+    with _reading(path), opener(path, "rb") as f:  # a corrupt, truncated or non-gzip .gz: one line
         return bytearray(f.read())
 
 
@@ -137,24 +176,29 @@ def read_idx(path: Path) -> np.ndarray:
     """An IDX file (LeCun's MNIST format, optionally gzipped) as a uint8 array of its shape.
 
     Header: two zero bytes, a type code (0x08 = unsigned byte), the number of dimensions, then
-    each dimension as a big-endian int32.
+    each dimension as a big-endian int32. A file that does not fit its header is a :class:`DataFileError`.
     """
     raw = _read_bytes(path)
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
-        raise ValueError(f"{path} is not an IDX file (bad magic number)")
+        raise _bad_file(path, "not an IDX file (bad magic number)")
     if raw[2] != 0x08:
-        raise ValueError(f"{path}: IDX type code {raw[2]:#x} is not unsigned byte (0x08)")
+        raise _bad_file(path, f"IDX type code {raw[2]:#x} is not unsigned byte (0x08)")
     ndim = raw[3]
-    shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">i4", count=ndim, offset=4))
     offset = 4 + 4 * ndim
+    if len(raw) < offset:
+        raise _bad_file(path, f"its header is cut short ({len(raw)} bytes, {ndim} dimensions need {offset})")
+    shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">i4", count=ndim, offset=4))
     expected = int(np.prod(shape))
     if len(raw) - offset != expected:
-        raise ValueError(f"{path}: header says {shape} ({expected} bytes) but the file holds {len(raw) - offset}")
+        raise _bad_file(path, f"header says {shape} ({expected} bytes) but the file holds {len(raw) - offset}")
     return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(shape)
 
 
 def _idx_pair(root: Path, folder: str, prefix: str) -> tuple[np.ndarray, np.ndarray] | list[Path]:
-    """Images and labels ``{prefix}-images-idx3-ubyte`` (or ``.gz``); the paths tried when missing."""
+    """Images and labels ``{prefix}-images-idx3-ubyte`` (or ``.gz``); the paths tried when missing.
+
+    The two files must agree: 28x28 images, one label in 0..9 per image.
+    """
     raw = root / folder / "raw"
     tried: list[Path] = []
     found = []
@@ -164,7 +208,39 @@ def _idx_pair(root: Path, folder: str, prefix: str) -> tuple[np.ndarray, np.ndar
         found.append(_first_existing(candidates))
     if None in found:
         return tried
-    return read_idx(found[0]), read_idx(found[1])
+    images, labels = read_idx(found[0]), read_idx(found[1])
+    if images.ndim != 3 or images.shape[1:] != (28, 28):
+        raise _bad_file(found[0], f"holds an array of shape {images.shape}, not 28x28 images")
+    _check_labels(labels, len(images), found[1], found[0])
+    return images, labels
+
+
+def _check_labels(labels: np.ndarray, count: int, path: Path, images: Path | None = None, classes: int = 10) -> None:
+    """Labels must be one per image (``count``, the number in ``images``), integers in ``[0, classes)``."""
+    if labels.ndim != 1 or len(labels) != count:
+        where = f"{images} holds {count}" if images is not None else f"it holds {count}"
+        raise _bad_file(path, f"holds {labels.size} labels of shape {labels.shape} but {where} images")
+    if labels.dtype.kind not in "iu":
+        raise _bad_file(path, f"labels are {labels.dtype}, not integers")
+    if count and not (labels.min() >= 0 and labels.max() < classes):
+        raise _bad_file(path, f"labels must be in 0..{classes - 1}, found {labels.min()}..{labels.max()}")
+
+
+def _pixels(array: Any, path: Path, what: str, max_value: int) -> np.ndarray:
+    """``array`` as uint8 after checking it holds integers in ``[0, max_value]``: a NaN or a 0.5 is
+    refused rather than cast (a cast would turn NaN into 0 and 0.5 into 0 without a word)."""
+    a = np.asarray(array)
+    if a.dtype.kind not in "biuf":
+        raise _bad_file(path, f"{what} is not numeric (dtype {a.dtype})")
+    if a.dtype.kind == "f":
+        bad = int(np.count_nonzero(~np.isfinite(a)))
+        if bad:
+            raise _bad_file(path, f"{what} holds {bad} non-finite values (NaN or inf)")
+        if a.size and not np.array_equal(a, np.round(a)):
+            raise _bad_file(path, f"{what} holds fractional values; expected integers in [0, {max_value}]")
+    if a.size and (a.min() < 0 or a.max() > max_value):
+        raise _bad_file(path, f"{what} values must be in [0, {max_value}], found {a.min()}..{a.max()}")
+    return a.astype(np.uint8)
 
 
 def _load_idx_dataset(root: Path, download: bool, folder: str, name: str, tv_class: str) -> Splits:
@@ -197,7 +273,22 @@ def _torchvision_download(class_name: str, root: Path) -> None:
 
 def _read_amat(path: Path) -> np.ndarray:
     """Larochelle's text format: one example per line, 784 values '0'/'1' separated by spaces."""
-    return np.loadtxt(io.BytesIO(_read_bytes(path)), dtype=np.uint8)
+    text = _read_bytes(path)
+    with _reading(path):  # ragged rows or words that are not numbers
+        values = np.loadtxt(io.BytesIO(text), dtype=np.float32, ndmin=2)
+    return _pixels(values, path, "its values", max_value=1)
+
+
+def _read_npz(path: Path, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The arrays ``names`` of an ``.npz`` as binary uint8 pixels; a truncated file, a missing
+    array or values other than 0 and 1 are a :class:`DataFileError` naming the file."""
+    with _reading(path), np.load(path) as f:  # allow_pickle=False: an object array is refused
+        missing = [s for s in names if s not in f.files]
+        if missing:
+            raise _bad_file(
+                path, f"has no {', '.join(map(repr, missing))} array (it has {', '.join(f.files) or 'none'})"
+            )
+        return {s: _pixels(f[s], path, f"the {s!r} array", max_value=1) for s in names}
 
 
 # Larochelle & Murray's original files; used only when download=True.
@@ -226,15 +317,26 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 
 def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """One CIFAR-10 python batch: ``(data uint8 (N, 3072) channel-first, labels int64 (N,))``."""
-    with open(path, "rb") as f:
+    """One CIFAR-10 python batch: ``(data uint8 (N, 3072) channel-first, labels int64 (N,))``.
+
+    A refused pickle (anything but arrays), a truncated file, or one that is not a dict with
+    ``data`` and ``labels`` of one length is a :class:`DataFileError` naming the file.
+    """
+    with _reading(path), open(path, "rb") as f:
         batch = _RestrictedUnpickler(f, encoding="bytes").load()
-    batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
-    data = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3 * 32 * 32)
-    labels = np.asarray(batch["labels"], dtype=np.int64)
-    if len(labels) != len(data):
-        raise ValueError(f"{path}: {len(data)} images but {len(labels)} labels")
-    return data, labels
+    if not isinstance(batch, dict):
+        raise _bad_file(path, f"holds a {type(batch).__name__}, not a CIFAR-10 batch (a dict)")
+    batch = {k.decode(errors="replace") if isinstance(k, bytes) else k: v for k, v in batch.items()}
+    missing = [key for key in ("data", "labels") if key not in batch]
+    if missing:
+        raise _bad_file(path, f"has no {' or '.join(map(repr, missing))} entry (a CIFAR-10 batch has data and labels)")
+    with _reading(path):  # ragged lists, strings where numbers belong
+        data, labels = np.asarray(batch["data"]), np.asarray(batch["labels"])
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise _bad_file(path, f"data has shape {data.shape}, not (N, 3072)")
+    data = _pixels(data, path, "data", max_value=255)
+    _check_labels(labels, len(data), path)
+    return data, labels.astype(np.int64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,16 +376,16 @@ def load_mnist_static(root: Path, download: bool = False) -> Splits:
         for s in names:
             download_url(_BINARIZED_MNIST_URL.format(s), str(folder))
     if npz.is_file():
-        with np.load(npz) as f:
-            arrays = {s: f[s] for s in names}
+        arrays = _read_npz(npz, names)
     else:
         found = {s: _first_existing(amat[s]) for s in names}
         if None in found.values():
             raise _not_found("mnist-static", root, [npz] + [p for s in names for p in amat[s]])
         arrays = {s: _read_amat(found[s]) for s in names}  # type: ignore[arg-type]
-    tensors = {
-        s: torch.from_numpy(np.ascontiguousarray(a, dtype=np.uint8).reshape(len(a), -1)) for s, a in arrays.items()
-    }
+    for s, a in arrays.items():
+        if a.ndim < 2 or int(np.prod(a.shape[1:])) != 784:
+            raise _bad_file(npz if npz.is_file() else found[s], f"the {s!r} split has shape {a.shape}, not 784 pixels")
+    tensors = {s: torch.from_numpy(np.ascontiguousarray(a).reshape(len(a), -1)) for s, a in arrays.items()}
     return Splits(
         train=tensors["train"],
         val=tensors["valid"],
@@ -387,6 +489,8 @@ class Dataset:
     train_probs: torch.Tensor | None = field(default=None, repr=False)
     # The extra fields a model structure may consume, name -> split -> tensor (pyro_vae.fields).
     fields: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
+    # What a run should tell its user about how its config was applied (train.log), one line each.
+    notes: list[str] = field(default_factory=list, repr=False)
 
     @property
     def x_dim(self) -> int:
@@ -492,6 +596,10 @@ def load_dataset(
     except DatasetNotFoundError as err:
         if root is None or str(root) == "":
             raise DatasetNotFoundError(f"{err}\nThe data root is {_root_origin(root)}.") from None
+        raise
+    except SpecError as err:  # the registry says "bad dataset" for any ValueError; a bad file is not a bad spec
+        if isinstance(err.__cause__, DataFileError):
+            raise err.__cause__ from None
         raise
     train, train_labels, val, val_labels = _hold_out(splits, val_size, format_spec(spec_name, kwargs))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,11 +13,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pyro_vae import checks, cli, optim
+from pyro_vae import config as config_module
 from pyro_vae.config import SECTIONS, Config, ConfigError
 from pyro_vae.data import resolve_device
 from pyro_vae.model import VAE
+from pyro_vae.runs import build_vae, estimate_parameters
 from pyro_vae.specs import SpecError
 
+REPO = Path(__file__).resolve().parents[1]
 DEEP_TABLE = "{a=" * 1000 + "1" + "}" * 1000
 
 # (override, phrase of the one-line ConfigError)
@@ -282,3 +286,58 @@ def test_fuzzed_overrides_give_a_config_or_a_config_error(item):
     else:
         OUTCOMES["accepted"] += 1
         assert isinstance(cfg, Config)
+
+
+# -- sizes that cannot be allocated: refused from the config, before anything is built ----------------
+@pytest.mark.parametrize(
+    "override",
+    [
+        "model.z_dim=1000000000",
+        "model.hidden_dims=[100000000]",
+        "model.prior=mixture(components=1e300)",
+        "model.prior=vamp(components=100000000000)",
+        "model.encoder=mlp(hidden=[3000000000])",
+    ],
+)
+def test_a_model_too_large_to_allocate_is_one_line_saying_the_estimate(tmp_path, capsys, override):
+    config = tmp_path / "c.toml"
+    config.write_text('[data]\nname = "synthetic"\n[train]\ndevice = "cpu"\n')
+    argv = ["train", "--config", str(config), "--out", str(tmp_path / "out"), "--set", override, "--no-progress"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    estimate = estimate_parameters(checks.load_config(config, [override]).model, x_dim=64)  # synthetic: 8x8
+    assert estimate > 2**31
+    assert err.startswith(f"pyro-vae train: error: the model would have at least {estimate:.3g} parameters ("), err
+    assert err.count("\n") == 1 and "more than the 2.15e+09 this library builds" in err
+    assert not (tmp_path / "out" / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("config", ["mnist", "mnist_static", "fashion_mnist", "mnist_dynamic_2layer"])
+def test_the_estimate_is_a_lower_bound_exact_for_a_plain_mlp_vae(config):
+    cfg = checks.load_config(REPO / "configs" / f"{config}.toml")
+    actual = sum(p.numel() for p in build_vae(cfg.model, x_dim=784, x_shape=(1, 28, 28)).parameters())
+    estimate = estimate_parameters(cfg.model, 784)
+    assert estimate == actual if cfg.model.structure == "vae" else estimate < actual
+    cfg = checks.load_config(None, ["model.prior=mixture(components=10)"])
+    assert estimate_parameters(cfg.model, 784) <= sum(p.numel() for p in build_vae(cfg.model, 784).parameters())
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model.encoder=mlp", "model.hidden_dims=[7]"],  # an mlp spec's own default widths, not the shorthand
+        ["model.encoder=mlp(hidden=[30, 20])", "model.decoder=mlp(hidden=[5])"],
+    ],
+)
+def test_the_estimate_stays_below_the_count_of_other_bodies(overrides):
+    cfg = checks.load_config(None, overrides)
+    vae = build_vae(cfg.model, x_dim=784, x_shape=(1, 28, 28))
+    assert estimate_parameters(cfg.model, 784) <= sum(p.numel() for p in vae.parameters())
+
+
+def test_a_body_that_is_not_an_mlp_is_left_out_of_the_estimate():
+    # a conv body's size is not a chain of widths; only the decoder (one linear layer here) is counted
+    cfg = config_module.load_config(
+        None, ["model.encoder=conv", "model.hidden_dims=[4000]", "model.decoder=mlp(hidden=[])"]
+    )
+    assert estimate_parameters(cfg.model, 784) == 50 * 784 + 784

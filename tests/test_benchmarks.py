@@ -95,3 +95,13 @@ def test_behaviour_check_compares_every_number_within_the_tolerance(bench, capsy
     missing = json.loads(json.dumps(before))
     missing["run"]["evaluation"]["test_nll"] = 188.0  # a number that appears where there was none
     assert not check.compare(before, missing, tolerance=1e-4)
+
+
+def test_reliability_counts_the_in_process_cases(bench, tmp_path):
+    reliability = bench("reliability")
+    files = reliability.data_files(tmp_path)
+    assert (
+        files["tried"] == files["library: one line naming the file"] == files["cli: exit 2, one line naming the file"]
+    )
+    assert reliability.classify("train.epochs=3") == ("accepted", "")
+    assert reliability.classify("model.z_dim=1000000000")[0] == "clean error"

@@ -20,7 +20,7 @@ import copy
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -199,7 +199,7 @@ def _prepare(cfg: Config, folder: RunFolder, context: SingleProcess, options: Ru
     epoch = _epoch(cfg, vae, estimator, optimizer, dataset, context, device)
     run_progress = Progress()
     if state is not None:
-        run_progress = restore(state, vae, optimizer, epoch.generator, context, tcfg.seed)
+        run_progress = restore(state, vae, optimizer, epoch.generator, context, tcfg.seed, folder.checkpoint)
         folder.truncate_metrics(run_progress.epoch)
         folder.write_config(cfg)  # only now: the checkpoint fits this config
     reporter = folder.reporter(options.progress, tcfg.epochs)
@@ -270,10 +270,15 @@ def _epoch(cfg: Config, vae, estimator, optimizer, dataset, context: SingleProce
     )
 
 
-def restore(state: dict[str, Any], vae, optimizer, generator: torch.Generator, context, seed: int) -> Progress:
-    """Load a checkpoint's weights, optimizer, param store and RNG states; return its counters."""
-    vae.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+def restore(
+    state: dict[str, Any], vae, optimizer, generator: torch.Generator, context, seed: int, path: Path | str = ""
+) -> Progress:
+    """Load a checkpoint's weights, optimizer, param store and RNG states; return its counters.
+
+    ``path`` names the checkpoint in the one-line error when its tensors do not fit the model.
+    """
+    ckpt.load_weights(vae, state, "model", path)
+    ckpt.load_weights(optimizer, state, "optimizer", path)
     release_capturable(optimizer)  # a CUDA-graph run saved capturable=True, which a CPU optimizer refuses
     ckpt.restore_param_store(state["param_store"], state["param_constraints"])
     generator.set_state(state["data_generator"].cpu())
@@ -292,12 +297,14 @@ def restore(state: dict[str, Any], vae, optimizer, generator: torch.Generator, c
     return progress
 
 
-def checkpoint_state(run: Run) -> dict[str, Any]:
+def checkpoint_state(run: Run, progress: Progress | None = None) -> dict[str, Any]:
     """What ``checkpoint.pt`` and ``best.pt`` hold: everything :func:`restore` needs to continue exactly.
 
+    ``progress``: the counters to save, when they are not yet the run's (an epoch being committed).
     The keys are those of every checkpoint written so far (``runs.load_run`` reads them too). Every
     rank calls it: under a process group it gathers all ranks' RNG states, a collective.
     """
+    progress = run.progress if progress is None else progress
     params, names = ckpt.param_store_state()
     return {
         "model": run.vae.state_dict(),
@@ -307,7 +314,7 @@ def checkpoint_state(run: Run) -> dict[str, Any]:
         "config": config_to_dict(run.cfg),
         "x_dim": run.dataset.x_dim,
         "image_shape": list(run.dataset.image_shape),
-        **asdict(run.progress),  # epoch, step, best_val_bound, best_val_elbo, best_epoch, bad_epochs
+        **asdict(progress),  # epoch, step, best_val_bound, best_val_elbo, best_epoch, bad_epochs
         **run.context.rng_state(),  # rng; and rank_rng, every rank's, under a process group
         "data_generator": run.epoch.generator.get_state(),
     }
@@ -315,6 +322,8 @@ def checkpoint_state(run: Run) -> dict[str, Any]:
 
 def _start(run: Run, resumed: bool) -> None:
     """The first lines of ``train.log`` and, for a new run, the checkpoint of epoch 0."""
+    for note in getattr(run.dataset, "notes", ()):  # how the config was applied to this data set
+        run.reporter.line(note)
     if run.patience and not has_validation(run.dataset):
         run.reporter.line(
             f"train.patience={run.patience} is ignored: {run.dataset.name} has no validation set (data.val_size)"
@@ -339,9 +348,13 @@ def train_epoch(run: Run, epoch: int) -> dict[str, Any]:
     check_finite(sums, epoch, progress, run.folder.checkpoint)
     record = epoch_record(epoch, sums, beta=beta, lr=lr, seconds=time.perf_counter() - start, steps=step)
     check_diverged(run, epoch, step, sums, record)
-    progress.epoch, progress.step = epoch, step
-    improved = progress.observe(record)
-    run.folder.write_epoch(record, checkpoint_state(run), improved)
+    # The run's counters become the epoch's only once checkpoint.pt holds it: an interruption during
+    # the write then reports the epoch the file really holds. A first Ctrl-C waits for the write.
+    committed = replace(progress, epoch=epoch, step=step)
+    improved = committed.observe(record)
+    with ckpt.deferred_interrupt():
+        run.folder.write_epoch(record, checkpoint_state(run, committed), improved)
+        run.progress = committed
     run.reporter.epoch_line(record)
     return record
 

@@ -29,7 +29,8 @@ from typing import Any
 from pyro_vae import checkpoint as ckpt
 from pyro_vae.config import Config, config_from_dict, config_to_dict, save_config
 from pyro_vae.evaluate import evaluate
-from pyro_vae.runs import BEST, CHECKPOINT, CONFIG, METRICS, read_metrics
+from pyro_vae.runs import BEST, CHECKPOINT, CONFIG, METRICS, config_differences, read_metrics
+from pyro_vae.specs import format_spec, parse_spec
 from pyro_vae.train.errors import TrainingError
 
 try:
@@ -166,7 +167,8 @@ class RunFolder:
         """
         state = None
         if resume:
-            state = ckpt.load_checkpoint(self.checkpoint)  # a clear error when there is nothing to resume
+            # a clear error when there is nothing to resume, or a checkpoint that lacks what resuming reads
+            state = ckpt.load_checkpoint(self.checkpoint, required=ckpt.RESUME_ENTRIES)
             check_same_model(state["config"], config_to_dict(cfg), self.checkpoint)
         elif self.checkpoint.exists():
             raise TrainingError(
@@ -191,10 +193,10 @@ class RunFolder:
         path = self.path / METRICS
         if not self.active or not path.is_file():
             return
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
-        kept = [line for line in lines if json.loads(line)["epoch"] <= epoch]
-        if len(kept) != len(lines):
-            path.write_text("".join(line + "\n" for line in kept))
+        records = read_metrics(self.path, torn_tail_ok=True)  # a bad line: one error naming the file and line
+        kept = [record for record in records if record["epoch"] <= epoch]
+        if len(kept) != len(records) or not path.read_text().endswith("\n"):
+            path.write_text("".join(json.dumps(record) + "\n" for record in kept))
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
         if self.active:
@@ -220,7 +222,7 @@ class RunFolder:
             return None
         best = self.path / BEST
         if best.is_file():
-            vae.load_state_dict(ckpt.load_checkpoint(best)["model"])
+            ckpt.load_weights(vae, ckpt.load_checkpoint(best, required=("model",)), "model", best)
         vae.eval()
         evaluation = self._evaluate(vae, dataset, cfg.train.nll_samples, best, reporter)
         if cfg.train.plots:
@@ -262,13 +264,19 @@ def _summary(evaluation: dict[str, Any], nll_samples: int) -> str:
 
 
 def check_same_model(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
-    """Resuming may change training settings, never the model or the data."""
-    where_not_what = {"data_dir", "download"}  # where the files are, not which data
-    # A config saved before a key existed meant that key's default (model.structure = "vae", ...).
-    saved = config_to_dict(config_from_dict(saved, source=str(path)))
+    """Resuming may change training settings, never the model, the data or the optimizer.
+
+    The optimizer is the checkpoint's because its state is: Adam's moments do not load into SGD,
+    and torch would put the saved hyperparameters (``eps``, ``betas``) back over new ones silently.
+    """
     for section in ("model", "data"):
-        old, new = saved.get(section, {}), current.get(section, {})
-        changed = sorted(k for k in (set(old) | set(new)) - where_not_what if old.get(k) != new.get(k))
-        if changed:
-            diffs = ", ".join(f"{section}.{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
-            raise TrainingError(f"cannot resume {path} with a different {section}: {diffs}")
+        diffs = config_differences(saved, current, sections=(section,))
+        if diffs:
+            raise TrainingError(f"cannot resume {path} with a different {section}: {', '.join(diffs)}")
+    old, new = (config_from_dict(d, source=str(path)).train.optimizer for d in (saved, current))
+    if parse_spec(old) != parse_spec(new):
+        raise TrainingError(
+            f"cannot resume {path} with train.optimizer={format_spec(*parse_spec(new))}: its checkpoint holds "
+            f"the state of {format_spec(*parse_spec(old))}, which a resumed run must keep; drop that --set "
+            "(train.lr can change), or start a new run with --out elsewhere"
+        )
