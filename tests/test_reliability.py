@@ -242,3 +242,14 @@ def test_a_failed_resume_leaves_config_toml_byte_identical_and_the_folder_unlock
         train(tiny("train.epochs=2", "model.z_dim=3"), run_dir, resume=True, progress=False)
     assert (run_dir / "config.toml").read_bytes() == config and _bytes(run_dir) == before
     assert train(tiny("train.epochs=2"), run_dir, resume=True, progress=False)["epoch"] == 2
+
+
+def test_kill_9_at_a_random_moment_then_resume_gives_the_uninterrupted_run(tmp_path):
+    """SIGKILL at random moments of a tiny run's training (checkpoint writes included), then
+    ``--resume``: the final checkpoint (weights, Adam moments, RNG states) and the metrics equal an
+    uninterrupted run's (``benchmarks/reliability.py`` measures it over many kills)."""
+    import importlib
+
+    reliability = importlib.import_module("benchmarks.reliability")
+    outcome = reliability.kills(3, tmp_path, seed=1)
+    assert outcome["tried"] >= 1 and outcome.get("not exact", 0) == 0, outcome
