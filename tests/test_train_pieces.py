@@ -68,6 +68,8 @@ def test_epoch_record_has_the_metrics_keys_in_order():
     assert (record["train_elbo"], record["val_elbo"], record["test_elbo"]) == (5.0, None, -3.0)
     line = format_record(record, epochs=3)
     assert line.startswith("epoch   2/3  train 5.00  test -3.00  beta 0.500  lr 0.01") and "val" not in line
+    record["test_accuracy"] = 0.875  # a structure's own number is shown after the bounds
+    assert "test -3.00  test accuracy 0.875  beta 0.500" in format_record(record, epochs=3)
 
 
 def test_progress_keeps_the_best_bound_and_counts_evaluated_epochs_without_progress():

@@ -96,12 +96,19 @@ class Reporter:
             self.logger.removeHandler(handler)
 
 
+# The numbers every epoch record has (pyro_vae.train.epoch.EpochSums.means); others are a structure's.
+STANDARD_KEYS = ("train_elbo", "val_elbo", "val_bound", "test_elbo")
+
+
 def format_record(record: dict[str, Any], epochs: int) -> str:
     parts = [f"epoch {record['epoch']:>3}/{epochs}", f"train {record['train_elbo']:.2f}"]
     named = {"val": record["val_elbo"], "val bound": record["val_bound"], "test": record["test_elbo"]}
     if record["val_bound"] == record["val_elbo"]:  # an ELBO estimator: the bound is the ELBO
         del named["val bound"]
     parts += [f"{name} {value:.2f}" for name, value in named.items() if value is not None]
+    # A structure's own numbers (M2's val_accuracy, test_accuracy), after the bounds.
+    own = [key for key in record if key.startswith(("val_", "test_")) and key not in STANDARD_KEYS]
+    parts += [f"{key.replace('_', ' ')} {record[key]:.4g}" for key in own if record[key] is not None]
     if record["beta"] < 1:
         parts.append(f"beta {record['beta']:.3f}")
     parts += [f"lr {record['lr']:.3g}", f"{record['seconds']:.1f}s"]
