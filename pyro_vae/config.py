@@ -106,6 +106,8 @@ class DataConfig:
     # Training labels a semi-supervised model observes (balanced over classes, fixed by train.seed);
     # None: every one (pyro_vae.fields)
     labels: int | None = field(default=None, metadata={"min": 0})
+    # Times each training row with an observed label appears per epoch (pyro_vae.fields.repeat_labelled)
+    labelled_repeats: int = field(default=1, metadata={"min": 1})
     # Quadrants of each image a conditional model is given as input (1, 2 or 3; pyro_vae.fields); None: none
     quadrants: int | None = field(default=None, metadata={"min": 1, "max": 3})
 

@@ -207,7 +207,13 @@ def load_dataset_for(config: Config, device: torch.device | str = "cpu", data_di
             f"data.val_size={val_size} is ignored: {dataset.name} has fixed splits, "
             f"its own validation set of {len(dataset.val)} examples"
         )
-    return attach_fields(dataset, labels=section.labels, quadrants=section.quadrants, seed=config.train.seed)
+    return attach_fields(
+        dataset,
+        labels=section.labels,
+        quadrants=section.quadrants,
+        seed=config.train.seed,
+        labelled_repeats=section.labelled_repeats,
+    )
 
 
 def weights_path(run_dir: str | os.PathLike, which: str = "best") -> Path:

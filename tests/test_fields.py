@@ -86,3 +86,22 @@ def test_evaluation_chunks_cut_the_fields_row_for_row():
     parts = list(chunks(x, data, 3))
     assert [len(xb) for xb, _ in parts] == [3, 3, 1]
     assert all(torch.equal(db["labels"], xb.squeeze(-1).long() * 2) for xb, db in parts)
+
+
+def test_labelled_rows_repeat_with_their_fields_and_the_rest_stay_once():
+    plain = attach_fields(load_dataset("synthetic"), labels=20, quadrants=1, seed=0)
+    dataset = attach_fields(load_dataset("synthetic"), labels=20, quadrants=1, seed=0, labelled_repeats=4)
+    n = len(plain.train)
+    assert len(dataset.train) == n + 3 * 20 and len(dataset.fields["input_mask"]["train"]) == len(dataset.train)
+    observed = dataset.fields["labels"]["train"]
+    assert int((observed != HIDDEN).sum()) == 4 * 20
+    assert torch.equal(dataset.train[:n], plain.train) and torch.equal(observed[:n], plain.fields["labels"]["train"])
+    copies = dataset.train[n:]  # each labelled image, with its label, three more times
+    kept = (plain.fields["labels"]["train"] != HIDDEN).nonzero().flatten()
+    assert torch.equal(copies, plain.train[kept].repeat(3, 1)) and torch.equal(dataset.train_labels[n:], observed[n:])
+    assert len(dataset.val) == len(plain.val)  # evaluation sets are untouched
+    with pytest.raises(ValueError, match="needs labels"):
+        attach_fields(
+            load_dataset("synthetic").__class__(**{**vars(load_dataset("synthetic")), "train_labels": None}),
+            labelled_repeats=2,
+        )
