@@ -300,7 +300,7 @@ def test_a_short_run_writes_metrics_evaluation_and_completions(tmp_path, structu
     [
         (["data.quadrants=4"], "data.quadrants must be at most 3, got 4"),
         (["data.quadrants=None"], "consumes the data field 'input_mask'.*set data.quadrants = 1, 2 or 3"),
-        (['model.prior="vamp(components=3)"'], "model.prior must stay 'normal'"),
+        (['model.prior="vamp(components=3)"'], "model.prior must be 'normal'"),
     ],
 )
 def test_bad_quadrant_settings_are_one_line_errors(tmp_path, capsys, sets, message):

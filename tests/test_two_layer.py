@@ -298,8 +298,8 @@ def test_the_structure_and_its_conveniences(lg, x, monkeypatch):
         ({"structure": "two_layer(z2_dim=0)"}, "z2_dim must be a positive integer, got 0"),
         ({"structure": "two_layer(hidden=[0])"}, "hidden[0] must be a positive integer, got 0"),
         ({"structure": "two_layer(activation='swish')"}, "unknown activation 'swish'"),
-        ({"structure": "two_layer", "prior": "vamp(components=2)"}, "structure two_layer needs prior 'normal'"),
-        ({"structure": "two_layer", "guide": "iaf"}, "structure two_layer needs guide 'normal', got 'iaf'"),
+        ({"structure": "two_layer", "prior": "vamp(components=2)"}, "model.prior must be 'normal'"),
+        ({"structure": "two_layer", "guide": "iaf"}, "model.guide must be 'normal', got 'iaf'"),
     ],
 )
 def test_bad_structure_arguments_are_one_line_errors(kwargs, phrase):

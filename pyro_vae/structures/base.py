@@ -49,6 +49,7 @@ from torch import nn
 from pyro_vae.guides import build_guide
 from pyro_vae.likelihoods import build_likelihood
 from pyro_vae.networks import Decoder, build_network
+from pyro_vae.specs import parse_spec
 
 # Draws for the posterior mean of guides without an analytic mean (flows): the Monte Carlo error
 # adds about Var_q / 1000 <= 1e-3 to a unit's variance over the data, ten times below the 0.01 of
@@ -184,6 +185,16 @@ def posterior_mean(q: dist.Distribution, num_samples: int = MEAN_SAMPLES) -> tor
         return q.mean
     except NotImplementedError:
         return q.sample((num_samples,)).mean(0)
+
+
+def require_family(structure: str, role: str, spec, name: str, why: str) -> None:
+    """A one-line ``ValueError`` unless the family ``spec`` (a spec, or a module built from one) is ``name``.
+
+    For a structure whose model fixes a family (M2's p(z) = N(0, I)); ``why`` says what fixes it.
+    """
+    found = getattr(spec, "spec_name", None) if isinstance(spec, nn.Module) else parse_spec(spec)[0]
+    if found != name:
+        raise ValueError(f"structure {structure!r} {why}: model.{role} must be {name!r}, got {spec!r}")
 
 
 def is_unit_beta(beta: float | torch.Tensor) -> bool:

@@ -36,7 +36,7 @@ from torch.distributions import kl_divergence
 from pyro_vae.guides import build_guide
 from pyro_vae.likelihoods import build_likelihood
 from pyro_vae.networks import Decoder, build_network, initialize
-from pyro_vae.structures.base import Structure, data_plate, kl_scale, register
+from pyro_vae.structures.base import Structure, data_plate, kl_scale, register, require_family
 
 # The value of a predicted pixel in the networks' input: outside every likelihood's [0, 1] data, so a
 # black given pixel (0) and an unknown one differ (Pyro's examples/cvae masks with -1 too).
@@ -152,11 +152,7 @@ class CVAE(Conditional):
         init: str = "torch",
     ) -> None:
         super().__init__(x_shape, likelihood)
-        if prior != "normal":
-            raise ValueError(
-                f"structure 'cvae' has the conditional prior p(z|x_in) of its prior network; model.prior "
-                f"must stay 'normal', got {prior!r}"
-            )
+        require_family("cvae", "prior", prior, "normal", "has the conditional prior p(z|x_in) of its prior network")
         self.z_dim = z_dim
         self.recognition = build_guide(guide, body=build_network(encoder, self.x_shape), z_dim=z_dim)
         self.prior_net = build_guide("normal", body=build_network(encoder, self.x_shape), z_dim=z_dim)

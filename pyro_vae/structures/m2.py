@@ -51,8 +51,8 @@ from pyro_vae.fields import HIDDEN
 from pyro_vae.guides import build_guide
 from pyro_vae.likelihoods import build_likelihood
 from pyro_vae.networks import Decoder, build_network, initialize
-from pyro_vae.priors import StandardNormal, build_prior
-from pyro_vae.structures.base import Structure, data_plate, kl_scale, register
+from pyro_vae.priors import build_prior
+from pyro_vae.structures.base import Structure, data_plate, kl_scale, register, require_family
 
 # Pyro's aux_loss_multiplier (examples/vae/ss_vae_M2.py): the weight of log q(y|x) per labelled example.
 PYRO_ALPHA = 46.0
@@ -108,9 +108,8 @@ class M2(Structure):
             raise ValueError(f"m2: alpha must be a finite number >= 0, got {alpha!r}")
         self.x_shape = tuple(int(d) for d in x_shape)
         self.x_dim, self.z_dim, self.classes, self.alpha = math.prod(self.x_shape), z_dim, classes, float(alpha)
+        require_family("m2", "prior", prior, "normal", "has p(z) = N(0, I)")
         self.prior = build_prior(prior, z_dim=z_dim, x_shape=self.x_shape)
-        if not isinstance(self.prior, StandardNormal):
-            raise ValueError(f"structure 'm2' has p(z) = N(0, I): model.prior must be 'normal', got {prior!r}")
         self.likelihood = build_likelihood(likelihood, x_dim=self.x_dim)
         self.encoder = build_guide(guide, body=build_network(encoder, (self.x_dim + classes,)), z_dim=z_dim)
         body = build_network(decoder, (z_dim + classes,))

@@ -25,12 +25,11 @@ from collections.abc import Sequence
 
 import pyro
 import torch
-from torch import nn
 
 from pyro_vae.networks import initialize, mlp_spec
 from pyro_vae.priors import build_prior
-from pyro_vae.specs import integer_arg, parse_spec, widths_arg
-from pyro_vae.structures.base import ObservedLayer, data_plate, guide_on_body, kl_scale, register
+from pyro_vae.specs import integer_arg, widths_arg
+from pyro_vae.structures.base import ObservedLayer, data_plate, guide_on_body, kl_scale, register, require_family
 
 
 class TwoLayerVAE(ObservedLayer):
@@ -64,9 +63,8 @@ class TwoLayerVAE(ObservedLayer):
         activation: str = "tanh",
     ) -> None:
         super().__init__()
-        for role, spec in (("prior", prior), ("guide", guide)):
-            if _family_name(spec) != "normal":  # the paper's model; another family needs its own conditionals
-                raise ValueError(f"structure two_layer needs {role} 'normal', got {spec!r}")
+        for role, spec in (("prior", prior), ("guide", guide)):  # another family needs its own conditionals
+            require_family("two_layer", role, spec, "normal", "is the paper's Gaussian model")
         self.z2_dim = integer_arg("z2_dim", z2_dim)
         hidden = widths_arg("hidden", hidden)
         self.build_observed_layer(x_shape, z_dim, encoder, decoder, likelihood, guide)
@@ -108,8 +106,3 @@ class TwoLayerVAE(ObservedLayer):
         z2 = self.prior(self.encoder).sample((num,))
         z1 = self.z1_decoder(z2).sample()
         return self.likelihood.mean(self.decoder(z1))
-
-
-def _family_name(spec) -> str | None:
-    """The registry name of a family spec, or of a family passed built."""
-    return getattr(spec, "spec_name", None) if isinstance(spec, nn.Module) else parse_spec(spec)[0]
