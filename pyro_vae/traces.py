@@ -98,8 +98,10 @@ def log_weights(
     enumerated = enumerated_sites(guide_trace)
     if enumerated:
         log_w = trace_log_density(model_trace) - trace_log_density(guide_trace, exclude=enumerated)
-        log_q = enumerated_log_q(guide_trace, enumerated)
-        log_w = (log_w + log_q - _masked_log_q(guide_trace, enumerated)).expand(*log_q.shape[:-2], k, x.shape[0])
+        # log q~(y) - log q(y): 0 on rows where y is drawn, -log K where a row masks the site out.
+        _, log_normalizer = enumerated_log_q(guide_trace, enumerated)
+        log_w = log_w - log_normalizer
+        log_w = log_w.expand(*log_w.shape[:-2], k, x.shape[0])
         return log_w.logsumexp(tuple(range(log_w.dim() - 2)))
     if analytic_kl:
         return _analytic_kl_log_weights(guide_trace, model_trace, analytic_kl_sites(vae))
@@ -123,39 +125,31 @@ def elbo_particles(
         if analytic_kl:
             return _analytic_kl_log_weights(guide_trace, model_trace, analytic_kl_sites(vae))
         return trace_log_density(model_trace) - trace_log_density(guide_trace)
-    log_q = enumerated_log_q(guide_trace, enumerated)
+    log_q, _ = enumerated_log_q(guide_trace, enumerated)
     terms = (log_q.exp() * (trace_log_density(model_trace) - trace_log_density(guide_trace))).expand(
         *log_q.shape[:-2], k, x.shape[0]
     )
     return terms.sum(tuple(range(terms.dim() - 2)))
 
 
-def _masked_log_q(guide_trace, enumerated: set[str]) -> torch.Tensor:
-    """Sum over the enumerated sites of log q(y) at each enumerated value, 0 where the site is masked out."""
-    total = 0.0
+def enumerated_log_q(guide_trace, enumerated: set[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log q~(y), its normalizer): the guide's probabilities of the enumerated values, normalized over
+    each site's enumeration dim, and the sum over sites of that dim's log-sum-exp.
+
+    A site's log q(y) counts 0 where a row masks it out (``poutine.mask``). Where a site is not
+    masked, log q~ is log q(y|x) itself (already normalized: the normalizer is 0); where a row masks
+    it out it is -log K, the uniform average over the K enumerated copies, which hold the same
+    observed value there (normalizer log K).
+    """
+    total, normalizer = 0.0, 0.0
     for name in sorted(enumerated):
         site = guide_trace.nodes[name]
         log_q = site["fn"].log_prob(site["value"])
-        mask = site["mask"]
-        if mask is not None:
-            log_q = torch.where(torch.as_tensor(mask, device=log_q.device), log_q, log_q.new_zeros(()))
-        total = total + log_q
-    return total
-
-
-def enumerated_log_q(guide_trace, enumerated: set[str]) -> torch.Tensor:
-    """log q~(y): the guide's probabilities of the enumerated values, normalized over each site's enumeration dim.
-
-    Where a site is not masked this is log q(y|x) itself (already normalized); where a row masks it
-    out (its log q is 0 at every value) it is -log K, the uniform average over the K enumerated
-    copies, which hold the same observed value there.
-    """
-    total = 0.0
-    for name in sorted(enumerated):
-        site = guide_trace.nodes[name]
-        log_q = _masked_log_q(guide_trace, {name})
-        total = total + log_q - log_q.logsumexp(site["infer"]["_enumerate_dim"], keepdim=True)
-    return total
+        if site["mask"] is not None:
+            log_q = torch.where(torch.as_tensor(site["mask"], device=log_q.device), log_q, log_q.new_zeros(()))
+        log_norm = log_q.logsumexp(site["infer"]["_enumerate_dim"], keepdim=True)
+        total, normalizer = total + log_q - log_norm, normalizer + log_norm
+    return total, normalizer
 
 
 def analytic_kl_sites(vae) -> tuple[str, ...] | None:
