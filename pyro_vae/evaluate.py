@@ -85,10 +85,10 @@ def metric_sums(
     """The structure's metrics (``Structure.metrics``) summed over ``x``, name -> device scalar (no host read)."""
     if not hasattr(vae, "metrics"):
         return {}
-    fields = dict(data) if labels is None else {**data, "_labels": labels}
     totals: dict[str, torch.Tensor] = {}
-    for xb, db in chunks(x, fields, batch_size):
-        for name, values in vae.metrics(xb, db.pop("_labels", None), **db).items():
+    for start, (xb, db) in zip(range(0, x.shape[0], batch_size), chunks(x, data, batch_size), strict=True):
+        true_labels = None if labels is None else labels[start : start + batch_size]
+        for name, values in vae.metrics(xb, true_labels, **db).items():
             totals[name] = totals.get(name, 0) + values.sum()
     return totals
 
