@@ -32,9 +32,9 @@ import re
 import signal
 import threading
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import pyro
@@ -123,20 +123,28 @@ def restore_param_store(params: dict[str, torch.Tensor], names: dict[str, str], 
 
 # -- files -----------------------------------------------------------------------------------------
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Write ``state`` to ``path`` atomically: temp file in the same folder, fsync, rename.
+    """Write ``state`` to ``path`` atomically (:func:`atomic_write`).
+
+    A Ctrl-C inside ``torch.save`` surfaces from its zip writer as a ``RuntimeError`` (the writer's
+    cleanup fails on the half-written file); it is raised again as the ``KeyboardInterrupt`` it was,
+    so the caller reports an interruption, not a crash.
+    """
+    state = {"format": FORMAT, "version": VERSION, **state}
+    return atomic_write(path, lambda handle: torch.save(state, handle))
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> Path:
+    """``write(handle)`` into a temp file in ``path``'s folder, fsync, rename over ``path``.
 
     Anything that stops the write (a full disk, a Ctrl-C) removes the temp file and leaves ``path``
-    as it was. A Ctrl-C inside ``torch.save`` surfaces from its zip writer as a ``RuntimeError``
-    (the writer's cleanup fails on the half-written file); it is raised again as the
-    ``KeyboardInterrupt`` it was, so the caller reports an interruption, not a crash.
+    as it was.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {"format": FORMAT, "version": VERSION, **state}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as handle:
-            torch.save(state, handle)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
