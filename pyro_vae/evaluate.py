@@ -24,23 +24,33 @@ import math
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributions as tdist
 
 from pyro_vae.fields import split_fields
 from pyro_vae.model import posterior_mean
+from pyro_vae.protocol import describe
 from pyro_vae.traces import elbo_particles, log_weights
 
 # Upper bound on the elements of the widest activation of one chunk, (chunk, batch, width):
 # 2**25 elements are 128 MiB in float32. The default chunk of samples is chosen so that the
 # decoder's largest layer (and the log-density of x, of the same size) stays under it.
 MEMORY_BUDGET = 2**25
+# Upper bound on the log weights kept per block of examples, (K, batch), for their jackknife: 2**25
+# float32 numbers are 128 MiB; beyond K = 2**25 / DEFAULT_BATCH_SIZE = 67 108 the blocks shrink.
+WEIGHTS_BUDGET = 2**25
 # Examples per batch when none is given: large enough to keep a GPU busy, small enough that a
 # chunk still holds several samples under MEMORY_BUDGET for 3072-pixel data.
 DEFAULT_BATCH_SIZE = 500
+# Below this median effective sample size (and below K/10) the IS estimate is dominated by a few weights:
+# its bias (about half its variance, low) and its SE are then rough, and evaluate warns. On log-normal weights at
+# ESS ~ 3.5 (K = 10) the bias is 0.3 nats; at ESS ~ 16 (K = 100), 0.05 (docs/evaluation.md).
+LOW_ESS = 10.0
 # Burda et al. (2015): a unit is active when the variance over the data of its posterior mean exceeds 0.01.
 ACTIVE_THRESHOLD = 0.01
 
@@ -125,7 +135,7 @@ def _progress(total: int, enabled: bool | None, desc: str):
     return tqdm(total=total, desc=desc, unit="ex", leave=False)
 
 
-def _log_weight_moments(
+def _log_weight_batches(
     vae,
     x: torch.Tensor,
     num_samples: int,
@@ -133,12 +143,14 @@ def _log_weight_moments(
     batch_size: int | None,
     progress: bool | None = False,
     **data,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Streamed ``(logsumexp_k log w_k, logsumexp_k 2 log w_k)``, each of shape ``(batch,)``.
+) -> Iterator[torch.Tensor]:
+    """The log weights log w_k = log p(x, z_k) - log q(z_k|x), z_k ~ q(z|x), block by block of examples:
+    one tensor of shape ``(num_samples, batch)`` per block.
 
-    Per batch of examples, chunks of at most ``chunk_size`` samples are drawn, reduced with a
-    log-sum-exp and combined with ``logaddexp``; only one chunk's activations are alive at a
-    time, so peak memory is O(chunk * batch * width), not O(num_samples * batch * width).
+    Per block, chunks of at most ``chunk_size`` samples are drawn and their log weights kept, so the
+    decoder's activations are alive for one chunk at a time, O(chunk * batch * width); the kept
+    weights are O(num_samples * batch) numbers, and blocks shrink so that they stay under
+    ``WEIGHTS_BUDGET`` however large K is.
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be at least 1, got {num_samples}")
@@ -146,21 +158,95 @@ def _log_weight_moments(
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
     x, data = _flat(vae, x), _on_device(vae, data)
     batch_size = batch_size or min(x.shape[0], DEFAULT_BATCH_SIZE) or 1
-    lse1, lse2 = [], []
+    batch_size = max(1, min(batch_size, WEIGHTS_BUDGET // num_samples))
     with _evaluating(vae), _progress(x.shape[0], progress, f"log p(x), K={num_samples}") as bar:
         for xb, db in chunks(x, data, batch_size):
             chunk = chunk_size or default_chunk_size(vae, xb.shape[0])
-            s1 = torch.full((xb.shape[0],), -math.inf, dtype=x.dtype, device=x.device)
-            s2 = s1.clone()
-            for start in range(0, num_samples, chunk):
-                lw = log_weights(vae, xb, min(chunk, num_samples - start), **db)
-                s1 = torch.logaddexp(s1, lw.logsumexp(0))
-                s2 = torch.logaddexp(s2, (2 * lw).logsumexp(0))
-            lse1.append(s1)
-            lse2.append(s2)
+            sizes = [min(chunk, num_samples - start) for start in range(0, num_samples, chunk)]
+            yield torch.cat([log_weights(vae, xb, size, **db) for size in sizes])
             if bar is not None:
                 bar.update(xb.shape[0])
-    return torch.cat(lse1), torch.cat(lse2)
+
+
+@dataclass
+class ImportanceEstimate:
+    """The importance-sampled log p(x) of each example with its Monte Carlo uncertainty (each ``(N,)``).
+
+    - ``log_px``: log (1/K) sum_k w_k;
+    - ``se``: the jackknife standard error over the K draws (:func:`jackknife_se`), honest at small K;
+    - ``se_delta``: the delta-method standard error sd(w) / (sqrt(K) mean(w)), optimistic at small K;
+    - ``ess``: the effective sample size (sum_k w_k)^2 / sum_k w_k^2, between 1 and K (Kong 1992).
+    """
+
+    log_px: torch.Tensor
+    se: torch.Tensor
+    se_delta: torch.Tensor
+    ess: torch.Tensor
+
+
+def delta_method_se(log_w: torch.Tensor) -> torch.Tensor:
+    """sd(w) / (sqrt(K) mean(w)) for log weights of shape ``(K, batch)``, in log space; ``nan`` for K = 1.
+
+    With m1 = sum_k w_k, m2 = sum_k w_k^2 and the unbiased variance, se^2 = (K m2 / m1^2 - 1) / (K - 1),
+    evaluated as ``expm1(log K + logsumexp(2 log w) - 2 logsumexp(log w))`` so that nothing overflows.
+    """
+    k = log_w.shape[0]
+    if k < 2:
+        return torch.full_like(log_w[0], math.nan)
+    # K m2 / m1^2 - 1 >= 0 up to rounding (Cauchy-Schwarz).
+    excess = torch.expm1(math.log(k) + (2 * log_w).logsumexp(0) - 2 * log_w.logsumexp(0)).clamp_min(0)
+    return (excess / (k - 1)).sqrt()
+
+
+def jackknife_se(log_w: torch.Tensor) -> torch.Tensor:
+    """The jackknife standard error of log (1/K) sum_k w_k over its K draws, for ``(K, batch)`` log weights.
+
+    With the leave-one-out estimates L_(i) = log (S - w_i) - log (K - 1), S = sum_k w_k,
+
+        se^2 = (K - 1)/K sum_i (L_(i) - mean_j L_(j))^2.
+
+    By the Efron-Stein inequality its expectation is at least the variance of the estimate from K - 1
+    draws, so it is not optimistic even when the weights are heavy-tailed and K is small, where the
+    delta method's is (on log-normal weights with E[w^2]/E[w]^2 = 17 at K = 10: sd / rms SE is 1.5 for the
+    delta method, 0.97 for the jackknife; ``tests/test_evaluate.py``). The differences
+    L_(i) - log p-hat = log1p(-w_i / S) + log(K / (K - 1)) are formed in float64 without cancellation;
+    the largest weight's, where w_i / S may round to 1, from the sum of the others. ``nan`` for K = 1.
+    """
+    k = log_w.shape[0]
+    if k < 2:
+        return torch.full_like(log_w[0], math.nan)
+    dtype, log_w = log_w.dtype, log_w.double()
+    total = log_w.logsumexp(0)
+    share = (log_w - total).exp()  # w_i / S
+    leave_out = torch.log1p(-share.clamp_max(0.5))
+    top = log_w.argmax(0, keepdim=True)
+    others = log_w.scatter(0, top, -math.inf).logsumexp(0, keepdim=True) - total
+    leave_out = leave_out.scatter(0, top, others)  # log1p(-w_max / S) = log(S - w_max) - log S
+    variance = (k - 1) / k * (leave_out - leave_out.mean(0)).square().sum(0)
+    return variance.sqrt().to(dtype)
+
+
+def effective_sample_size(log_w: torch.Tensor) -> torch.Tensor:
+    """(sum_k w_k)^2 / sum_k w_k^2 for ``(K, batch)`` log weights: K for equal weights, 1 when one dominates."""
+    return (2 * log_w.logsumexp(0) - (2 * log_w).logsumexp(0)).exp()
+
+
+def importance_estimate(
+    vae,
+    x: torch.Tensor,
+    num_samples: int = 5000,
+    chunk_size: int | None = None,
+    batch_size: int | None = None,
+    progress: bool | None = False,
+    **data,
+) -> ImportanceEstimate:
+    """:func:`log_likelihood` per example with its jackknife and delta-method SEs and effective sample size."""
+    parts = [
+        (lw.logsumexp(0) - math.log(num_samples), jackknife_se(lw), delta_method_se(lw), effective_sample_size(lw))
+        for lw in _log_weight_batches(vae, x, num_samples, chunk_size, batch_size, progress, **data)
+    ]
+    log_px, se, se_delta, ess = (torch.cat(column).to(x.dtype) for column in zip(*parts, strict=True))
+    return ImportanceEstimate(log_px, se, se_delta, ess)
 
 
 # -- log-likelihood ----------------------------------------------------------------------------------
@@ -187,13 +273,16 @@ def log_likelihood(
         num_samples: K, importance samples per example.
         chunk_size: samples drawn at once. ``None`` picks the largest chunk whose
             ``(chunk, batch, width)`` activation stays under ``MEMORY_BUDGET`` elements (width: the
-            decoder's widest layer). Memory grows with the chunk, never with ``num_samples``.
+            decoder's widest layer). The decoder's memory grows with the chunk, never with ``num_samples``.
         batch_size: examples evaluated at once (``None``: ``DEFAULT_BATCH_SIZE``).
         progress: a tqdm bar over examples (``None``: only on a terminal).
         data: the fields the model structure consumes (``vae.consumes``), one row per example of ``x``.
     """
-    lse1, _ = _log_weight_moments(vae, x, num_samples, chunk_size, batch_size, progress, **data)
-    return lse1 - math.log(num_samples)
+    blocks = _log_weight_batches(vae, x, num_samples, chunk_size, batch_size, progress, **data)
+    return torch.cat([lw.logsumexp(0) for lw in blocks]) - math.log(num_samples)
+
+
+SE_METHODS = {"jackknife": jackknife_se, "delta": delta_method_se}
 
 
 def log_likelihood_with_se(
@@ -203,27 +292,22 @@ def log_likelihood_with_se(
     chunk_size: int | None = None,
     batch_size: int | None = None,
     progress: bool | None = False,
+    se: str = "jackknife",
     **data,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(log p-hat(x), se)``, each of shape ``(batch,)``: :func:`log_likelihood` and its standard error.
 
-    The standard error is the delta method on the mean of the weights w_k = p(x, z_k) / q(z_k|x):
-    ``se(log mean w) ~ sd(w) / (sqrt(K) mean(w))``, computed in log space from the streamed
-    sums of w and w^2 with the unbiased variance,
-
-        se^2 = (K m2 / m1^2 - 1) / (K - 1),   m1 = sum_k w_k,  m2 = sum_k w_k^2,
-
-    so nothing overflows. It is the Monte Carlo error of the estimate for a fixed x (zero when q is
-    the exact posterior), not the spread of log p(x) over examples; ``nan`` for K = 1. With heavy-
-    tailed weights the sample variance itself is unreliable and the SE is then optimistic.
+    ``se`` is ``"jackknife"`` (:func:`jackknife_se`, the default: it stays honest at small K) or
+    ``"delta"`` (:func:`delta_method_se`, optimistic when K is not much larger than E[w^2]/E[w]^2).
+    It is the Monte Carlo error of the estimate for a fixed x (zero when q is the exact posterior),
+    not the spread of log p(x) over examples; ``nan`` for K = 1.
     """
-    lse1, lse2 = _log_weight_moments(vae, x, num_samples, chunk_size, batch_size, progress, **data)
-    estimate = lse1 - math.log(num_samples)
-    if num_samples < 2:
-        return estimate, torch.full_like(estimate, math.nan)
-    # K m2 / m1^2 - 1 = expm1(log K + lse2 - 2 lse1) >= 0 up to rounding (Cauchy-Schwarz).
-    excess = torch.expm1(math.log(num_samples) + lse2 - 2 * lse1).clamp_min(0)
-    return estimate, (excess / (num_samples - 1)).sqrt()
+    if se not in SE_METHODS:
+        raise ValueError(f"unknown standard error {se!r}; valid: {', '.join(SE_METHODS)}")
+    blocks = _log_weight_batches(vae, x, num_samples, chunk_size, batch_size, progress, **data)
+    parts = [(lw.logsumexp(0) - math.log(num_samples), SE_METHODS[se](lw)) for lw in blocks]
+    estimate, error = (torch.cat(column) for column in zip(*parts, strict=True))
+    return estimate, error.to(estimate.dtype)
 
 
 # -- ELBO --------------------------------------------------------------------------------------------
@@ -374,18 +458,39 @@ def evaluate(
     progress: bool | None = False,
     subset: int | None = None,
     elbo_samples: int = 1,
+    seed: int | None = None,
 ) -> dict[str, Any]:
-    """Every evaluation number of ``vae`` on one split of ``dataset``, as a JSON-ready dict.
+    """Every evaluation number of ``vae`` on one split of ``dataset``, as a JSON-ready dict
+    (:func:`evaluate_examples` without the per-example numbers)."""
+    return evaluate_examples(vae, dataset, nll_samples, batch_size, split, progress, subset, elbo_samples, seed)[0]
 
-    Keys (``{split}`` is ``test`` by default, giving the public contract's names):
+
+def evaluate_examples(
+    vae,
+    dataset,
+    nll_samples: int = 5000,
+    batch_size: int | None = None,
+    split: str = "test",
+    progress: bool | None = False,
+    subset: int | None = None,
+    elbo_samples: int = 1,
+    seed: int | None = None,
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """``(result, examples)``: the evaluation of ``vae`` on one split and its numbers per example.
+
+    ``result`` keys (``{split}`` is ``test`` by default, giving the public contract's names):
 
     - ``{split}_elbo``: mean ELBO (nats, negative), see :func:`elbo`;
     - ``{split}_nll``: mean of -log p-hat(x) with ``nll_samples`` importance samples (nats, positive);
-      ``None`` when ``nll_samples`` is 0 (skipped), as are the next three;
-    - ``{split}_nll_se``: Monte Carlo standard error of that mean, sqrt(sum_i se_i^2) / N: how far
-      the number may move with other importance samples of the same examples;
+      ``None`` when ``nll_samples`` is 0 (skipped), as are the next ones;
+    - ``{split}_nll_se``: Monte Carlo standard error of that mean, sqrt(sum_i se_i^2) / N with the
+      jackknife se_i (:func:`jackknife_se`): how far the number may move with other importance samples
+      of the same examples; ``{split}_nll_se_delta`` the same with the delta method's se_i;
     - ``{split}_nll_data_se``: sd_i(-log p-hat(x_i)) / sqrt(N): the sampling error of the mean over
       examples as an estimate of the expected NLL of the data distribution (usually far larger);
+    - ``{split}_ess_median``, ``{split}_ess_min``: the effective sample size of the importance weights
+      over examples (:func:`effective_sample_size`), with a ``warning`` when the median is below
+      :data:`LOW_ESS` and below K/10;
     - ``bits_per_dim``: NLL / (D ln 2), D the values the model scores (``Structure.observed_dim``:
       all of x, or a conditional model's predicted pixels);
     - ``active_units`` (threshold 0.01), ``kl_per_dim`` (list, or ``None`` with ``kl_per_dim_error``
@@ -393,10 +498,50 @@ def evaluate(
     - ``{split}_{name}`` for each of the structure's own metrics (``Structure.metrics``: M2's
       ``accuracy``), the mean over the split's examples;
     - ``num_examples``, ``x_dim``, ``split``, ``nll_samples``, ``data_variant`` (``dataset.name``),
-      ``seconds``, and ``warning`` (only when the numbers are not likelihoods: Bernoulli on grey levels).
+      ``seconds``, ``protocol`` (``pyro_vae.protocol.describe``: data, examples, estimator, weights,
+      versions), and ``warning`` (when the numbers are not likelihoods, or the weights are degenerate).
 
-    The fields the structure consumes (``vae.consumes``) come from ``dataset.fields`` (``pyro_vae.fields``).
+    ``examples`` holds, row for row over the evaluated examples, ``elbo`` and, when the NLL is computed,
+    ``log_px``, ``log_px_se`` (jackknife) and ``ess`` (float64 arrays), for paired comparisons
+    (``pyro_vae.protocol``). ``seed`` is only recorded (the caller seeds). The fields the structure
+    consumes (``vae.consumes``) come from ``dataset.fields`` (``pyro_vae.fields``).
     """
+    x, labels, data = _split_rows(vae, dataset, split, subset)
+    n, d = x.shape
+    start = time.perf_counter()
+    batch = batch_size or min(n, DEFAULT_BATCH_SIZE)
+    elbos = elbo_per_example(vae, x, batch_size=batch, num_samples=elbo_samples, **data)
+    examples = {"elbo": elbos.double().cpu().numpy()}
+    result: dict[str, Any] = {
+        "data_variant": getattr(dataset, "name", None),
+        "split": split,
+        "num_examples": n,
+        "x_dim": d,
+        f"{split}_elbo": float(elbos.mean()),
+    }
+    with _evaluating(vae):
+        totals = metric_sums(vae, x, None if labels is None else labels.to(x.device), data, batch)
+    result.update({f"{split}_{name}": float(total) / n for name, total in totals.items()})
+    warnings_ = [w for w in (_likelihood_warning(vae, dataset, x),) if w]
+    result["nll_samples"] = nll_samples
+    nll_protocol: dict[str, Any] = {}
+    result.update(dict.fromkeys((f"{split}_nll", f"{split}_nll_se", f"{split}_nll_data_se", "bits_per_dim")))
+    if nll_samples:
+        estimate = importance_estimate(vae, x, nll_samples, batch_size=batch, progress=progress, **data)
+        result.update(_nll_summary(estimate, split, _observed_dim(vae, x, data)))
+        examples.update(_nll_examples(estimate))
+        warnings_ += [w for w in (_ess_warning(estimate, nll_samples),) if w]
+        nll_protocol = {"method": "is", "samples": nll_samples, "se": "jackknife"}
+    result.update(latent_diagnostics(vae, x, batch))
+    result["seconds"] = time.perf_counter() - start
+    result["protocol"] = describe(vae, dataset, split, x, subset, nll_protocol, elbo_samples, seed)
+    if warnings_:
+        result["warning"] = "; ".join(warnings_)
+    return result, examples
+
+
+def _split_rows(vae, dataset, split: str, subset: int | None):
+    """``(x, labels, fields)`` of a split (its first ``subset`` rows), x flat on the model's device."""
     if split not in ("train", "val", "test"):
         raise ValueError(f"unknown split {split!r}; valid splits: train, val, test")
     x = getattr(dataset, split)
@@ -407,35 +552,44 @@ def evaluate(
     if subset is not None:
         x, labels = x[:subset], None if labels is None else labels[:subset]
         data = {name: value[:subset] for name, value in data.items()}
-    x, data = _flat(vae, x), _on_device(vae, data)
-    n, d = x.shape
-    start = time.perf_counter()
-    batch = batch_size or min(n, DEFAULT_BATCH_SIZE)
-    result: dict[str, Any] = {
-        "data_variant": getattr(dataset, "name", None),
-        "split": split,
-        "num_examples": n,
-        "x_dim": d,
-        f"{split}_elbo": elbo(vae, x, batch_size=batch, num_samples=elbo_samples, **data),
+    return _flat(vae, x), labels, _on_device(vae, data)
+
+
+def _nll_summary(estimate: ImportanceEstimate, split: str, observed_dim: float) -> dict[str, Any]:
+    """The dataset-level NLL numbers of :func:`evaluate_examples` from the per-example estimate."""
+    nll, n = -estimate.log_px.double(), estimate.log_px.numel()
+
+    def combined(se: torch.Tensor) -> float | None:  # nan for K = 1: no Monte Carlo error to report
+        value = float(se.double().square().sum().sqrt() / n)
+        return None if math.isnan(value) else value
+
+    return {
+        f"{split}_nll": float(nll.mean()),
+        f"{split}_nll_se": combined(estimate.se),
+        f"{split}_nll_se_delta": combined(estimate.se_delta),
+        f"{split}_nll_data_se": float(nll.std() / math.sqrt(n)) if n > 1 else None,
+        f"{split}_ess_median": float(estimate.ess.double().median()),
+        f"{split}_ess_min": float(estimate.ess.min()),
+        "bits_per_dim": bits_per_dim(float(nll.mean()), observed_dim),
     }
-    with _evaluating(vae):
-        totals = metric_sums(vae, x, None if labels is None else labels.to(x.device), data, batch)
-    result.update({f"{split}_{name}": float(total) / n for name, total in totals.items()})
-    warning = _likelihood_warning(vae, dataset, x)
-    result.update({f"{split}_nll": None, f"{split}_nll_se": None, f"{split}_nll_data_se": None, "bits_per_dim": None})
-    result["nll_samples"] = nll_samples
-    if nll_samples:
-        log_px, se = log_likelihood_with_se(vae, x, nll_samples, batch_size=batch, progress=progress, **data)
-        nll = -log_px.double()
-        result[f"{split}_nll"] = float(nll.mean())
-        result[f"{split}_nll_se"] = float(se.double().square().sum().sqrt() / n) if nll_samples > 1 else None
-        result[f"{split}_nll_data_se"] = float(nll.std() / math.sqrt(n)) if n > 1 else None
-        result["bits_per_dim"] = bits_per_dim(result[f"{split}_nll"], _observed_dim(vae, x, data))
-    result.update(latent_diagnostics(vae, x, batch))
-    result["seconds"] = time.perf_counter() - start
-    if warning:
-        result["warning"] = warning
-    return result
+
+
+def _nll_examples(estimate: ImportanceEstimate) -> dict[str, np.ndarray]:
+    return {
+        "log_px": estimate.log_px.double().cpu().numpy(),
+        "log_px_se": estimate.se.double().cpu().numpy(),
+        "ess": estimate.ess.double().cpu().numpy(),
+    }
+
+
+def _ess_warning(estimate: ImportanceEstimate, num_samples: int) -> str | None:
+    median = float(estimate.ess.double().median())
+    if median >= min(LOW_ESS, num_samples / 10):  # few samples asked for knowingly are not degenerate weights
+        return None
+    return (
+        f"the median effective sample size of the importance weights is {median:.1f} of K = {num_samples}: "
+        "the estimate is biased low (by about half its squared SE) and its SE is rough; raise the number of samples"
+    )
 
 
 def _observed_dim(vae, x: torch.Tensor, data: dict[str, torch.Tensor]) -> float:
@@ -480,12 +634,16 @@ def evaluate_run(
     subset: int | None = None,
     seed: int | None = 0,
     progress: bool | None = None,
+    save: bool = False,
 ) -> dict[str, Any]:
     """:func:`evaluate` on a run folder's model and dataset (``pyro_vae.runs.load_run``).
 
     ``seed`` (default 0) seeds torch and Pyro first so that two evaluations of one run give the
-    same numbers; ``None`` leaves the global RNG alone. ``subset`` keeps the first N examples.
+    same numbers; ``None`` leaves the global RNG alone. ``subset`` keeps the first N examples. With
+    ``save``, the result replaces the run's ``evaluation.json`` and its per-example numbers its
+    ``evaluation.npz`` (``pyro_vae.protocol.save``), for ``pyro-vae compare-runs``.
     """
+    from pyro_vae.protocol import save as save_evaluation
     from pyro_vae.runs import load_run  # train -> runs -> evaluate would otherwise be circular
 
     if seed is not None:
@@ -493,6 +651,11 @@ def evaluate_run(
 
         pyro.set_rng_seed(seed)
     run = load_run(run_dir, device=device, data_dir=data_dir)
-    result = evaluate(run.vae, run.dataset, nll_samples=nll_samples, split=split, progress=progress, subset=subset)
+    result, examples = evaluate_examples(
+        run.vae, run.dataset, nll_samples=nll_samples, split=split, progress=progress, subset=subset, seed=seed
+    )
+    result["weights"] = run.checkpoint
     result["run"] = str(run_dir)
+    if save:
+        save_evaluation(Path(run_dir), result, examples)
     return result

@@ -3,11 +3,13 @@ the memory bound, active units with known dead dimensions, KL per dimension, bit
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import types
 from types import SimpleNamespace
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -311,13 +313,61 @@ def test_evaluate_run_uses_the_runs_loader(monkeypatch, tmp_path):
 
     def load_run(run_dir, device="auto", data_dir=None):
         calls.update(run_dir=run_dir, device=device, data_dir=data_dir)
-        return SimpleNamespace(vae=vae, dataset=_dataset(x))
+        return SimpleNamespace(vae=vae, dataset=_dataset(x), checkpoint="best.pt")
 
     monkeypatch.setitem(sys.modules, "pyro_vae.runs", types.SimpleNamespace(load_run=load_run))
     result = ev.evaluate_run(tmp_path, nll_samples=4, device="cpu", data_dir="d", subset=4)
     assert calls == {"run_dir": tmp_path, "device": "cpu", "data_dir": "d"}
-    assert result["num_examples"] == 4 and result["run"] == str(tmp_path)
+    assert result["num_examples"] == 4 and result["run"] == str(tmp_path) and result["weights"] == "best.pt"
     assert result["test_nll"] == pytest.approx(float(-lg.log_px(x[:4]).mean()), abs=1e-9)
+    assert not (tmp_path / "evaluation.json").exists()  # written only when asked
+
+    saved = ev.evaluate_run(tmp_path, nll_samples=4, device="cpu", subset=4, save=True)
+    on_disk = json.loads((tmp_path / "evaluation.json").read_text())
+    assert on_disk == json.loads(json.dumps(saved))
+    examples = np.load(tmp_path / "evaluation.npz")
+    np.testing.assert_allclose(-examples["log_px"].mean(), saved["test_nll"], rtol=1e-12)
+    np.testing.assert_allclose(examples["elbo"].mean(), saved["test_elbo"], rtol=1e-6)
+    assert examples["log_px"].shape == examples["log_px_se"].shape == examples["ess"].shape == (4,)
+
+
+def test_the_protocol_says_what_was_measured_and_how():
+    """Data, which examples (a hash of their values), estimator and settings, weights and versions."""
+    _, vae, x = _model(exact=False, n=6)
+    result = ev.evaluate(vae, _dataset(x, name="mnist-static", binary=False), nll_samples=20, subset=5, seed=7)
+    protocol = result["protocol"]
+    assert protocol["data_variant"] == "mnist-static" and protocol["split"] == "test"
+    assert protocol["num_examples"] == 5 and protocol["examples"] == "the first 5 of the split"
+    assert protocol["nll_method"] == "is" and protocol["nll_settings"] == {"samples": 20, "se": "jackknife"}
+    assert protocol["seed"] == 7 and protocol["elbo_samples"] == 1
+    assert set(protocol["versions"]) == {"pyro_vae", "pyro", "torch"}
+    other = ev.evaluate(vae, _dataset(x, name="mnist-static", binary=False), nll_samples=20, subset=4)["protocol"]
+    assert other["examples_sha256"] != protocol["examples_sha256"]
+    assert other["weights_sha256"] == protocol["weights_sha256"]
+    with torch.no_grad():
+        next(vae.parameters()).add_(1e-3)
+    assert ev.evaluate(vae, _dataset(x), nll_samples=0)["protocol"]["weights_sha256"] != protocol["weights_sha256"]
+
+
+def test_result_carries_the_ess_and_both_standard_errors():
+    _, vae, x = _model(exact=False, n=6)
+    result = ev.evaluate(vae, _dataset(x), nll_samples=50)
+    assert 1 <= result["test_ess_min"] <= result["test_ess_median"] <= 50
+    assert result["test_nll_se"] > 0 and result["test_nll_se_delta"] > 0
+    assert "warning" not in result
+
+
+def test_degenerate_weights_are_warned_about():
+    """A median ESS under LOW_ESS and under K/10 is a warning that the number is rough; few samples asked for
+    knowingly (K = 5, where the ESS cannot reach 10) are not."""
+
+    def estimate(ess: float, n: int = 4) -> ev.ImportanceEstimate:
+        zeros = torch.zeros(n)
+        return ev.ImportanceEstimate(zeros, zeros, zeros, torch.full((n,), ess))
+
+    assert "importance weights is 3.0 of K = 5000" in ev._ess_warning(estimate(3.0), 5000)
+    assert ev._ess_warning(estimate(3.0), 5) is None
+    assert ev._ess_warning(estimate(ev.LOW_ESS), 5000) is None
 
 
 def test_ignore_z_baseline_is_the_best_z_independent_bernoulli_model():
@@ -332,3 +382,79 @@ def test_ignore_z_baseline_is_the_best_z_independent_bernoulli_model():
         assert ev.ignore_z_baseline(x, fit=other) < best
     # Held-out use: probabilities from one set, scored on another; clamping keeps constant pixels finite.
     assert math.isfinite(ev.ignore_z_baseline(torch.ones(4, 3), fit=torch.zeros(4, 3)))
+
+
+# -- standard errors that hold at small K ---------------------------------------------------------------
+def _lognormal_log_weights(k: int, repeats: int, ratio: float = 17.0, seed: int = 0) -> torch.Tensor:
+    """``(k, repeats)`` log weights with E[w] = 1 and E[w^2] / E[w]^2 = ``ratio`` (log-normal)."""
+    s2 = math.log(ratio)
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(k, repeats, generator=generator, dtype=torch.float64) * math.sqrt(s2) - s2 / 2
+
+
+def _paired_z(estimates: torch.Tensor, se: torch.Tensor) -> float:
+    """z of mean((L - mean L)^2 - se^2) over repeats: > 0 when the SE is optimistic."""
+    diff = (estimates - estimates.mean()).square() - se.square()
+    return float(diff.mean() / (diff.std() / math.sqrt(diff.numel())))
+
+
+@pytest.mark.parametrize("k", [10, 100])
+def test_jackknife_se_is_honest_where_the_delta_method_is_optimistic(k):
+    """Heavy-tailed weights (E[w^2]/E[w]^2 = 17, as a guide narrower than the posterior gives) at small K.
+
+    Over 4000 independent estimates, the mean of se^2 is compared with the variance of the estimates
+    (paired z over repeats). The delta method's is too small by more than 4 SE at K = 10 and 100 (the
+    failure the jackknife fixes); the jackknife's is not, and by Efron-Stein it may exceed the variance by
+    at most about K/(K-1) (the variance of a (K-1)-draw estimate), within 4 SE.
+    """
+    log_w = _lognormal_log_weights(k, 4000)
+    estimates = log_w.logsumexp(0) - math.log(k)
+    assert _paired_z(estimates, ev.delta_method_se(log_w)) > 4
+    jackknife = ev.jackknife_se(log_w)
+    assert _paired_z(estimates, jackknife) < 4
+    assert _paired_z(estimates * math.sqrt(k / (k - 1)), jackknife) > -4
+
+
+def test_jackknife_se_is_the_brute_force_leave_one_out_formula():
+    """Against leave-one-out estimates computed one by one, including a weight that is all but all the mass."""
+    log_w = _lognormal_log_weights(7, 5, seed=1)
+    log_w[:, 4] = torch.tensor([0.0, -40.0, -41.0, -45.0, -50.0, -60.0, -39.0], dtype=torch.float64)
+    k = log_w.shape[0]
+    loo = torch.stack(
+        [torch.cat([log_w[:i], log_w[i + 1 :]]).logsumexp(0) - math.log(k - 1) for i in range(k)]
+    )  # (K, batch)
+    expected = ((k - 1) / k * (loo - loo.mean(0)).square().sum(0)).sqrt()
+    torch.testing.assert_close(ev.jackknife_se(log_w), expected, rtol=1e-9, atol=0)
+    assert ev.jackknife_se(log_w)[4] > 0  # the dominant weight's leave-one-out is not lost to rounding
+    assert ev.jackknife_se(log_w[:1]).isnan().all() and ev.delta_method_se(log_w[:1]).isnan().all()
+
+
+def test_effective_sample_size_runs_from_one_to_k():
+    equal = torch.zeros(50, 3)
+    one = torch.full((50, 3), -1e4)
+    one[7] = 0.0
+    torch.testing.assert_close(ev.effective_sample_size(equal), torch.full((3,), 50.0))
+    torch.testing.assert_close(ev.effective_sample_size(one), torch.ones(3))
+
+
+def test_importance_estimate_reports_both_errors_and_the_ess():
+    """The one pass gives the estimate and both SEs of log_likelihood_with_se (same seed), and an ESS in [1, K]."""
+    _, vae, x = _model(exact=False)
+    pyro.set_rng_seed(3)
+    report_ = ev.importance_estimate(vae, x, num_samples=300, chunk_size=70)
+    for method, expected in (("jackknife", report_.se), ("delta", report_.se_delta)):
+        pyro.set_rng_seed(3)
+        estimate, se = ev.log_likelihood_with_se(vae, x, num_samples=300, chunk_size=70, se=method)
+        torch.testing.assert_close(estimate, report_.log_px, rtol=0, atol=1e-12)
+        torch.testing.assert_close(se, expected, rtol=0, atol=1e-12)
+    assert ((report_.ess >= 1) & (report_.ess <= 300)).all()
+    with pytest.raises(ValueError, match="unknown standard error 'boot'; valid: jackknife, delta"):
+        ev.log_likelihood_with_se(vae, x, num_samples=3, se="boot")
+
+
+def test_kept_weights_stay_under_their_budget(monkeypatch):
+    """Blocks of examples shrink so that the (K, batch) log weights kept for the jackknife fit WEIGHTS_BUDGET."""
+    _, vae, x = _model(exact=False, n=9)
+    monkeypatch.setattr(ev, "WEIGHTS_BUDGET", 1000)
+    blocks = list(ev._log_weight_batches(vae, x, num_samples=400, chunk_size=None, batch_size=None))
+    assert [block.shape for block in blocks] == [(400, 2)] * 4 + [(400, 1)]
