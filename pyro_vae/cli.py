@@ -1,4 +1,4 @@
-"""The ``pyro-vae`` command: train, evaluate, sample, plot, compare.
+"""The ``pyro-vae`` command: train, evaluate, sample, plot, compare, compare-runs.
 
 Each subcommand is one entry of :data:`SUBCOMMANDS` (its arguments and the function that runs
 it); each run function calls one function of the library. Mistakes in configs, specs, data
@@ -34,6 +34,7 @@ examples:
   pyro-vae sample --run runs/mix --num 64 --out samples.png
   pyro-vae plot --run runs/mix
   pyro-vae compare --run runs/mix --estimators "trace,meanfield,iwae(k=50)"
+  pyro-vae compare-runs runs/mix runs/vamp
 
 Run "pyro-vae COMMAND --help" for a command's options. Docs: docs/training.md.
 """
@@ -153,13 +154,24 @@ def _evaluate_args(parser: argparse.ArgumentParser) -> None:
         "--subset", type=_positive, default=None, metavar="N", help="evaluate the first N examples of the split only"
     )
     parser.add_argument("--json", action="store_true", help="print the full result as JSON")
+    parser.add_argument(
+        "--save",
+        action="store_true",
+        help="write the result into the run folder (replacing evaluation.json, with evaluation.npz: the "
+        "per-example numbers compare-runs pairs)",
+    )
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
     from pyro_vae.evaluate import evaluate_run
 
     result = evaluate_run(
-        args.run, nll_samples=args.nll_samples, device=args.device, data_dir=args.data_dir, subset=args.subset
+        args.run,
+        nll_samples=args.nll_samples,
+        device=args.device,
+        data_dir=args.data_dir,
+        subset=args.subset,
+        save=args.save,
     )
     if args.json:
         print(json.dumps(result, indent=2))
@@ -246,6 +258,37 @@ def _run_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- compare-runs --------------------------------------------------------------------------------------------
+def _compare_runs_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "runs", nargs="+", type=Path, metavar="RUN", help="run folders (their evaluation.json) or evaluation JSON files"
+    )
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+
+
+def _run_compare_runs(args: argparse.Namespace) -> int:
+    from pyro_vae.protocol import compare_runs
+
+    rows = compare_runs(args.runs)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print("| run | ELBO | NLL ± MC se | paired ELBO diff | paired NLL diff |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        cells = [row["run"], _number(row["elbo"]), _number(row["nll"], row["nll_se"])]
+        cells += [_number(row.get(f"{key}_diff"), row.get(f"{key}_diff_se"), sign=True) for key in ("elbo", "nll")]
+        print("| " + " | ".join(cells) + " |")
+    return 0
+
+
+def _number(value: float | None, se: float | None = None, sign: bool = False) -> str:
+    if value is None:
+        return "-"
+    text = f"{value:+.3f}" if sign else f"{value:.3f}"
+    return text if se is None else f"{text} ± {se:.3f}"
+
+
 SUBCOMMANDS: dict[str, Subcommand] = {
     "train": Subcommand(
         "train a VAE and write a run folder",
@@ -285,6 +328,15 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         'for each estimator.\n\nexample:\n  pyro-vae compare --run runs/quick --estimators "trace,iwae(k=50)"',
         _compare_args,
         _run_compare,
+    ),
+    "compare-runs": Subcommand(
+        "paired comparison of evaluated runs",
+        "The test ELBO and NLL of each run and, for each after the first, its per-example paired difference to "
+        "the first with its standard error (from evaluation.npz). Refuses, naming the difference, runs whose "
+        "evaluation protocols differ (data, examples, estimator settings).\n\n"
+        "example:\n  pyro-vae compare-runs runs/vae runs/iwae5",
+        _compare_runs_args,
+        _run_compare_runs,
     ),
 }
 

@@ -5,8 +5,9 @@
   test_elbo, beta, lr, seconds, steps``);
 - ``checkpoint.pt`` after every epoch (and once before the first) and ``best.pt`` at the best
   ``val_bound``, written atomically (``pyro_vae.checkpoint``);
-- at the end, ``evaluation.json`` (``pyro_vae.evaluate.evaluate`` on the best weights) and the
-  figures (``pyro_vae.plots.write_all_figures``): :meth:`RunFolder.finish`.
+- at the end, ``evaluation.json`` and ``evaluation.npz`` (``pyro_vae.evaluate.evaluate_examples`` on
+  the best weights, and its per-example numbers) and the figures (``pyro_vae.plots.write_all_figures``):
+  :meth:`RunFolder.finish`.
 
 Under ``torch.distributed`` rank 0 alone writes and prints: the folder and reporter of the other
 ranks are built with ``active=False`` and do nothing.
@@ -28,7 +29,9 @@ from typing import Any
 
 from pyro_vae import checkpoint as ckpt
 from pyro_vae.config import Config, config_from_dict, config_to_dict, save_config
-from pyro_vae.evaluate import evaluate
+from pyro_vae.evaluate import evaluate_examples
+from pyro_vae.protocol import EVALUATION
+from pyro_vae.protocol import save as save_evaluation
 from pyro_vae.runs import BEST, CHECKPOINT, CONFIG, METRICS, config_differences, read_metrics
 from pyro_vae.specs import format_spec, parse_spec
 from pyro_vae.train.errors import TrainingError
@@ -40,7 +43,6 @@ except ImportError:  # Windows: no flock, so no lock (docs/training.md); the pro
 
 LOG = "train.log"
 LOCK = ".lock"
-EVALUATION = "evaluation.json"
 
 
 class Reporter:
@@ -239,9 +241,9 @@ class RunFolder:
     def _evaluate(self, vae, dataset, nll_samples: int, best: Path, reporter: Reporter) -> dict[str, Any] | None:
         evaluation = None
         try:
-            evaluation = evaluate(vae, dataset, nll_samples=nll_samples)
+            evaluation, examples = evaluate_examples(vae, dataset, nll_samples=nll_samples)
             evaluation["weights"] = best.name if best.is_file() else CHECKPOINT
-            (self.path / EVALUATION).write_text(json.dumps(evaluation, indent=2) + "\n")
+            save_evaluation(self.path, evaluation, examples)
             reporter.line(f"{_summary(evaluation, nll_samples)} -> {self.path / EVALUATION}")
         except Exception as err:
             reporter.line(
