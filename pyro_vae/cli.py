@@ -326,6 +326,83 @@ def score_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# -- embed -------------------------------------------------------------------------------------------------
+def _embed_args(parser: argparse.ArgumentParser) -> None:
+    _run_dir_args(parser)
+    parser.add_argument("--out", type=Path, required=True, metavar="FILE.npz", help="where to write the codes")
+    parser.add_argument(
+        "--split",
+        dest="splits",
+        action="append",
+        choices=("train", "val", "test"),
+        help="a split to encode, repeatable (default: train and test)",
+    )
+    parser.add_argument("--probe", action="store_true", help="train probes on the codes and print test accuracies")
+    parser.add_argument(
+        "--probes", default="knn,logistic", metavar="SPECS", help='probe specs (default: "knn,logistic"; knn(k=5))'
+    )
+    parser.add_argument(
+        "--labels",
+        default="100,1000,all",
+        metavar="COUNTS",
+        help="training labels per probe fit, balanced over classes (default: 100,1000,all)",
+    )
+    parser.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the labelled subsets (default: 0)")
+    parser.add_argument("--json", action="store_true", help="print the probes' records (or the arrays' shapes) as JSON")
+
+
+def _label_counts(text: str) -> list[int | None]:
+    counts: list[int | None] = []
+    for word in filter(None, (w.strip() for w in text.split(","))):
+        if word == "all":
+            counts.append(None)
+        elif word.isdigit() and int(word) > 0:
+            counts.append(int(word))
+        else:
+            raise _UsageError(
+                f"--labels takes positive counts or 'all', comma-separated, e.g. 100,1000,all; got {word!r}"
+            )
+    if not counts:
+        raise _UsageError("--labels is empty; e.g. --labels 100,1000,all")
+    return counts
+
+
+def _run_embed(args: argparse.Namespace) -> int:
+    from pyro_vae.embed import DEFAULT_SPLITS, embed_run
+    from pyro_vae.specs import split_specs
+
+    splits = args.splits or list(DEFAULT_SPLITS)
+    if args.probe:
+        probes, counts = split_specs(args.probes), _label_counts(args.labels)
+        if not {"train", "test"} <= set(splits):
+            raise _UsageError("--probe trains on the train codes and tests on the test codes: keep both splits")
+        from pyro_vae.probe import PROBES
+
+        for spec in probes:
+            PROBES.check(spec)  # a bad probe is refused before anything is encoded
+    arrays = embed_run(args.run, args.out, splits, device=args.device, data_dir=args.data_dir, seed=args.seed)
+    if args.probe:
+        from pyro_vae.probe import probe_codes
+
+        records = probe_codes(arrays, probes, counts, seed=args.seed)
+        print(json.dumps({"codes": str(args.out), "probes": records}, indent=2) if args.json else probe_table(records))
+        return 0
+    shapes = {key: list(value.shape) if value.ndim else str(value) for key, value in arrays.items()}
+    print(json.dumps({"codes": str(args.out), "arrays": shapes}, indent=2) if args.json else str(args.out))
+    return 0
+
+
+def probe_table(records: list[dict[str, Any]]) -> str:
+    """One line per (probe, labels): the test accuracy with its binomial SE."""
+    width = max(len("probe"), *(len(r["probe"]) for r in records))
+    lines = [f"{'probe':<{width}}  {'labels':>7}  {'test accuracy':>17}  {'n test':>6}"]
+    for r in records:
+        lines.append(
+            f"{r['probe']:<{width}}  {r['labels']:>7}  {r['accuracy']:>8.4f} ± {r['se']:.4f}  {r['num_test']:>6}"
+        )
+    return "\n".join(lines)
+
+
 SUBCOMMANDS: dict[str, Subcommand] = {
     "train": Subcommand(
         "train a VAE and write a run folder",
@@ -377,6 +454,18 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         "--num 1000 --json --out ood.png",
         _score_args,
         _run_score,
+    ),
+    "embed": Subcommand(
+        "latent codes of a run's splits as features (.npz), and probes trained on them",
+        "Write the posterior means and scales of the run's train and test sets, with their labels, to an "
+        ".npz (keys train_loc, train_scale, train_labels, test_loc, ...; docs/applications.md). With --probe, "
+        "train a k-NN and a logistic-regression probe on the codes of 100, 1000 and all training labels and "
+        "print their test accuracies with binomial SEs.\n\n"
+        "examples:\n"
+        "  pyro-vae embed --run runs/mnist --out codes.npz\n"
+        '  pyro-vae embed --run runs/mnist --out codes.npz --probe --probes "knn(k=10),logistic" --json',
+        _embed_args,
+        _run_embed,
     ),
 }
 
