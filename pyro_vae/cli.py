@@ -265,10 +265,15 @@ def _score_args(parser: argparse.ArgumentParser) -> None:
         help='a score spec, repeatable or comma-separated, e.g. --score "log_px(samples=1000)" '
         "(default: log_px, elbo, input_complexity; also likelihood_regret)",
     )
-    parser.add_argument("--split", default="test", choices=("train", "val", "test"), help="split of both sets")
+    parser.add_argument(
+        "--split", default="test", choices=("train", "val", "test"), help="split of both sets (default: test)"
+    )
     parser.add_argument("--num", type=_positive, metavar="N", help="score the first N examples of each set")
     parser.add_argument(
-        "--samples", type=_positive, metavar="K", help="importance samples of the scores that take samples= (1000)"
+        "--samples",
+        type=_positive,
+        metavar="K",
+        help="importance samples of the scores that take samples= (default: their own, 1000)",
     )
     parser.add_argument("--seed", type=int, default=0, metavar="N", help="seed for the draws (default: 0)")
     parser.add_argument("--json", action="store_true", help="print the full result as JSON")
@@ -347,7 +352,13 @@ def _embed_args(parser: argparse.ArgumentParser) -> None:
         metavar="COUNTS",
         help="training labels per probe fit, balanced over classes (default: 100,1000,all)",
     )
-    parser.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the labelled subsets (default: 0)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        metavar="N",
+        help="seed of the labelled subsets and of a flow guide's draws (default: 0)",
+    )
     parser.add_argument("--json", action="store_true", help="print the probes' records (or the arrays' shapes) as JSON")
 
 

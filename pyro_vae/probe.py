@@ -146,7 +146,10 @@ def probe_codes(
     counts = sorted({min(size, len(train_y)) if size is not None else len(train_y) for size in sizes})
     records = []
     for count in counts:
-        keep = observed_labels(train_y, None if count == len(train_y) else count, seed) != HIDDEN
+        try:
+            keep = observed_labels(train_y, None if count == len(train_y) else count, seed) != HIDDEN
+        except ValueError as err:  # a class with fewer members than its share of the count
+            raise ValueError(f"probes on {count} balanced training labels: {err}") from None
         for spec, probe in built.items():
             a, se = accuracy(probe.predict(train_x[keep], train_y[keep], test_x), test_y)
             records.append({"probe": spec, "labels": count, "accuracy": a, "se": se, "num_test": len(test_y)})

@@ -85,6 +85,9 @@ def test_probe_codes_records_per_probe_and_label_count():
         ("logistic", 300),
     ]  # 1000 > 300 examples is the same as all
     assert all(r["accuracy"] == 1.0 and r["se"] == 0.0 and r["num_test"] == 90 for r in records)
+    rare = {**codes, "train_labels": np.where(np.arange(300) < 5, 2, np.arange(300) % 2)}  # class 2: 5 of 300
+    with pytest.raises(ValueError, match=r"probes on 30 balanced training labels: .* class 2, which has 5"):
+        probe_codes(rare, ["knn"], sizes=[30])
     with pytest.raises(ValueError, match="missing test_labels"):
         probe_codes({k: v for k, v in codes.items() if k != "test_labels"})
     with pytest.raises(SpecError, match=r"unknown probe 'kn' \(did you mean \"knn\"\?\)"):
