@@ -281,7 +281,7 @@ def _score_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_score(args: argparse.Namespace) -> int:
-    from pyro_vae.ood import DEFAULT_SCORES, score_run
+    from pyro_vae.ood import DEFAULT_SCORES, score_run, score_table
     from pyro_vae.specs import split_specs
 
     scores = [spec for text in args.scores for spec in split_specs(text)] if args.scores else list(DEFAULT_SCORES)
@@ -308,27 +308,6 @@ def _run_score(args: argparse.Namespace) -> int:
         report["figure"] = str(score_histograms(panels, args.out, titles=titles, caption=sets))
     print(json.dumps(report, indent=2) if args.json else score_table(report))
     return 0
-
-
-def score_table(report: dict[str, Any]) -> str:
-    """The lines ``pyro-vae score`` prints: the two sets, the convention, one row per score, the notes."""
-    lines = [
-        f"{side:>3}: {report[side]['data']} {report[side]['split']}, {report[side]['num_examples']} examples"
-        for side in ("in", "out")
-    ]
-    lines.append(f"({report['convention']})")
-    width = max(len("score"), *(len(spec) for spec in report["scores"]))
-    lines.append(f"{'score':<{width}}  {'AUROC':>15}  {'AUPRC (chance)':>14}  {'mean in':>10}  {'mean out':>10}  units")
-    for spec, n in report["scores"].items():
-        area = f"{n['auroc']:.4f} ± {n['auroc_se']:.4f}"
-        precision = f"{n['auprc']:.4f} ({n['auprc_chance']:.2f})"
-        lines.append(
-            f"{spec:<{width}}  {area:>15}  {precision:>14}  {n['mean_in']:>10.2f}  {n['mean_out']:>10.2f}  {n['units']}"
-        )
-    lines += [f"note: {note}" for note in report.get("notes", [])]
-    if report.get("figure"):
-        lines.append(report["figure"])
-    return "\n".join(lines)
 
 
 # -- embed -------------------------------------------------------------------------------------------------
@@ -393,7 +372,7 @@ def _run_embed(args: argparse.Namespace) -> int:
             PROBES.check(spec)  # a bad probe is refused before anything is encoded
     arrays = embed_run(args.run, args.out, splits, device=args.device, data_dir=args.data_dir, seed=args.seed)
     if args.probe:
-        from pyro_vae.probe import probe_codes
+        from pyro_vae.probe import probe_codes, probe_table
 
         records = probe_codes(arrays, probes, counts, seed=args.seed)
         print(json.dumps({"codes": str(args.out), "probes": records}, indent=2) if args.json else probe_table(records))
@@ -401,17 +380,6 @@ def _run_embed(args: argparse.Namespace) -> int:
     shapes = {key: list(value.shape) if value.ndim else str(value) for key, value in arrays.items()}
     print(json.dumps({"codes": str(args.out), "arrays": shapes}, indent=2) if args.json else str(args.out))
     return 0
-
-
-def probe_table(records: list[dict[str, Any]]) -> str:
-    """One line per (probe, labels): the test accuracy with its binomial SE."""
-    width = max(len("probe"), *(len(r["probe"]) for r in records))
-    lines = [f"{'probe':<{width}}  {'labels':>7}  {'test accuracy':>17}  {'n test':>6}"]
-    for r in records:
-        lines.append(
-            f"{r['probe']:<{width}}  {r['labels']:>7}  {r['accuracy']:>8.4f} ± {r['se']:.4f}  {r['num_test']:>6}"
-        )
-    return "\n".join(lines)
 
 
 SUBCOMMANDS: dict[str, Subcommand] = {

@@ -184,3 +184,24 @@ def score_run(
         "seconds": time.perf_counter() - start,
     }
     return detection
+
+
+def score_table(report: dict[str, Any]) -> str:
+    """The lines ``pyro-vae score`` prints: the two sets, the convention, one row per score, the notes."""
+    lines = [
+        f"{side:>3}: {report[side]['data']} {report[side]['split']}, {report[side]['num_examples']} examples"
+        for side in ("in", "out")
+    ]
+    lines.append(f"({report['convention']})")
+    width = max(len("score"), *(len(spec) for spec in report["scores"]))
+    lines.append(f"{'score':<{width}}  {'AUROC':>15}  {'AUPRC (chance)':>14}  {'mean in':>10}  {'mean out':>10}  units")
+    for spec, n in report["scores"].items():
+        area = f"{n['auroc']:.4f} ± {n['auroc_se']:.4f}"
+        precision = f"{n['auprc']:.4f} ({n['auprc_chance']:.2f})"
+        lines.append(
+            f"{spec:<{width}}  {area:>15}  {precision:>14}  {n['mean_in']:>10.2f}  {n['mean_out']:>10.2f}  {n['units']}"
+        )
+    lines += [f"note: {note}" for note in report.get("notes", [])]
+    if report.get("figure"):
+        lines.append(report["figure"])
+    return "\n".join(lines)

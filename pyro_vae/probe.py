@@ -154,3 +154,14 @@ def probe_codes(
             a, se = accuracy(probe.predict(train_x[keep], train_y[keep], test_x), test_y)
             records.append({"probe": spec, "labels": count, "accuracy": a, "se": se, "num_test": len(test_y)})
     return records
+
+
+def probe_table(records: list[dict[str, Any]]) -> str:
+    """One line per (probe, labels): the test accuracy with its binomial SE."""
+    width = max(len("probe"), *(len(r["probe"]) for r in records))
+    lines = [f"{'probe':<{width}}  {'labels':>7}  {'test accuracy':>17}  {'n test':>6}"]
+    for r in records:
+        lines.append(
+            f"{r['probe']:<{width}}  {r['labels']:>7}  {r['accuracy']:>8.4f} ± {r['se']:.4f}  {r['num_test']:>6}"
+        )
+    return "\n".join(lines)
