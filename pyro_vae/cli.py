@@ -35,6 +35,8 @@ examples:
   pyro-vae plot --run runs/mix
   pyro-vae compare --run runs/mix --estimators "trace,meanfield,iwae(k=50)"
   pyro-vae compare-runs runs/mix runs/vamp
+  pyro-vae score --run runs/mix --data fashion-mnist --out ood.png
+  pyro-vae embed --run runs/mix --out codes.npz --probe
 
 Run "pyro-vae COMMAND --help" for a command's options. Docs: docs/training.md.
 """
@@ -289,6 +291,140 @@ def _number(value: float | None, se: float | None = None, sign: bool = False) ->
     return text if se is None else f"{text} ± {se:.3f}"
 
 
+# -- score -------------------------------------------------------------------------------------------------
+def _score_args(parser: argparse.ArgumentParser) -> None:
+    _run_dir_args(parser)
+    parser.add_argument(
+        "--data",
+        required=True,
+        metavar="NAME",
+        help='the other data set, e.g. fashion-mnist or "synthetic(data_seed=1)"',
+    )
+    parser.add_argument(
+        "--score",
+        dest="scores",
+        action="append",
+        metavar="SPEC",
+        help='a score spec, repeatable or comma-separated, e.g. --score "log_px(samples=1000)" '
+        "(default: log_px, elbo, input_complexity; also likelihood_regret)",
+    )
+    parser.add_argument(
+        "--split", default="test", choices=("train", "val", "test"), help="split of both sets (default: test)"
+    )
+    parser.add_argument("--num", type=_positive, metavar="N", help="score the first N examples of each set")
+    parser.add_argument(
+        "--samples",
+        type=_positive,
+        metavar="K",
+        help="importance samples of the scores that take samples= (default: their own, 1000)",
+    )
+    parser.add_argument("--seed", type=int, default=0, metavar="N", help="seed for the draws (default: 0)")
+    parser.add_argument("--json", action="store_true", help="print the full result as JSON")
+    parser.add_argument("--out", type=Path, metavar="FIG.png", help="also draw each score's histograms, in and out")
+
+
+def _run_score(args: argparse.Namespace) -> int:
+    from pyro_vae.ood import DEFAULT_SCORES, score_run, score_table
+    from pyro_vae.specs import split_specs
+
+    scores = [spec for text in args.scores for spec in split_specs(text)] if args.scores else list(DEFAULT_SCORES)
+    if not scores:
+        raise _UsageError("--score is empty; e.g. --score log_px")
+    detection = score_run(
+        args.run,
+        args.data,
+        scores,
+        split=args.split,
+        num=args.num,
+        samples=args.samples,
+        device=args.device,
+        data_dir=args.data_dir,
+        seed=args.seed,
+    )
+    report = detection.report
+    if args.out is not None:
+        from pyro_vae.plots import score_histograms
+
+        sets = "   ".join(f"{side}: {report[side]['data']} {report[side]['split']}" for side in ("in", "out"))
+        titles = {spec: f"{spec}: AUROC {numbers['auroc']:.3f}" for spec, numbers in report["scores"].items()}
+        panels = {spec: (detection.scores_in[spec], detection.scores_out[spec]) for spec in report["scores"]}
+        report["figure"] = str(score_histograms(panels, args.out, titles=titles, caption=sets))
+    print(json.dumps(report, indent=2) if args.json else score_table(report))
+    return 0
+
+
+# -- embed -------------------------------------------------------------------------------------------------
+def _embed_args(parser: argparse.ArgumentParser) -> None:
+    _run_dir_args(parser)
+    parser.add_argument("--out", type=Path, required=True, metavar="FILE.npz", help="where to write the codes")
+    parser.add_argument(
+        "--split",
+        dest="splits",
+        action="append",
+        choices=("train", "val", "test"),
+        help="a split to encode, repeatable (default: train and test)",
+    )
+    parser.add_argument("--probe", action="store_true", help="train probes on the codes and print test accuracies")
+    parser.add_argument(
+        "--probes", default="knn,logistic", metavar="SPECS", help='probe specs (default: "knn,logistic"; knn(k=5))'
+    )
+    parser.add_argument(
+        "--labels",
+        default="100,1000,all",
+        metavar="COUNTS",
+        help="training labels per probe fit, balanced over classes (default: 100,1000,all)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        metavar="N",
+        help="seed of the labelled subsets and of a flow guide's draws (default: 0)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the probes' records (or the arrays' shapes) as JSON")
+
+
+def _label_counts(text: str) -> list[int | None]:
+    counts: list[int | None] = []
+    for word in filter(None, (w.strip() for w in text.split(","))):
+        if word == "all":
+            counts.append(None)
+        elif word.isdigit() and int(word) > 0:
+            counts.append(int(word))
+        else:
+            raise _UsageError(
+                f"--labels takes positive counts or 'all', comma-separated, e.g. 100,1000,all; got {word!r}"
+            )
+    if not counts:
+        raise _UsageError("--labels is empty; e.g. --labels 100,1000,all")
+    return counts
+
+
+def _run_embed(args: argparse.Namespace) -> int:
+    from pyro_vae.embed import DEFAULT_SPLITS, embed_run
+    from pyro_vae.specs import split_specs
+
+    splits = args.splits or list(DEFAULT_SPLITS)
+    if args.probe:
+        probes, counts = split_specs(args.probes), _label_counts(args.labels)
+        if not {"train", "test"} <= set(splits):
+            raise _UsageError("--probe trains on the train codes and tests on the test codes: keep both splits")
+        from pyro_vae.probe import PROBES
+
+        for spec in probes:
+            PROBES.check(spec)  # a bad probe is refused before anything is encoded
+    arrays = embed_run(args.run, args.out, splits, device=args.device, data_dir=args.data_dir, seed=args.seed)
+    if args.probe:
+        from pyro_vae.probe import probe_codes, probe_table
+
+        records = probe_codes(arrays, probes, counts, seed=args.seed)
+        print(json.dumps({"codes": str(args.out), "probes": records}, indent=2) if args.json else probe_table(records))
+        return 0
+    shapes = {key: list(value.shape) if value.ndim else str(value) for key, value in arrays.items()}
+    print(json.dumps({"codes": str(args.out), "arrays": shapes}, indent=2) if args.json else str(args.out))
+    return 0
+
+
 SUBCOMMANDS: dict[str, Subcommand] = {
     "train": Subcommand(
         "train a VAE and write a run folder",
@@ -337,6 +473,30 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         "example:\n  pyro-vae compare-runs runs/vae runs/iwae5",
         _compare_runs_args,
         _run_compare_runs,
+    ),
+    "score": Subcommand(
+        "out-of-distribution scores of another data set against a run's own: AUROC, AUPRC",
+        "Score the run's split (in-distribution) and the same split of another data set (out-of-distribution, "
+        "the positives) by each score (higher = more anomalous), and say how well each separates them: "
+        "AUROC with its SE, AUPRC, the mean score of each set. Docs: docs/applications.md.\n\n"
+        "examples:\n"
+        "  pyro-vae score --run runs/mnist --data fashion-mnist\n"
+        '  pyro-vae score --run runs/mnist --data fashion-mnist --score "log_px(samples=1000),likelihood_regret" '
+        "--num 1000 --json --out ood.png",
+        _score_args,
+        _run_score,
+    ),
+    "embed": Subcommand(
+        "latent codes of a run's splits as features (.npz), and probes trained on them",
+        "Write the posterior means and scales of the run's train and test sets, with their labels, to an "
+        ".npz (keys train_loc, train_scale, train_labels, test_loc, ...; docs/applications.md). With --probe, "
+        "train a k-NN and a logistic-regression probe on the codes of 100, 1000 and all training labels and "
+        "print their test accuracies with binomial SEs.\n\n"
+        "examples:\n"
+        "  pyro-vae embed --run runs/mnist --out codes.npz\n"
+        '  pyro-vae embed --run runs/mnist --out codes.npz --probe --probes "knn(k=10),logistic" --json',
+        _embed_args,
+        _run_embed,
     ),
 }
 

@@ -542,6 +542,14 @@ def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Gener
     return torch.Generator(device=torch.device(device)).manual_seed(seed)
 
 
+def fixed_binarization(x: torch.Tensor, seed: int = EVAL_BINARIZATION_SEED) -> torch.Tensor:
+    """One draw x_b ~ Bernoulli(x) of grey levels ``x`` in [0, 1], made on the CPU with a generator seeded by
+    ``seed`` (the same draw on every device), returned on ``x``'s device in ``x``'s dtype. For scoring a
+    grey-level set with a model of binary data (``pyro_vae.ood``)."""
+    draw = torch.bernoulli(x.detach().cpu().to(torch.float32).clamp(0, 1), generator=make_generator(seed))
+    return draw.to(device=x.device, dtype=x.dtype)
+
+
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """``"auto"`` or ``None`` (CUDA when present, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
 

@@ -168,8 +168,16 @@ class GaussianEncoder(nn.Module):
         self.head = nn.Linear(body.out_features, 2 * z_dim + extra_dim)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        out = self.head(self.body(x))
-        loc, raw_scale, extra = out.split([self.z_dim, self.z_dim, self.extra_dim], dim=-1)
+        return self.params(self.raw(x))
+
+    def raw(self, x: torch.Tensor) -> torch.Tensor:
+        """The head's unconstrained output ``(..., 2 z_dim + extra_dim)``: what an optimizer of q's
+        parameters for single examples moves (``pyro_vae.scores``' likelihood regret)."""
+        return self.head(self.body(x))
+
+    def params(self, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(loc, scale, extra)`` from the unconstrained output :meth:`raw`."""
+        loc, raw_scale, extra = raw.split([self.z_dim, self.z_dim, self.extra_dim], dim=-1)
         return loc, F.softplus(raw_scale) + MIN_SCALE, extra
 
 

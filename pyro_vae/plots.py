@@ -17,6 +17,8 @@ Figures (Kingma & Welling 2014 show the manifold and latent-space figures):
 - :func:`completions`: a conditional model's completions of partly given images (``complete(x, mask, n)``);
 - :func:`class_samples`, :func:`style_transfer`: a class-conditional model's (M2's) samples by class,
   and the style of test inputs decoded with every class (:func:`m2_figures`);
+- :func:`score_histograms`: anomaly scores of an in- and an out-of-distribution set, one panel per
+  score (``pyro-vae score --out``);
 - :func:`write_all_figures`: all that apply, each isolated so one failure does not stop the others.
 
 Every figure is a ``matplotlib.figure.Figure`` drawn on its own Agg canvas, never registered with
@@ -316,6 +318,38 @@ def estimator_comparison(
     ax_snr.set_xlabel("k (importance samples)")
     ax_snr.set_ylabel("gradient SNR (mean over parameters)")
     ax_snr.set_title("gradient signal-to-noise vs k")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def score_histograms(
+    panels: Mapping[str, tuple[Any, Any]],
+    path: str | Path,
+    titles: Mapping[str, str] | None = None,
+    caption: str | None = None,
+    bins: int = 50,
+) -> Path:
+    """One panel per score (``name -> (scores in, scores out)``, arrays or tensors): the histograms of the
+    in- and the out-of-distribution set as densities on shared bins, so their overlap is what the AUROC
+    measures. ``titles`` replace the panels' titles (the names by default); ``caption`` (say, which sets)
+    goes above them all."""
+    if not panels:
+        raise ValueError("no scores to draw")
+    columns = min(3, len(panels))
+    rows = math.ceil(len(panels) / columns)
+    fig = _figure(4.5 * columns, 3.4 * rows)
+    for i, (name, (inside, outside)) in enumerate(panels.items()):
+        ax = fig.add_subplot(rows, columns, i + 1)
+        inside, outside = (np.asarray(torch.as_tensor(s).double().cpu()) for s in (inside, outside))
+        edges = np.histogram_bin_edges(np.concatenate([inside, outside]), bins=bins)
+        for values, label in zip((inside, outside), ("in", "out"), strict=True):
+            ax.hist(values, bins=edges, density=True, alpha=0.5, label=f"{label} ({len(values)})")
+        ax.set_title((titles or {}).get(name, name), fontsize="medium")
+        ax.set_xlabel("score (higher = more anomalous)")
+        ax.set_ylabel("density")
+        ax.legend(fontsize="small")
+    if caption:
+        fig.suptitle(caption, fontsize="medium")
     fig.tight_layout()
     return _save(fig, path)
 

@@ -51,3 +51,19 @@ def _fresh_pyro_state():
     torch.set_default_dtype(torch.float32)
     yield
     pyro.clear_param_store()
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """A run folder of one epoch on ``synthetic(num_train=500, num_test=200)`` (8x8 binary, 10 classes),
+    z_dim 2, one hidden layer of 16: seconds to train, for the commands that read a run (score, embed)."""
+    from pyro_vae import cli
+
+    folder = tmp_path_factory.mktemp("tiny")
+    config = folder / "tiny.toml"
+    config.write_text('[data]\nname = "synthetic(num_train=500, num_test=200)"\n\n[train]\nseed = 3\n')
+    sets = ["model.z_dim=2", "model.hidden_dims=[16]", "train.epochs=1", "train.batch_size=100"]
+    sets += ["train.nll_samples=0", "train.plots=false", "train.device=cpu"]
+    args = ["train", "--config", str(config), "--out", str(folder / "run"), "--no-progress"]
+    assert cli.main(args + [arg for item in sets for arg in ("--set", item)]) == 0
+    return folder / "run"

@@ -145,3 +145,14 @@ def test_sample_figure_and_manifold_errors(tmp_path):
         plots.manifold(vae, (1, 28, 28), tmp_path / "m.png")
     with pytest.raises(ValueError, match="at least 1"):
         plots.sample_figure(vae, (1, 28, 28), 0, tmp_path / "s0.png")
+
+
+def test_score_histograms_one_panel_per_score(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    panels = {f"score{i}": (torch.randn(100, generator=g), np.random.default_rng(i).normal(1, 1, 80)) for i in range(4)}
+    path = plots.score_histograms(panels, tmp_path / "h.png", titles={"score0": "first"}, caption="in: a   out: b")
+    pixels = assert_png(path)
+    assert pixels.shape[1] > pixels.shape[0]  # 3 columns, 2 rows
+    assert _no_open_figures()
+    with pytest.raises(ValueError, match="no scores to draw"):
+        plots.score_histograms({}, tmp_path / "none.png")
