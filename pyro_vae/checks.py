@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from pyro_vae import config, data, estimators, guides, likelihoods, networks, optim, priors, structures
+from pyro_vae import config, data, estimators, guides, likelihoods, masks, networks, optim, priors, structures
 from pyro_vae.config import SECTIONS, Config, ConfigError
 from pyro_vae.registry import Registry
 from pyro_vae.specs import SpecError, unknown_name
@@ -35,6 +35,7 @@ SPEC_KINDS: dict[str, tuple[Registry, tuple[str, ...]]] = {
     "dataset": (data.DATASETS, ("root", "download")),
     "optimizer": (optim.OPTIMIZERS, ("params", "lr")),
     "lr_schedule": (optim.SCHEDULES, ("epochs",)),
+    "mask": (masks.MASKS, ()),
 }
 
 # Each plain-name table (field metadata {"names": table}): the valid names. Not specs: no arguments.

@@ -1,4 +1,4 @@
-"""The ``pyro-vae`` command: train, evaluate, sample, plot, compare, compare-runs.
+"""The ``pyro-vae`` command: train, evaluate, sample, plot, compare, compare-runs, score, embed, impute.
 
 Each subcommand is one entry of :data:`SUBCOMMANDS` (its arguments and the function that runs
 it); each run function calls one function of the library. Mistakes in configs, specs, data
@@ -37,6 +37,7 @@ examples:
   pyro-vae compare-runs runs/mix runs/vamp
   pyro-vae score --run runs/mix --data fashion-mnist --out ood.png
   pyro-vae embed --run runs/mix --out codes.npz --probe
+  pyro-vae impute --run runs/miwae --samples 1000 --out imputations.png --json
 
 Run "pyro-vae COMMAND --help" for a command's options. Docs: docs/training.md.
 """
@@ -425,6 +426,66 @@ def _run_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- impute -------------------------------------------------------------------------------------------------
+def _impute_args(parser: argparse.ArgumentParser) -> None:
+    _run_dir_args(parser)
+    parser.add_argument(
+        "--missing",
+        metavar="SPEC",
+        help="which pixels are missing: mcar(rate=R) or squares(size=S) (default: the run's data.missing)",
+    )
+    parser.add_argument(
+        "--samples", type=_positive, default=1000, metavar="K", help="importance samples per example (default: 1000)"
+    )
+    parser.add_argument("--num", type=_positive, default=None, metavar="N", help="impute the first N examples only")
+    parser.add_argument("--split", choices=("train", "val", "test"), default="test", help="(default: test)")
+    parser.add_argument(
+        "--draws", type=_positive_or_zero, default=3, metavar="S", help="multiple imputations drawn (default: 3)"
+    )
+    parser.add_argument("--seed", type=int, default=0, metavar="N", help="seed for the draws (default: 0)")
+    parser.add_argument("--out", type=Path, required=True, metavar="FILE.png", help="where to write the figure")
+    parser.add_argument("--json", action="store_true", help="print the errors as JSON")
+    bar = parser.add_mutually_exclusive_group()
+    bar.add_argument("--progress", dest="progress", action="store_true", default=None, help="always show a bar")
+    bar.add_argument("--no-progress", dest="progress", action="store_false", help="never a bar")
+
+
+def _run_impute(args: argparse.Namespace) -> int:
+    from pyro_vae.impute import impute_run
+
+    result = impute_run(
+        args.run,
+        out=args.out,
+        missing=args.missing,
+        num_samples=args.samples,
+        num=args.num,
+        split=args.split,
+        draws=args.draws,
+        device=args.device,
+        data_dir=args.data_dir,
+        seed=args.seed,
+        progress=args.progress,
+    )
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"missing {result['missing']}; {result['num_examples']} examples, K = {result['samples']}")
+    print(f"{'error':>10}  {'model':>20}  {'mean imputation':>20}")
+    for name in result["model"]:
+        if not name.endswith("_se"):
+            cells = [_with_se(result[who], name) for who in ("model", "mean_imputation")]
+            print(f"{name:>10}  {cells[0]:>20}  {cells[1]:>20}")
+    print(result["figure"])
+    return 0
+
+
+def _with_se(summary: dict[str, Any], name: str) -> str:
+    value, se = summary[name], summary[f"{name}_se"]
+    if value is None:
+        return "none"
+    return f"{value:.4f} +- {se:.4f}" if se is not None else f"{value:.4f}"
+
+
 SUBCOMMANDS: dict[str, Subcommand] = {
     "train": Subcommand(
         "train a VAE and write a run folder",
@@ -497,6 +558,17 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         '  pyro-vae embed --run runs/mnist --out codes.npz --probe --probes "knn(k=10),logistic" --json',
         _embed_args,
         _run_embed,
+    ),
+    "impute": Subcommand(
+        "impute the missing pixels of a run's images",
+        "Single (self-normalised importance sampling) and multiple (sampling-importance-resampling) "
+        "imputations of the missing pixels of a run's test images, their error beside mean imputation, "
+        "and a figure (docs/missing.md). The pixels are missing as the run's data.missing says, or as --missing.\n\n"
+        "examples:\n"
+        "  pyro-vae impute --run runs/miwae --out imputations.png --json\n"
+        "  pyro-vae impute --run runs/quick --missing 'squares(size=14)' --samples 5000 --out squares.png",
+        _impute_args,
+        _run_impute,
     ),
 }
 

@@ -6,7 +6,7 @@ overrides), checked field by field against the dataclass types, and written back
 
 Spec fields (``model.prior``, ``model.likelihood``, ``model.guide``, ``model.structure``,
 ``model.encoder``, ``model.decoder``, ``train.estimator``, ``train.optimizer``,
-``train.lr_schedule``, ``data.name``) hold a spec string ``"name(key=value, ...)"`` or a TOML
+``train.lr_schedule``, ``data.name``, ``data.missing``) hold a spec string ``"name(key=value, ...)"`` or a TOML
 inline table ``{ name = "mixture", components = 10 }``; they stay as written and are built by the
 registries (see ``pyro_vae.specs``).
 
@@ -110,6 +110,9 @@ class DataConfig:
     labelled_repeats: int = field(default=1, metadata={"min": 1})
     # Quadrants of each image a conditional model is given as input (1, 2 or 3; pyro_vae.fields); None: none
     quadrants: int | None = field(default=None, metadata={"min": 1, "max": 3})
+    # Which pixels of each example are missing (pyro_vae.masks: "mcar(rate=0.5)", "squares(size=14)"), drawn once
+    # from train.seed; the model observes the others (structure "miwae", docs/missing.md). None: nothing missing
+    missing: SpecValue | None = field(default=None, metadata={"spec": "mask"})
 
 
 @dataclass

@@ -346,19 +346,20 @@ def elbo(vae, x: torch.Tensor, batch_size: int = 1000, num_samples: int = 1, ana
 
 # -- latent diagnostics ------------------------------------------------------------------------------
 def active_units(
-    vae, x: torch.Tensor, threshold: float = ACTIVE_THRESHOLD, batch_size: int = 1000
+    vae, x: torch.Tensor, threshold: float = ACTIVE_THRESHOLD, batch_size: int = 1000, **data
 ) -> tuple[int, torch.Tensor]:
     """Burda et al. (2015), Section 5.2: ``(count, variances)`` of the active latent units.
 
     A unit u is active when A_u = Cov_x(E_{q(z|x)}[u]) > ``threshold`` (0.01): the variance over
     the data of the posterior mean of that dimension. A unit whose posterior mean does not depend
     on x carries no information about x. ``variances`` has shape ``(z_dim,)`` (unbiased, over x).
+    ``data``: the fields q(z|x) reads besides x (the ``mask`` of missing data), one row per example.
     """
-    x = _flat(vae, x)
+    x, data = _flat(vae, x), _on_device(vae, data)
     if x.shape[0] < 2:
         raise ValueError(f"active units need at least 2 examples to compute a variance, got {x.shape[0]}")
     with _evaluating(vae):
-        means = torch.cat([posterior_mean(vae.posterior(xb)) for xb in _batches(x, batch_size)])
+        means = torch.cat([posterior_mean(vae.posterior(xb, **db)) for xb, db in chunks(x, data, batch_size)])
     variances = means.double().var(dim=0).to(means.dtype)
     return int((variances > threshold).sum()), variances
 
@@ -400,7 +401,7 @@ def _mc_elementwise_kl(q: tdist.Distribution, p: tdist.Distribution, num_samples
     return (q.log_prob(z) - p.log_prob(z)).mean(0)
 
 
-def kl_per_dimension(vae, x: torch.Tensor, batch_size: int = 1000, num_samples: int = 1000) -> torch.Tensor:
+def kl_per_dimension(vae, x: torch.Tensor, batch_size: int = 1000, num_samples: int = 1000, **data) -> torch.Tensor:
     """Mean over the data of KL(q(z_j|x) || p(z_j)) for each latent dimension j, shape ``(z_dim,)``, nats.
 
     Defined when q(z|x) and p(z) both factorize over dimensions (diagonal Gaussian guide with the
@@ -409,13 +410,14 @@ def kl_per_dimension(vae, x: torch.Tensor, batch_size: int = 1000, num_samples: 
     torch registers a KL for the pair of univariate families, else a Monte Carlo average of
     ``num_samples`` draws. For pairs that do not factorize (mixture or VampPrior priors, flow or
     full-covariance guides) the KL has no per-dimension split and a ``ValueError`` says so.
+    ``data``: the fields q(z|x) reads besides x (the ``mask`` of missing data), one row per example.
     """
-    x = _flat(vae, x)
+    x, data = _flat(vae, x), _on_device(vae, data)
     total = None
     with _evaluating(vae):
         p = _factors(vae.prior_distribution(), vae.z_dim)
-        for xb in _batches(x, batch_size):
-            q_full = vae.posterior(xb)
+        for xb, db in chunks(x, data, batch_size):
+            q_full = vae.posterior(xb, **db)
             q = _factors(q_full, vae.z_dim)
             if p is None or q is None:
                 raise ValueError(
@@ -532,7 +534,7 @@ def evaluate_examples(
         examples.update(_nll_examples(estimate))
         warnings_ += [w for w in (_ess_warning(estimate, nll_samples),) if w]
         nll_protocol = {"method": "is", "samples": nll_samples, "se": "jackknife"}
-    result.update(latent_diagnostics(vae, x, batch))
+    result.update(latent_diagnostics(vae, x, batch, **data))
     result["seconds"] = time.perf_counter() - start
     result["protocol"] = describe(vae, dataset, split, x, subset, nll_protocol, elbo_samples, seed)
     if warnings_:
@@ -597,11 +599,12 @@ def _observed_dim(vae, x: torch.Tensor, data: dict[str, torch.Tensor]) -> float:
     return vae.observed_dim(x, **data) if hasattr(vae, "observed_dim") else float(x.shape[1])
 
 
-def latent_diagnostics(vae, x: torch.Tensor, batch_size: int) -> dict[str, Any]:
+def latent_diagnostics(vae, x: torch.Tensor, batch_size: int, **data) -> dict[str, Any]:
     """``active_units`` (with ``active_unit_variances``) and ``kl_per_dim`` of a model with one latent z.
 
     Both read the plain VAE's q(z|x) and p(z) (``vae.posterior``, ``vae.prior_distribution``); a
-    structure without them gets ``None`` for each and ``kl_per_dim_error`` saying why.
+    structure without them gets ``None`` for each and ``kl_per_dim_error`` saying why. ``data`` are
+    the consumed fields, which q(z|x) reads too (MIWAE's ``mask``: q(z|x_obs)).
     """
     if not all(hasattr(vae, name) for name in ("posterior", "prior_distribution")):
         structure = type(getattr(vae, "structure", vae)).__name__
@@ -609,11 +612,11 @@ def latent_diagnostics(vae, x: torch.Tensor, batch_size: int) -> dict[str, Any]:
         return {"active_units": None, "kl_per_dim": None, "kl_per_dim_error": why}
     result: dict[str, Any] = {}
     if x.shape[0] > 1:
-        count, variances = active_units(vae, x, batch_size=batch_size)
+        count, variances = active_units(vae, x, batch_size=batch_size, **data)
         result["active_units"] = count
         result["active_unit_variances"] = variances.tolist()
     try:
-        result["kl_per_dim"] = kl_per_dimension(vae, x, batch_size=batch_size).tolist()
+        result["kl_per_dim"] = kl_per_dimension(vae, x, batch_size=batch_size, **data).tolist()
     except ValueError as err:
         result["kl_per_dim"] = None
         result["kl_per_dim_error"] = str(err)

@@ -14,7 +14,14 @@ field             per example                                               made
 ``input_mask``    True on the pixels a conditional model is given           ``data.quadrants = 1|2|3``
                   (Pyro's ``examples/cvae`` quadrants), the same for
                   every example
+``mask``          True on the pixels that are observed (missing data,       ``data.missing = SPEC``
+                  ``pyro_vae.masks``): one mask per example, drawn once     (``mcar(rate=0.5)``,
+                  from ``train.seed``, each split from its own seed          ``squares(size=14)``)
 ================  ========================================================  ==========================
+
+Masks are ``(N, D)`` bool, D the flattened pixels in channel-first order. The ``mask`` field must be
+consumed: a structure that ignores it would train on the very pixels the data say are missing
+(:data:`MUST_CONSUME`).
 
 The true labels of every split stay in ``dataset.{split}_labels`` (for accuracies and plots).
 """
@@ -26,6 +33,8 @@ from collections.abc import Sequence
 import torch
 
 from pyro_vae.data import Dataset
+from pyro_vae.masks import draw_masks, split_seed
+from pyro_vae.specs import Spec
 
 HIDDEN = -1  # the value of a label the model does not observe
 
@@ -33,6 +42,12 @@ HIDDEN = -1  # the value of a label the model does not observe
 HOW_TO_PROVIDE = {
     "labels": "use a data set with labels (mnist, mnist-dynamic, fashion-mnist, cifar10; mnist-static has none)",
     "input_mask": "set data.quadrants = 1, 2 or 3 (the quadrants of each image given as input)",
+    "mask": 'set data.missing = "mcar(rate=0.5)" or "squares(size=14)" (the pixels of each image that are missing)',
+}
+
+# Fields a structure must consume when the data have them, and what to do instead.
+MUST_CONSUME = {
+    "mask": 'data.missing is set: use model.structure = "miwae", whose model observes only the observed pixels',
 }
 
 SPLITS = ("train", "val", "test")
@@ -89,6 +104,7 @@ def attach_fields(
     quadrants: int | None = None,
     seed: int = 0,
     labelled_repeats: int = 1,
+    missing: Spec | None = None,
 ) -> Dataset:
     """Add the fields ``[data]`` asks for to ``dataset.fields`` (in place; returns it); with
     ``labelled_repeats`` > 1, the training rows whose label is observed appear that many times per
@@ -101,9 +117,23 @@ def attach_fields(
     if quadrants is not None:
         mask = quadrant_mask(dataset.image_shape, quadrants).to(dataset.device)
         dataset.fields["input_mask"] = {split: mask.expand(len(getattr(dataset, split)), -1) for split in SPLITS}
+    if missing is not None:
+        dataset.fields["mask"] = {split: missing_mask(dataset, split, missing, seed) for split in SPLITS}
     if labelled_repeats > 1:
         repeat_labelled(dataset, labelled_repeats)
     return dataset
+
+
+def missing_mask(dataset: Dataset, split: str, spec: Spec, seed: int, key: str = "data.missing") -> torch.Tensor:
+    """The masks of one split (``(N, D)`` bool, True = observed) for the pattern ``spec``, drawn on the CPU from
+    ``seed`` and the split's name (``pyro_vae.masks.split_seed``) and moved to the data's device. A bad spec is
+    one ``ValueError`` line naming ``key``, the setting it came from."""
+    x = getattr(dataset, split)
+    try:
+        masks = draw_masks(spec, dataset.image_shape, len(x), split_seed(seed, split))
+    except ValueError as err:
+        raise ValueError(f"{key} = {spec!r}: {err}") from None
+    return masks.to(x.device)
 
 
 def repeat_labelled(dataset: Dataset, repeats: int) -> None:
@@ -130,13 +160,17 @@ def repeat_labelled(dataset: Dataset, repeats: int) -> None:
 
 
 def check_provided(dataset: Dataset, consumes: Sequence[str], structure: str) -> None:
-    """A one-line ``ValueError`` when ``dataset`` lacks a field the structure consumes, saying how to provide it."""
+    """A one-line ``ValueError`` when ``dataset`` lacks a field the structure consumes, saying how to provide it,
+    or has one the structure must consume and does not (:data:`MUST_CONSUME`), saying what to use."""
     for name in consumes:
         if name not in dataset.fields:
             how = HOW_TO_PROVIDE.get(name, "no [data] setting makes it")
             raise ValueError(
                 f"structure {structure!r} consumes the data field {name!r}, which {dataset.name} lacks: {how}"
             )
+    for name, instead in MUST_CONSUME.items():
+        if name in dataset.fields and name not in consumes:
+            raise ValueError(f"structure {structure!r} does not consume the data field {name!r}; {instead}")
 
 
 def split_fields(dataset, split: str, consumes: Sequence[str]) -> dict[str, torch.Tensor]:

@@ -82,6 +82,16 @@ class Likelihood(nn.Module):
         """E[x|z] in data units ([0, 1]), for reconstructions and samples."""
         return self(params).mean
 
+    def expectation(self, pixels: dist.Distribution) -> torch.Tensor:
+        """E[x|z] in data units, exactly (no clipping for display), from the distribution this likelihood
+        returned, masked or not (:func:`observe_pixels`): what an imputation averages (``pyro_vae.impute``)."""
+        return pixels.mean
+
+    def data_units(self, value: torch.Tensor) -> torch.Tensor:
+        """A value of the site ``"x"`` (a draw of the distribution) in data units: the inverse of :meth:`prepare`
+        where it has one (the identity by default; ``beta``'s squeeze is left as drawn, inside [eps, 1 - eps])."""
+        return value
+
     def _fail(self, name: str, problem: str) -> None:
         spec = getattr(self, "spec", type(self).__name__)
         raise ValueError(f"{name} {problem}; likelihood {spec!r} accepts {self.accepts}, shape (batch, {self.x_dim})")
@@ -137,6 +147,34 @@ class IndependentBernoulli(dist.Independent):
         if logits.shape != value.shape:
             logits, value = torch.broadcast_tensors(logits, value)
         return -F.binary_cross_entropy_with_logits(logits, value, reduction="none").sum(-1)
+
+
+def observe_pixels(pixels: dist.Distribution, mask: torch.Tensor | None) -> dist.Distribution:
+    """``pixels`` (independent pixels, event shape ``(D,)``) scoring only the pixels where ``mask`` is True:
+
+        log p(x_obs | z) = sum_{d : mask_d} log p_d(x_d | z),
+
+    so the value of x at an unobserved pixel never matters (it need not even be known). Every likelihood here
+    returns such an ``Independent`` distribution; its per-pixel base is masked (Pyro's ``MaskedDistribution``,
+    ``base.mask(mask)``) and summed again. Draws and means are still those of every pixel. ``mask=None``
+    returns ``pixels`` itself: the fully observed model, with not one operation more.
+
+    The one masking mechanism of the library: missing data (``pyro_vae.structures.miwae``) and the conditional
+    models' predicted pixels (``pyro_vae.structures.cvae``) both use it.
+    """
+    if mask is None:
+        return pixels
+    if not isinstance(pixels, dist.Independent) or pixels.reinterpreted_batch_ndims != 1:
+        raise ValueError(f"observing some pixels needs a likelihood of independent pixels, got {type(pixels).__name__}")
+    return dist.Independent(dist.MaskedDistribution(pixels.base_dist, mask), 1)
+
+
+def per_pixel(pixels: dist.Distribution) -> dist.Distribution:
+    """The per-pixel distributions (batch shape ``(..., D)``) under the ``Independent`` and the mask of
+    :func:`observe_pixels`."""
+    while isinstance(pixels, (dist.Independent, dist.MaskedDistribution)):
+        pixels = pixels.base_dist
+    return pixels
 
 
 @LIKELIHOODS.register("bernoulli")
@@ -434,9 +472,17 @@ class CategoricalLikelihood(EightBitLikelihood):
         return (x * (LEVELS - 1)).round().long()
 
     def mean(self, params: torch.Tensor) -> torch.Tensor:
-        probs = self(params).base_dist.probs
+        return self.expectation(self(params))
+
+    def expectation(self, pixels: dist.Distribution) -> torch.Tensor:
+        """sum_k P(level k) k / 255: the levels' mean in data units (torch's ``Categorical.mean`` is NaN)."""
+        probs = per_pixel(pixels).probs
         levels = torch.arange(LEVELS, dtype=probs.dtype, device=probs.device) / (LEVELS - 1)
         return probs @ levels
+
+    def data_units(self, value: torch.Tensor) -> torch.Tensor:
+        """Level k -> k / 255."""
+        return value / (LEVELS - 1)
 
 
 def build_likelihood(spec, x_dim: int) -> nn.Module:

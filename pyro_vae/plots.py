@@ -15,6 +15,8 @@ Figures (Kingma & Welling 2014 show the manifold and latent-space figures):
 - :func:`manifold`: for z_dim = 2, E[x|z] on a grid of standard-normal quantiles;
 - :func:`interpolation`: decodings along straight lines between the codes of two test images;
 - :func:`completions`: a conditional model's completions of partly given images (``complete(x, mask, n)``);
+- :func:`imputations`: images with missing pixels, their single and multiple imputations and the truth
+  (``pyro_vae.impute`` computes them);
 - :func:`class_samples`, :func:`style_transfer`: a class-conditional model's (M2's) samples by class,
   and the style of test inputs decoded with every class (:func:`m2_figures`);
 - :func:`score_histograms`: anomaly scores of an in- and an out-of-distribution set, one panel per
@@ -280,6 +282,37 @@ def completions(
     rows = torch.cat([given[:, None], filled.transpose(0, 1), x[:, None]], 1)  # (num, samples + 2, D)
     title = f"input (grey: to predict), {filled.shape[0]} completion{'s' * (filled.shape[0] > 1)}, truth"
     return _image_figure(_images(rows.reshape(-1, x.shape[1]), image_shape), rows.shape[1], path, title)
+
+
+# The colour of the missing pixels in the input column of the imputations figure (RGB).
+MISSING_COLOUR = (0.9, 0.1, 0.1)
+
+
+def imputations(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    single: torch.Tensor,
+    multiple: torch.Tensor,
+    image_shape: Sequence[int] | None,
+    path: str | Path,
+) -> Path:
+    """One row per example: the input with its missing pixels in :data:`MISSING_COLOUR`, the single
+    imputation ``single`` ``(N, D)``, the multiple imputations ``multiple`` ``(S, N, D)``, and the truth ``x``.
+
+    Grey images are drawn in RGB so that the missing pixels stand out.
+    """
+    n, d = x.shape[0], x[0].numel()
+    if n < 1:
+        raise ValueError("imputations need at least one example")
+    x, mask = x.reshape(n, d).cpu(), mask.reshape(n, d).cpu()
+    columns = [x, single.reshape(n, d).cpu(), *multiple.reshape(-1, n, d).cpu(), x]
+    rows = torch.stack(columns, 1).reshape(-1, d)  # (n * columns, D), row by row
+    images = _images(rows, image_shape)
+    images = np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images.copy()
+    missing = _images((~mask).float(), image_shape).max(-1) > 0  # (n, H, W): a pixel with any channel missing
+    images.reshape(n, len(columns), *images.shape[1:])[:, 0][missing] = MISSING_COLOUR
+    title = f"input (red: missing), single imputation, {len(columns) - 3} multiple imputation(s), truth"
+    return _image_figure(images, len(columns), path, title)
 
 
 def estimator_comparison(

@@ -213,6 +213,7 @@ def load_dataset_for(config: Config, device: torch.device | str = "cpu", data_di
         quadrants=section.quadrants,
         seed=config.train.seed,
         labelled_repeats=section.labelled_repeats,
+        missing=section.missing,
     )
 
 

@@ -115,7 +115,9 @@ def test_chunking_is_exactly_the_unchunked_estimate(monkeypatch):
         # the structure's guide (run once per chunk) draws on through the bank, from its first row for every chunking
         state = {"used": 0}
         monkeypatch.setattr(
-            vae.structure, "posterior", lambda xb, state=state: _BankedPosterior(original(xb), bank, state=state)
+            vae.structure,
+            "posterior",
+            lambda xb, mask=None, state=state: _BankedPosterior(original(xb, mask), bank, state=state),
         )
         est = ev.log_likelihood(vae, x, num_samples=k, chunk_size=chunk, batch_size=x.shape[0])
         torch.testing.assert_close(est, reference, rtol=0, atol=1e-12)

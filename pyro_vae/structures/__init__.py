@@ -10,6 +10,8 @@ spec               model / guide                                          refere
 ``cvae_baseline``  y ~ p(y|x_in) / (no latent)                          Sohn, Lee & Yan 2015
 ``m2``             y ~ Cat(1/C), z ~ N(0, I), x ~ p(x|y, z), y observed   Kingma et al. 2014 (M2)
                    where labelled / y ~ q(y|x) enumerated, z ~ q(z|x, y)
+``miwae``          z ~ p(z), x_obs ~ p(x_obs|z) / z ~ q(z|x_obs, m)       Mattei & Frellsen 2019
+                   (m: the observed pixels, ``data.missing``)
 =================  =====================================================  =====================
 
 A new structure is one class registered here (``@STRUCTURES.register("name")``) plus its tests;
@@ -22,6 +24,7 @@ from pyro_vae.registry import Registry
 from pyro_vae.structures.base import Structure
 from pyro_vae.structures.cvae import CVAE, Baseline
 from pyro_vae.structures.m2 import M2
+from pyro_vae.structures.miwae import MIWAE
 from pyro_vae.structures.two_layer import TwoLayerVAE
 from pyro_vae.structures.vae import PlainVAE
 
@@ -33,5 +36,6 @@ STRUCTURES.register("two_layer")(TwoLayerVAE)
 STRUCTURES.register("cvae")(CVAE)
 STRUCTURES.register("cvae_baseline")(Baseline)
 STRUCTURES.register("m2")(M2)
+STRUCTURES.register("miwae")(MIWAE)
 
-__all__ = ["CONTEXT", "CVAE", "M2", "STRUCTURES", "Baseline", "PlainVAE", "Structure", "TwoLayerVAE"]
+__all__ = ["CONTEXT", "CVAE", "M2", "MIWAE", "STRUCTURES", "Baseline", "PlainVAE", "Structure", "TwoLayerVAE"]

@@ -20,7 +20,10 @@ attribute names:
 - ``analytic_kl_sites``: the latent sites whose analytic KL may replace log p - log q in the
   ``meanfield`` bound (``None``: every site that has one);
 - ``closed_form_refusal``: why the hand-written closed-form ELBO does not apply ("" when it does);
-- ``observed_dim(x, **data)``: the values per example the observed sites score (for bits/dim).
+- ``observed_dim(x, **data)``: the values per example the observed sites score (for bits/dim);
+- ``takes_mask``: whether ``model`` and ``guide`` take ``mask=`` (True on the observed pixels) and then
+  score only those pixels of x, so that a trained model can be conditioned on part of an image
+  (``pyro_vae.impute``); ``mask=None`` is the fully observed model.
 
 Estimators and evaluation work from the programs' Pyro traces (``pyro_vae.traces``), site by
 site, so a structure with several latent sites, or enumerated discrete ones, plugs in without
@@ -47,7 +50,7 @@ from pyro import poutine
 from torch import nn
 
 from pyro_vae.guides import build_guide
-from pyro_vae.likelihoods import build_likelihood
+from pyro_vae.likelihoods import build_likelihood, observe_pixels
 from pyro_vae.networks import Decoder, build_network
 from pyro_vae.specs import parse_spec
 
@@ -63,6 +66,7 @@ class Structure(nn.Module):
     latent_sites: tuple[str, ...] = ("z",)
     observed_sites: tuple[str, ...] = ("x",)
     consumes: tuple[str, ...] = ()
+    takes_mask: bool = False
     # The latent sites whose log p(z) - log q(z) the ``meanfield`` bound may replace by -KL(q || p)
     # (``pyro_vae.traces``); ``None``: every site whose pair torch has a KL for. That replacement
     # is exact only when the expectation over the site, given everything else the two densities
@@ -125,17 +129,39 @@ class ObservedLayer(Structure):
     the two-layer VAE's z1): q(z|x) = guide(encoder body(x)), p(x|z) = likelihood(decoder(z)), the
     decoder being its body plus the head the likelihood asks for (``Likelihood.head``).
 
+    With a ``mask`` (True on the observed pixels) the observed site scores the observed pixels only
+    (:meth:`observe`, ``likelihoods.observe_pixels``) and the encoder reads x with zeros on the missing
+    ones (:meth:`encoder_input`): a model trained on complete data conditioned on part of an image.
+
     :meth:`build_observed_layer` makes the children ``likelihood``, ``encoder`` and ``decoder`` (the
     names the figures and the latent diagnostics read); the rest are plain-torch conveniences.
     """
 
     def build_observed_layer(self, x_shape: Sequence[int], z_dim: int, encoder, decoder, likelihood, guide) -> None:
-        """Build ``likelihood``, ``encoder`` (q(z|x)) and ``decoder`` (z -> the likelihood's parameters)."""
+        """Build ``likelihood``, ``encoder`` (q(z|x), on inputs of :attr:`encoder_shape`) and ``decoder``
+        (z -> the likelihood's parameters)."""
         self.x_shape = tuple(int(d) for d in x_shape)
         self.x_dim, self.z_dim = math.prod(self.x_shape), z_dim
         self.likelihood = build_likelihood(likelihood, x_dim=self.x_dim)
-        self.encoder = guide_on_body(guide, encoder, self.x_shape, z_dim)
+        self.encoder = guide_on_body(guide, encoder, self.encoder_shape, z_dim)
         self.decoder = likelihood_decoder(decoder, self.likelihood, z_dim)
+
+    @property
+    def encoder_shape(self) -> tuple[int, ...]:
+        """The event shape of what the encoder reads (:meth:`encoder_input`): x's own."""
+        return self.x_shape
+
+    def encoder_input(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """What q(z|x) reads, shape ``(batch, *encoder_shape)``: x, with zeros on the pixels ``mask`` says
+        are missing (the values there never reach the encoder)."""
+        if mask is not None:
+            x = torch.where(mask, x.reshape(mask.shape), torch.zeros((), dtype=x.dtype, device=x.device))
+        return self._event(x)
+
+    def observe(self, z: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The observed site ``"x"``: the prepared x under p(x|z), scoring only the pixels where ``mask``
+        is True (every pixel when it is None: the very distribution of the fully observed model)."""
+        return pyro.sample("x", observe_pixels(self.decode(z), mask), obs=self.likelihood.prepare(x))
 
     def check_data(self, x: torch.Tensor, name: str) -> None:
         """The likelihood's check: e.g. a Bernoulli needs values in [0, 1], a categorical 8-bit pixels."""
@@ -145,13 +171,13 @@ class ObservedLayer(Structure):
         """x as ``(batch, *x_shape)``: flat rows and images alike reach the encoder body in its shape."""
         return x.reshape(x.shape[0], *self.x_shape)
 
-    def posterior(self, x: torch.Tensor) -> dist.Distribution:
-        """q(z|x) as a distribution (batch shape ``(batch,)``)."""
-        return self.encoder(self._event(x))
+    def posterior(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> dist.Distribution:
+        """q(z|x) as a distribution (batch shape ``(batch,)``); with ``mask``, of the observed pixels."""
+        return self.encoder(self.encoder_input(x, mask))
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(loc, scale) of a diagonal-Gaussian q(z|x)."""
-        return self.encoder.gaussian_params(self._event(x))
+        return self.encoder.gaussian_params(self.encoder_input(x, mask))
 
     def decode(self, z: torch.Tensor) -> dist.Distribution:
         """p(x|z)."""

@@ -34,7 +34,7 @@ import torch
 from torch.distributions import kl_divergence
 
 from pyro_vae.guides import build_guide
-from pyro_vae.likelihoods import build_likelihood
+from pyro_vae.likelihoods import build_likelihood, observe_pixels
 from pyro_vae.networks import Decoder, build_network, initialize
 from pyro_vae.structures.base import Structure, data_plate, kl_scale, register, require_family
 
@@ -55,12 +55,10 @@ def predicted_pixels_only(pixels: dist.Distribution, input_mask: torch.Tensor) -
 
         log p(y) = sum_{d : not input_mask_d} log p_d(y_d),
 
-    so the value at a given pixel never matters. Every likelihood of ``pyro_vae.likelihoods`` is such an
-    ``Independent`` distribution; its per-pixel base is masked (``MaskedDistribution``) and summed again.
+    so the value at a given pixel never matters: the library's one masking mechanism
+    (``pyro_vae.likelihoods.observe_pixels``) with the predicted pixels as the observed ones.
     """
-    if not isinstance(pixels, dist.Independent) or pixels.reinterpreted_batch_ndims != 1:
-        raise ValueError(f"a conditional model needs a likelihood of independent pixels, got {type(pixels).__name__}")
-    return dist.Independent(dist.MaskedDistribution(pixels.base_dist, ~input_mask), 1)
+    return observe_pixels(pixels, ~input_mask)
 
 
 class Conditional(Structure):

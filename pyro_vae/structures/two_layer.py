@@ -47,6 +47,7 @@ class TwoLayerVAE(ObservedLayer):
     latent_sites = ("z1", "z2")
     analytic_kl_sites = ("z2",)
     closed_form_refusal = "no closed form for KL(q(z1|x) || p(z1|z2)) under q(z2|z1) (structure 'two_layer')"
+    takes_mask = True
 
     def __init__(
         self,
@@ -76,8 +77,11 @@ class TwoLayerVAE(ObservedLayer):
         initialize((self.encoder, self.decoder, self.z2_encoder, self.z1_decoder), init)
 
     # -- Pyro programs ------------------------------------------------------------------
-    def model(self, x: torch.Tensor, beta: float | torch.Tensor = 1.0) -> torch.Tensor:
-        """p(z2) p(z1|z2) p(x|z1) over a batch; ``beta`` scales both latent sites (KL warm-up)."""
+    def model(
+        self, x: torch.Tensor, beta: float | torch.Tensor = 1.0, *, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """p(z2) p(z1|z2) p(x|z1) over a batch; ``beta`` scales both latent sites (KL warm-up); with ``mask``
+        (True = observed), p(x_obs|z1) scores the observed pixels only."""
         register("decoder", self.decoder)
         register("likelihood", self.likelihood)
         register("z1_decoder", self.z1_decoder)
@@ -87,15 +91,18 @@ class TwoLayerVAE(ObservedLayer):
             with kl_scale(beta):
                 z2 = pyro.sample("z2", self.prior(self.encoder))
                 z1 = pyro.sample("z1", self.z1_decoder(z2))
-            pyro.sample("x", self.decode(z1), obs=self.likelihood.prepare(x))
+            self.observe(z1, x, mask)
         return z1
 
-    def guide(self, x: torch.Tensor, beta: float | torch.Tensor = 1.0) -> torch.Tensor:
-        """q(z1|x) q(z2|z1) over a batch: bottom-up, each layer amortized by its own network."""
+    def guide(
+        self, x: torch.Tensor, beta: float | torch.Tensor = 1.0, *, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """q(z1|x) q(z2|z1) over a batch: bottom-up, each layer amortized by its own network; with ``mask``,
+        q(z1|x_obs) reads x with zeros on the missing pixels."""
         register("encoder", self.encoder)
         register("z2_encoder", self.z2_encoder)
         with data_plate(x), kl_scale(beta):
-            z1 = pyro.sample("z1", self.posterior(x))
+            z1 = pyro.sample("z1", self.posterior(x, mask))
             pyro.sample("z2", self.z2_encoder(z1))
         return z1
 

@@ -36,6 +36,7 @@ class PlainVAE(ObservedLayer):
     """
 
     closed_form_refusal = ""  # pyro_vae.closed_form is written for this structure
+    takes_mask = True
 
     def __init__(
         self,
@@ -50,15 +51,19 @@ class PlainVAE(ObservedLayer):
     ) -> None:
         super().__init__()
         self.build_observed_layer(x_shape, z_dim, encoder, decoder, likelihood, guide)
-        self.prior = build_prior(prior, z_dim=z_dim, x_shape=self.x_shape)
+        # A VampPrior's pseudo-inputs are inputs of the encoder (of x's shape here).
+        self.prior = build_prior(prior, z_dim=z_dim, x_shape=self.encoder_shape)
         self.init = init
         # The encoder network and the decoder only: a guide's flow layers and the prior keep their own
         # (a guide built elsewhere, without an encoder ``net``, has all its linear layers initialized).
         initialize((getattr(self.encoder, "net", self.encoder), self.decoder), init)
 
     # -- Pyro programs ------------------------------------------------------------------
-    def model(self, x: torch.Tensor, beta: float | torch.Tensor = 1.0) -> torch.Tensor:
-        """p(z) p(x|z) over a batch; ``beta`` scales the latent site (KL warm-up)."""
+    def model(
+        self, x: torch.Tensor, beta: float | torch.Tensor = 1.0, *, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """p(z) p(x|z) over a batch; ``beta`` scales the latent site (KL warm-up). With ``mask`` (``(batch, D)``
+        bool, True = observed) only the observed pixels are scored: p(z) p(x_obs|z)."""
         register("decoder", self.decoder)
         register("likelihood", self.likelihood)
         register("prior", self.prior)
@@ -66,14 +71,16 @@ class PlainVAE(ObservedLayer):
         with data_plate(x):
             with kl_scale(beta):
                 z = pyro.sample("z", self.prior_distribution())
-            pyro.sample("x", self.decode(z), obs=self.likelihood.prepare(x))
+            self.observe(z, x, mask)
         return z
 
-    def guide(self, x: torch.Tensor, beta: float | torch.Tensor = 1.0) -> torch.Tensor:
-        """q(z|x) over a batch, amortized by the encoder."""
+    def guide(
+        self, x: torch.Tensor, beta: float | torch.Tensor = 1.0, *, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """q(z|x) over a batch, amortized by the encoder; with ``mask``, q(z|x_obs) (:meth:`encoder_input`)."""
         register("encoder", self.encoder)
         with data_plate(x), kl_scale(beta):
-            return pyro.sample("z", self.posterior(x))
+            return pyro.sample("z", self.posterior(x, mask))
 
     @property
     def needs_warmup(self) -> str:
