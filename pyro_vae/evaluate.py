@@ -15,6 +15,9 @@ formulas, their standard errors and the references are written out in ``docs/eva
 - :func:`active_units`: Burda et al.'s A_u = Cov_x(E_{q(z|x)}[u]) > 0.01.
 - :func:`kl_per_dimension`: E_x KL(q(z_j|x) || p(z_j)) for factorized pairs.
 - :func:`evaluate` / :func:`evaluate_run`: all of them on a dataset split / a run folder.
+- :data:`NLL_METHODS`: the log-likelihood estimators by spec, ``is(samples=5000)`` (the default) and
+  ``ais(steps=..., leapfrog=..., chains=...)`` (annealed importance sampling, ``pyro_vae.ais``, which
+  registers itself there when the package is imported).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import math
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +36,8 @@ import torch.distributions as tdist
 
 from pyro_vae.fields import split_fields
 from pyro_vae.model import posterior_mean
+from pyro_vae.registry import Registry
+from pyro_vae.specs import Spec, SpecError, format_spec, integer_arg
 from pyro_vae.traces import elbo_particles, log_weights
 
 # Upper bound on the elements of the widest activation of one chunk, (chunk, batch, width):
@@ -114,15 +120,15 @@ def default_chunk_size(vae, batch: int, budget: int | None = None) -> int:
     return max(1, (budget or MEMORY_BUDGET) // (batch * _width(vae)))
 
 
-def _progress(total: int, enabled: bool | None, desc: str):
-    """A tqdm bar when ``enabled`` (``None``: only on a terminal); otherwise a no-op."""
+def _progress(total: int, enabled: bool | None, desc: str, unit: str = "ex"):
+    """A tqdm bar of ``total`` ``unit`` when ``enabled`` (``None``: only on a terminal); otherwise a no-op."""
     if enabled is None:
         enabled = sys.stderr.isatty()
     if not enabled:
         return contextlib.nullcontext(None)
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="ex", leave=False)
+    return tqdm(total=total, desc=desc, unit=unit, leave=False)
 
 
 def _log_weight_moments(
@@ -218,12 +224,65 @@ def log_likelihood_with_se(
     tailed weights the sample variance itself is unreliable and the SE is then optimistic.
     """
     lse1, lse2 = _log_weight_moments(vae, x, num_samples, chunk_size, batch_size, progress, **data)
-    estimate = lse1 - math.log(num_samples)
-    if num_samples < 2:
+    return log_mean_weight(lse1, lse2, num_samples)
+
+
+def log_mean_weight(lse1: torch.Tensor, lse2: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log (1/k) sum_k w_k, its delta-method standard error)`` from ``lse1 = logsumexp_k log w_k`` and
+    ``lse2 = logsumexp_k 2 log w_k``: ``se^2 = (k m2 / m1^2 - 1) / (k - 1)`` (``nan`` for k = 1).
+
+    Shared by every estimator that averages k i.i.d. weights with E[w] = p(x) (importance sampling here,
+    annealed importance sampling in ``pyro_vae.ais``).
+    """
+    estimate = lse1 - math.log(k)
+    if k < 2:
         return estimate, torch.full_like(estimate, math.nan)
     # K m2 / m1^2 - 1 = expm1(log K + lse2 - 2 lse1) >= 0 up to rounding (Cauchy-Schwarz).
-    excess = torch.expm1(math.log(num_samples) + lse2 - 2 * lse1).clamp_min(0)
-    return estimate, (excess / (num_samples - 1)).sqrt()
+    excess = torch.expm1(math.log(k) + lse2 - 2 * lse1).clamp_min(0)
+    return estimate, (excess / (k - 1)).sqrt()
+
+
+# -- log-likelihood methods by name (``evaluate(nll=...)``, ``pyro-vae evaluate --nll``) -----------------
+# Each entry is a dataclass of its settings with ``estimate(vae, x, batch_size, progress, **data)`` returning
+# ``(log p-hat(x), its Monte Carlo standard error, extra JSON-ready numbers)``, each estimate of shape ``(N,)``.
+NLL_METHODS: Registry = Registry("NLL method")
+NLL_USAGE = "is(samples=K), ais(steps=T, leapfrog=L, chains=C, start='prior'|'guide', schedule='sigmoid'|'linear')"
+
+
+@NLL_METHODS.register("is")
+@dataclass
+class ImportanceSampling:
+    """``is(samples=K)``: :func:`log_likelihood_with_se` with K importance samples from q(z|x) (Burda et al. 2015)."""
+
+    samples: int = 5000
+
+    def __post_init__(self) -> None:
+        self.samples = integer_arg("samples", self.samples)
+
+    def estimate(
+        self, vae, x: torch.Tensor, batch_size: int | None = None, progress: bool | None = False, **data
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        log_px, se = log_likelihood_with_se(vae, x, self.samples, batch_size=batch_size, progress=progress, **data)
+        return log_px, se, {}
+
+
+def nll_method(spec: Spec | object):
+    """The NLL method a spec names (``"is(samples=5000)"``, ``"ais(steps=1000)"``); a built one as it is.
+
+    A bad spec is a one-line :class:`SpecError` that names the valid methods.
+    """
+    try:
+        return NLL_METHODS.build(spec)
+    except SpecError as err:
+        if "valid NLL methods" in str(err):
+            raise
+        raise SpecError(f"{err}; NLL methods: {NLL_USAGE}") from err
+
+
+def describe(method) -> tuple[str, dict[str, Any]]:
+    """``(full spec, settings)`` of an NLL method: every setting, defaults included, for the record."""
+    settings = asdict(method)
+    return format_spec(method.spec_name, settings), settings
 
 
 # -- ELBO --------------------------------------------------------------------------------------------
@@ -374,14 +433,19 @@ def evaluate(
     progress: bool | None = False,
     subset: int | None = None,
     elbo_samples: int = 1,
+    nll: Spec | object | None = None,
 ) -> dict[str, Any]:
     """Every evaluation number of ``vae`` on one split of ``dataset``, as a JSON-ready dict.
+
+    The log-likelihood is estimated by the method ``nll`` names (:data:`NLL_METHODS`: ``"is(samples=K)"``
+    or ``"ais(steps=T, ...)"``); without it by importance sampling with ``nll_samples`` samples, and
+    not at all when ``nll_samples`` is 0.
 
     Keys (``{split}`` is ``test`` by default, giving the public contract's names):
 
     - ``{split}_elbo``: mean ELBO (nats, negative), see :func:`elbo`;
-    - ``{split}_nll``: mean of -log p-hat(x) with ``nll_samples`` importance samples (nats, positive);
-      ``None`` when ``nll_samples`` is 0 (skipped), as are the next three;
+    - ``{split}_nll``: mean of -log p-hat(x) by the NLL method (nats, positive); ``None`` when
+      ``nll_samples`` is 0 and no method is given (skipped), as are the next three;
     - ``{split}_nll_se``: Monte Carlo standard error of that mean, sqrt(sum_i se_i^2) / N: how far
       the number may move with other importance samples of the same examples;
     - ``{split}_nll_data_se``: sd_i(-log p-hat(x_i)) / sqrt(N): the sampling error of the mean over
@@ -392,13 +456,17 @@ def evaluate(
       for pairs that do not factorize);
     - ``{split}_{name}`` for each of the structure's own metrics (``Structure.metrics``: M2's
       ``accuracy``), the mean over the split's examples;
-    - ``num_examples``, ``x_dim``, ``split``, ``nll_samples``, ``data_variant`` (``dataset.name``),
-      ``seconds``, and ``warning`` (only when the numbers are not likelihoods: Bernoulli on grey levels).
+    - ``nll_method`` (the method's full spec, every setting included, or ``None``) and ``nll_settings``
+      (the same as a dict); ``nll_samples`` (K of importance sampling, else ``None``); the method's own
+      numbers (AIS: ``ais_acceptance_rate``, ...);
+    - ``num_examples``, ``x_dim``, ``split``, ``data_variant`` (``dataset.name``), ``seconds``, and
+      ``warning`` (only when the numbers are not likelihoods: Bernoulli on grey levels).
 
     The fields the structure consumes (``vae.consumes``) come from ``dataset.fields`` (``pyro_vae.fields``).
     """
     if split not in ("train", "val", "test"):
         raise ValueError(f"unknown split {split!r}; valid splits: train, val, test")
+    method = nll_method(nll if nll is not None else f"is(samples={nll_samples})") if nll or nll_samples else None
     x = getattr(dataset, split)
     if x is None or x.shape[0] == 0:
         raise ValueError(f"dataset {getattr(dataset, 'name', '?')!r} has no {split} examples")
@@ -423,19 +491,31 @@ def evaluate(
     result.update({f"{split}_{name}": float(total) / n for name, total in totals.items()})
     warning = _likelihood_warning(vae, dataset, x)
     result.update({f"{split}_nll": None, f"{split}_nll_se": None, f"{split}_nll_data_se": None, "bits_per_dim": None})
-    result["nll_samples"] = nll_samples
-    if nll_samples:
-        log_px, se = log_likelihood_with_se(vae, x, nll_samples, batch_size=batch, progress=progress, **data)
-        nll = -log_px.double()
-        result[f"{split}_nll"] = float(nll.mean())
-        result[f"{split}_nll_se"] = float(se.double().square().sum().sqrt() / n) if nll_samples > 1 else None
-        result[f"{split}_nll_data_se"] = float(nll.std() / math.sqrt(n)) if n > 1 else None
+    result.update(nll_method=None, nll_settings=None, nll_samples=0)
+    if method is not None:
+        result["nll_method"], result["nll_settings"] = describe(method)
+        result["nll_samples"] = getattr(method, "samples", None)
+        log_px, se, extra = method.estimate(vae, x, batch_size=batch_size, progress=progress, **data)
+        result.update(nll_summary(log_px, se, split))
         result["bits_per_dim"] = bits_per_dim(result[f"{split}_nll"], _observed_dim(vae, x, data))
+        result.update(extra)
     result.update(latent_diagnostics(vae, x, batch))
     result["seconds"] = time.perf_counter() - start
     if warning:
         result["warning"] = warning
     return result
+
+
+def nll_summary(log_px: torch.Tensor, se: torch.Tensor, split: str = "test") -> dict[str, float | None]:
+    """``{split}_nll`` (mean of -log p-hat), ``{split}_nll_se`` (its Monte Carlo error, sqrt(sum_i se_i^2) / N;
+    ``None`` when an SE is undefined, e.g. one sample) and ``{split}_nll_data_se`` (sd_i / sqrt(N))."""
+    nll, n = -log_px.double(), log_px.shape[0]
+    mc_se = float(se.double().square().sum().sqrt() / n)
+    return {
+        f"{split}_nll": float(nll.mean()),
+        f"{split}_nll_se": mc_se if math.isfinite(mc_se) else None,
+        f"{split}_nll_data_se": float(nll.std() / math.sqrt(n)) if n > 1 else None,
+    }
 
 
 def _observed_dim(vae, x: torch.Tensor, data: dict[str, torch.Tensor]) -> float:
@@ -480,19 +560,23 @@ def evaluate_run(
     subset: int | None = None,
     seed: int | None = 0,
     progress: bool | None = None,
+    nll: Spec | object | None = None,
 ) -> dict[str, Any]:
-    """:func:`evaluate` on a run folder's model and dataset (``pyro_vae.runs.load_run``).
+    """:func:`evaluate` on a run folder's model and dataset (``pyro_vae.runs.load_run``); ``nll`` as there.
 
     ``seed`` (default 0) seeds torch and Pyro first so that two evaluations of one run give the
     same numbers; ``None`` leaves the global RNG alone. ``subset`` keeps the first N examples.
     """
     from pyro_vae.runs import load_run  # train -> runs -> evaluate would otherwise be circular
 
+    method = nll_method(nll) if nll is not None else None  # a bad spec fails before the run is loaded
     if seed is not None:
         import pyro
 
         pyro.set_rng_seed(seed)
     run = load_run(run_dir, device=device, data_dir=data_dir)
-    result = evaluate(run.vae, run.dataset, nll_samples=nll_samples, split=split, progress=progress, subset=subset)
+    result = evaluate(
+        run.vae, run.dataset, nll_samples=nll_samples, split=split, progress=progress, subset=subset, nll=method
+    )
     result["run"] = str(run_dir)
     return result
