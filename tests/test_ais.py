@@ -13,8 +13,10 @@ Statistical checks use fixed seeds and SEs computed from the draws (``pytest -s`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+from unittest import mock
 
 import pyro
 import pytest
@@ -23,7 +25,7 @@ from mc_stats import assert_within_se, mean_se, report
 from pyro import poutine
 from test_two_layer import TwoLayerLinearGaussian
 
-from pyro_vae import cli
+from pyro_vae import ais, cli
 from pyro_vae.ais import AISSettings, ais_log_likelihood, bdmc, temperatures
 from pyro_vae.checks import load_config
 from pyro_vae.evaluate import NLL_METHODS, log_likelihood, nll_method
@@ -127,6 +129,46 @@ def test_the_two_layer_model_reaches_log_px_from_the_prior_and_from_the_guide():
     one = ais_log_likelihood(vae, x, steps=1, chains=4, start="guide")
     pyro.set_rng_seed(5)
     torch.testing.assert_close(one.log_weights, log_weights(vae, x, 4), rtol=0, atol=1e-10)
+
+
+HOST_READS = ("__bool__", "__float__", "__int__", "item", "tolist", "numpy")
+
+
+@contextlib.contextmanager
+def no_host_reads():
+    """Every way Python reads a tensor's value (``if t:``, ``float(t)``, ``t.item()``, ...) raises in this block."""
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("a tensor was read on the host")
+
+    with contextlib.ExitStack() as stack:
+        for name in HOST_READS:
+            stack.enter_context(mock.patch.object(torch.Tensor, name, refuse))
+        yield
+
+
+@pytest.mark.parametrize("structure", ["vae", "two_layer(z2_dim=2, hidden=[3])"])
+@pytest.mark.parametrize("start", ["prior", "guide"])
+def test_the_annealing_loop_never_reads_a_tensor_on_the_host(structure, start, monkeypatch):
+    """No .item(), no Python branch on a tensor inside the loop (what a GPU would sync on): a CPU stand-in."""
+    anneal = ais.anneal
+
+    def guarded(*args, **kwargs):
+        with no_host_reads():
+            return anneal(*args, **kwargs)
+
+    monkeypatch.setattr(ais, "anneal", guarded)
+    vae = VAE(
+        x_dim=6,
+        z_dim=2,
+        hidden_dims=(5,),
+        prior="vamp(components=3)" if structure == "vae" else "normal",
+        structure=structure,
+    )
+    result = ais_log_likelihood(vae, (torch.rand(3, 6) < 0.5).float(), steps=3, leapfrog=2, chains=2, start=start)
+    assert bool(torch.isfinite(result.log_px).all())
+    with no_host_reads(), pytest.raises(AssertionError, match="read on the host"):
+        bool(torch.ones(()))
 
 
 # -- BDMC ----------------------------------------------------------------------------------------------------
