@@ -171,6 +171,19 @@ def test_the_annealing_loop_never_reads_a_tensor_on_the_host(structure, start, m
         bool(torch.ones(()))
 
 
+def test_a_structure_with_data_fields_anneals_with_them():
+    """The CVAE's p(z|x_in) p(y|z) with its input_mask: one temperature from the guide is its IWAE weights."""
+    torch.manual_seed(0)
+    vae = VAE(x_dim=16, z_dim=2, hidden_dims=(5,), structure="cvae", x_shape=(1, 4, 4))
+    x, mask = (torch.rand(3, 16) < 0.5).float(), torch.arange(16).expand(3, 16) < 8
+    pyro.set_rng_seed(6)
+    one = ais_log_likelihood(vae, x, steps=1, chains=4, start="guide", input_mask=mask)
+    pyro.set_rng_seed(6)
+    torch.testing.assert_close(one.log_weights, log_weights(vae, x, 4, input_mask=mask), rtol=0, atol=1e-5)
+    annealed = ais_log_likelihood(vae, x, steps=4, leapfrog=2, chains=2, input_mask=mask)
+    assert bool(torch.isfinite(annealed.log_px).all()) and annealed.acceptance.shape == (3,)
+
+
 # -- BDMC ----------------------------------------------------------------------------------------------------
 def test_bdmc_brackets_log_px_and_its_gap_shrinks_with_the_schedule(lg, vae):
     gaps = {}
