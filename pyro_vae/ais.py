@@ -428,6 +428,8 @@ def ais_log_likelihood(
     """
     settings = AISSettings(steps, leapfrog, chains, start, schedule, target_accept, step_size)
     x, data = _flat(vae, x), _on_device(vae, data)
+    if x.shape[0] == 0:
+        raise ValueError("AIS needs at least one example, got none")
     batch = batch_size or default_batch_size(vae, chains, x.shape[0])
     betas = temperatures(steps, schedule, x.dtype, x.device)
     parts = []
