@@ -31,6 +31,7 @@ examples:
   pyro-vae train --config configs/mnist.toml --set model.prior="mixture(components=10)" --out runs/mix
   pyro-vae train --resume --out runs/mix --set train.epochs=40
   pyro-vae evaluate --run runs/mix --nll-samples 5000 --json
+  pyro-vae evaluate --run runs/mix --nll "ais(steps=1000, leapfrog=10, chains=16)" --json
   pyro-vae sample --run runs/mix --num 64 --out samples.png
   pyro-vae plot --run runs/mix
   pyro-vae compare --run runs/mix --estimators "trace,meanfield,iwae(k=50)"
@@ -149,9 +150,25 @@ def _evaluate_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--nll-samples",
         type=_positive_or_zero,
-        default=5000,
+        default=None,
         metavar="K",
-        help="importance samples per example for the NLL; 0 skips it (default: 5000)",
+        help="importance samples per example for the NLL, short for --nll 'is(samples=K)'; 0 skips it (default: 5000)",
+    )
+    parser.add_argument(
+        "--nll",
+        default=None,
+        metavar="SPEC",
+        help="the NLL method: 'is(samples=K)' (importance sampling, the default with K=5000) or "
+        "'ais(steps=T, leapfrog=L, chains=C, start='prior'|'guide', schedule='sigmoid'|'linear')' "
+        "(annealed importance sampling, Wu et al. 2017)",
+    )
+    parser.add_argument(
+        "--bdmc",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help="instead of the test-set report: bidirectional Monte Carlo on N examples simulated from the model, "
+        "forward (lower) and reverse (upper) AIS with the settings of --nll 'ais(...)' (default: ais())",
     )
     parser.add_argument(
         "--subset", type=_positive, default=None, metavar="N", help="evaluate the first N examples of the split only"
@@ -166,23 +183,41 @@ def _evaluate_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
+    from pyro_vae.ais import bdmc_run
     from pyro_vae.evaluate import evaluate_run
 
+    if args.nll is not None and args.nll_samples is not None:
+        raise _UsageError("give --nll or --nll-samples, not both (--nll-samples K is --nll 'is(samples=K)')")
+    if args.bdmc is not None:
+        if args.nll_samples is not None or args.subset is not None:
+            raise _UsageError(
+                "--bdmc simulates its own data and runs AIS: it takes --nll 'ais(...)', not --nll-samples or --subset"
+            )
+        result = bdmc_run(args.run, args.bdmc, nll=args.nll, device=args.device)
+        keys = ("forward_log_px", "reverse_log_px", "gap", "forward_acceptance_rate", "reverse_acceptance_rate")
+        return _print_result(result, args.json, ("ais_method", "bdmc_num", *keys))
+    nll_samples = 5000 if args.nll_samples is None else args.nll_samples
     result = evaluate_run(
         args.run,
-        nll_samples=args.nll_samples,
+        nll_samples=nll_samples,
         device=args.device,
         data_dir=args.data_dir,
         subset=args.subset,
+        nll=args.nll,
         save=args.save,
     )
-    if args.json:
-        print(json.dumps(result, indent=2))
-        return 0
     # The contract's keys, then any number of the structure's own (M2's test_accuracy).
     own = [key for key in result if key.startswith("test_") and key not in CONTRACT_KEYS and "nll" not in key]
-    for key in (*CONTRACT_KEYS, *own):
-        value = result.get(key)
+    return _print_result(result, args.json, (*CONTRACT_KEYS, *own, "nll_method", "ais_acceptance_rate"))
+
+
+def _print_result(result: dict[str, Any], as_json: bool, keys: Sequence[str]) -> int:
+    """The whole result as JSON, or one line per key present (and the warning, if any)."""
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return 0
+    for key in (key for key in keys if key in result):
+        value = result[key]
         print(f"{key:>14}  {value:.4f}" if isinstance(value, float) else f"{key:>14}  {value}")
     if result.get("warning"):
         print(f"warning: {result['warning']}")
@@ -499,9 +534,13 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         _run_train,
     ),
     "evaluate": Subcommand(
-        "test ELBO, importance-sampled NLL, bits/dim of a run",
-        "Evaluate a run's best weights on its test set: ELBO, NLL with K importance samples and its "
-        "standard error, bits/dim, active units.\n\nexample:\n  pyro-vae evaluate --run runs/quick --json",
+        "test ELBO, importance-sampled or AIS NLL, bits/dim of a run; BDMC bounds",
+        "Evaluate a run's best weights on its test set: ELBO, NLL (K importance samples, or annealed importance "
+        "sampling) and its standard error, bits/dim, active units. With --bdmc N: forward and reverse AIS on N "
+        "examples simulated from the model, a lower and an upper bound on log p(x) and their gap.\n\nexamples:\n"
+        "  pyro-vae evaluate --run runs/quick --json\n"
+        '  pyro-vae evaluate --run runs/quick --nll "ais(steps=1000, leapfrog=10, chains=16)" --subset 1000\n'
+        '  pyro-vae evaluate --run runs/quick --bdmc 100 --nll "ais(steps=1000)"',
         _evaluate_args,
         _run_evaluate,
     ),

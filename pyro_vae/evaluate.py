@@ -15,6 +15,9 @@ formulas, their standard errors and the references are written out in ``docs/eva
 - :func:`active_units`: Burda et al.'s A_u = Cov_x(E_{q(z|x)}[u]) > 0.01.
 - :func:`kl_per_dimension`: E_x KL(q(z_j|x) || p(z_j)) for factorized pairs.
 - :func:`evaluate` / :func:`evaluate_run`: all of them on a dataset split / a run folder.
+- :data:`NLL_METHODS`: the log-likelihood estimators by spec, ``is(samples=5000)`` (the default) and
+  ``ais(steps=..., leapfrog=..., chains=...)`` (annealed importance sampling, ``pyro_vae.ais``, which
+  registers itself there when the package is imported).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import math
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +35,11 @@ import numpy as np
 import torch
 import torch.distributions as tdist
 
+from pyro_vae import protocol
 from pyro_vae.fields import split_fields
 from pyro_vae.model import posterior_mean
-from pyro_vae.protocol import describe
+from pyro_vae.registry import Registry
+from pyro_vae.specs import Spec, SpecError, format_spec, integer_arg
 from pyro_vae.traces import elbo_particles, log_weights
 
 # Upper bound on the elements of the widest activation of one chunk, (chunk, batch, width):
@@ -124,15 +129,15 @@ def default_chunk_size(vae, batch: int, budget: int | None = None) -> int:
     return max(1, (budget or MEMORY_BUDGET) // (batch * _width(vae)))
 
 
-def _progress(total: int, enabled: bool | None, desc: str):
-    """A tqdm bar when ``enabled`` (``None``: only on a terminal); otherwise a no-op."""
+def _progress(total: int, enabled: bool | None, desc: str, unit: str = "ex"):
+    """A tqdm bar of ``total`` ``unit`` when ``enabled`` (``None``: only on a terminal); otherwise a no-op."""
     if enabled is None:
         enabled = sys.stderr.isatty()
     if not enabled:
         return contextlib.nullcontext(None)
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="ex", leave=False)
+    return tqdm(total=total, desc=desc, unit=unit, leave=False)
 
 
 def _log_weight_batches(
@@ -231,6 +236,15 @@ def effective_sample_size(log_w: torch.Tensor) -> torch.Tensor:
     return (2 * log_w.logsumexp(0) - (2 * log_w).logsumexp(0)).exp()
 
 
+def weights_estimate(log_w: torch.Tensor) -> ImportanceEstimate:
+    """log (1/K) sum_k w_k per example with both standard errors and the ESS, from ``(K, batch)`` log weights
+    of i.i.d. weights with E[w] = p(x) (importance samples here, AIS chains in ``pyro_vae.ais``)."""
+    k = log_w.shape[0]
+    return ImportanceEstimate(
+        log_w.logsumexp(0) - math.log(k), jackknife_se(log_w), delta_method_se(log_w), effective_sample_size(log_w)
+    )
+
+
 def importance_estimate(
     vae,
     x: torch.Tensor,
@@ -241,12 +255,13 @@ def importance_estimate(
     **data,
 ) -> ImportanceEstimate:
     """:func:`log_likelihood` per example with its jackknife and delta-method SEs and effective sample size."""
-    parts = [
-        (lw.logsumexp(0) - math.log(num_samples), jackknife_se(lw), delta_method_se(lw), effective_sample_size(lw))
+    blocks = [
+        weights_estimate(lw)
         for lw in _log_weight_batches(vae, x, num_samples, chunk_size, batch_size, progress, **data)
     ]
-    log_px, se, se_delta, ess = (torch.cat(column).to(x.dtype) for column in zip(*parts, strict=True))
-    return ImportanceEstimate(log_px, se, se_delta, ess)
+    return ImportanceEstimate(
+        *(torch.cat([getattr(b, name) for b in blocks]).to(x.dtype) for name in ("log_px", "se", "se_delta", "ess"))
+    )
 
 
 # -- log-likelihood ----------------------------------------------------------------------------------
@@ -308,6 +323,49 @@ def log_likelihood_with_se(
     parts = [(lw.logsumexp(0) - math.log(num_samples), SE_METHODS[se](lw)) for lw in blocks]
     estimate, error = (torch.cat(column) for column in zip(*parts, strict=True))
     return estimate, error.to(estimate.dtype)
+
+
+# -- log-likelihood methods by name (``evaluate(nll=...)``, ``pyro-vae evaluate --nll``) -----------------
+# Each entry is a dataclass of its settings with ``estimate(vae, x, batch_size, progress, **data)`` returning
+# ``(ImportanceEstimate, extra JSON-ready numbers)``: per example, log p-hat(x) = log mean_k w_k over the method's
+# i.i.d. weights with E[w] = p(x) (importance samples, AIS chains), their jackknife and delta-method SEs and ESS.
+NLL_METHODS: Registry = Registry("NLL method")
+NLL_USAGE = "is(samples=K), ais(steps=T, leapfrog=L, chains=C, start='prior'|'guide', schedule='sigmoid'|'linear')"
+
+
+@NLL_METHODS.register("is")
+@dataclass
+class ImportanceSampling:
+    """``is(samples=K)``: :func:`log_likelihood_with_se` with K importance samples from q(z|x) (Burda et al. 2015)."""
+
+    samples: int = 5000
+
+    def __post_init__(self) -> None:
+        self.samples = integer_arg("samples", self.samples)
+
+    def estimate(
+        self, vae, x: torch.Tensor, batch_size: int | None = None, progress: bool | None = False, **data
+    ) -> tuple[ImportanceEstimate, dict[str, Any]]:
+        return importance_estimate(vae, x, self.samples, batch_size=batch_size, progress=progress, **data), {}
+
+
+def nll_method(spec: Spec | object):
+    """The NLL method a spec names (``"is(samples=5000)"``, ``"ais(steps=1000)"``); a built one as it is.
+
+    A bad spec is a one-line :class:`SpecError` that names the valid methods.
+    """
+    try:
+        return NLL_METHODS.build(spec)
+    except SpecError as err:
+        if "valid NLL methods" in str(err):
+            raise
+        raise SpecError(f"{err}; NLL methods: {NLL_USAGE}") from err
+
+
+def describe(method) -> tuple[str, dict[str, Any]]:
+    """``(full spec, settings)`` of an NLL method: every setting, defaults included, for the record."""
+    settings = asdict(method)
+    return format_spec(method.spec_name, settings), settings
 
 
 # -- ELBO --------------------------------------------------------------------------------------------
@@ -461,10 +519,11 @@ def evaluate(
     subset: int | None = None,
     elbo_samples: int = 1,
     seed: int | None = None,
+    nll: Spec | object | None = None,
 ) -> dict[str, Any]:
     """Every evaluation number of ``vae`` on one split of ``dataset``, as a JSON-ready dict
     (:func:`evaluate_examples` without the per-example numbers)."""
-    return evaluate_examples(vae, dataset, nll_samples, batch_size, split, progress, subset, elbo_samples, seed)[0]
+    return evaluate_examples(vae, dataset, nll_samples, batch_size, split, progress, subset, elbo_samples, seed, nll)[0]
 
 
 def evaluate_examples(
@@ -477,14 +536,19 @@ def evaluate_examples(
     subset: int | None = None,
     elbo_samples: int = 1,
     seed: int | None = None,
+    nll: Spec | object | None = None,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """``(result, examples)``: the evaluation of ``vae`` on one split and its numbers per example.
+
+    The log-likelihood is estimated by the method ``nll`` names (:data:`NLL_METHODS`: ``"is(samples=K)"``
+    or ``"ais(steps=T, ...)"``); without it by importance sampling with ``nll_samples`` samples, and
+    not at all when ``nll_samples`` is 0.
 
     ``result`` keys (``{split}`` is ``test`` by default, giving the public contract's names):
 
     - ``{split}_elbo``: mean ELBO (nats, negative), see :func:`elbo`;
-    - ``{split}_nll``: mean of -log p-hat(x) with ``nll_samples`` importance samples (nats, positive);
-      ``None`` when ``nll_samples`` is 0 (skipped), as are the next ones;
+    - ``{split}_nll``: mean of -log p-hat(x) by the NLL method (nats, positive); ``None`` when
+      ``nll_samples`` is 0 and no method is given (skipped), as are the next ones;
     - ``{split}_nll_se``: Monte Carlo standard error of that mean, sqrt(sum_i se_i^2) / N with the
       jackknife se_i (:func:`jackknife_se`): how far the number may move with other importance samples
       of the same examples; ``{split}_nll_se_delta`` the same with the delta method's se_i;
@@ -499,15 +563,19 @@ def evaluate_examples(
       for pairs that do not factorize);
     - ``{split}_{name}`` for each of the structure's own metrics (``Structure.metrics``: M2's
       ``accuracy``), the mean over the split's examples;
-    - ``num_examples``, ``x_dim``, ``split``, ``nll_samples``, ``data_variant`` (``dataset.name``),
-      ``seconds``, ``protocol`` (``pyro_vae.protocol.describe``: data, examples, estimator, weights,
-      versions), and ``warning`` (when the numbers are not likelihoods, or the weights are degenerate).
+    - ``nll_method`` (the method's full spec, every setting included, or ``None``) and ``nll_settings``
+      (the same as a dict); ``nll_samples`` (K of importance sampling, else ``None``); the method's own
+      numbers (AIS: ``ais_acceptance_rate``, ...);
+    - ``num_examples``, ``x_dim``, ``split``, ``data_variant`` (``dataset.name``), ``seconds``,
+      ``protocol`` (``pyro_vae.protocol.describe``: data, examples, estimator, weights, versions), and
+      ``warning`` (when the numbers are not likelihoods, or the weights are degenerate).
 
     ``examples`` holds, row for row over the evaluated examples, ``elbo`` and, when the NLL is computed,
     ``log_px``, ``log_px_se`` (jackknife) and ``ess`` (float64 arrays), for paired comparisons
     (``pyro_vae.protocol``). ``seed`` is only recorded (the caller seeds). The fields the structure
     consumes (``vae.consumes``) come from ``dataset.fields`` (``pyro_vae.fields``).
     """
+    method = nll_method(nll if nll is not None else f"is(samples={nll_samples})") if nll or nll_samples else None
     x, labels, data = _split_rows(vae, dataset, split, subset)
     n, d = x.shape
     start = time.perf_counter()
@@ -525,18 +593,21 @@ def evaluate_examples(
         totals = metric_sums(vae, x, None if labels is None else labels.to(x.device), data, batch)
     result.update({f"{split}_{name}": float(total) / n for name, total in totals.items()})
     warnings_ = [w for w in (_likelihood_warning(vae, dataset, x),) if w]
-    result["nll_samples"] = nll_samples
-    nll_protocol: dict[str, Any] = {}
     result.update(dict.fromkeys((f"{split}_nll", f"{split}_nll_se", f"{split}_nll_data_se", "bits_per_dim")))
-    if nll_samples:
-        estimate = importance_estimate(vae, x, nll_samples, batch_size=batch, progress=progress, **data)
+    result.update(nll_method=None, nll_settings=None, nll_samples=0)
+    nll_protocol: dict[str, Any] = {}
+    if method is not None:
+        result["nll_method"], result["nll_settings"] = describe(method)
+        result["nll_samples"] = getattr(method, "samples", None)
+        estimate, extra = method.estimate(vae, x, batch_size=batch_size, progress=progress, **data)
         result.update(_nll_summary(estimate, split, _observed_dim(vae, x, data)))
+        result.update(extra)
         examples.update(_nll_examples(estimate))
-        warnings_ += [w for w in (_ess_warning(estimate, nll_samples),) if w]
-        nll_protocol = {"method": "is", "samples": nll_samples, "se": "jackknife"}
+        warnings_ += [w for w in (_ess_warning(estimate, _draws(method)),) if w]
+        nll_protocol = {"method": method.spec_name, **result["nll_settings"], "se": "jackknife"}
     result.update(latent_diagnostics(vae, x, batch, **data))
     result["seconds"] = time.perf_counter() - start
-    result["protocol"] = describe(vae, dataset, split, x, subset, nll_protocol, elbo_samples, seed)
+    result["protocol"] = protocol.describe(vae, dataset, split, x, subset, nll_protocol, elbo_samples, seed)
     if warnings_:
         result["warning"] = "; ".join(warnings_)
     return result, examples
@@ -582,6 +653,11 @@ def _nll_examples(estimate: ImportanceEstimate) -> dict[str, np.ndarray]:
         "log_px_se": estimate.se.double().cpu().numpy(),
         "ess": estimate.ess.double().cpu().numpy(),
     }
+
+
+def _draws(method) -> int:
+    """The i.i.d. weights per example an NLL method averages: importance samples, or AIS chains."""
+    return getattr(method, "samples", None) or method.chains
 
 
 def _ess_warning(estimate: ImportanceEstimate, num_samples: int) -> str | None:
@@ -638,8 +714,9 @@ def evaluate_run(
     seed: int | None = 0,
     progress: bool | None = None,
     save: bool = False,
+    nll: Spec | object | None = None,
 ) -> dict[str, Any]:
-    """:func:`evaluate` on a run folder's model and dataset (``pyro_vae.runs.load_run``).
+    """:func:`evaluate` on a run folder's model and dataset (``pyro_vae.runs.load_run``); ``nll`` as there.
 
     ``seed`` (default 0) seeds torch and Pyro first so that two evaluations of one run give the
     same numbers; ``None`` leaves the global RNG alone. ``subset`` keeps the first N examples. With
@@ -649,13 +726,21 @@ def evaluate_run(
     from pyro_vae.protocol import save as save_evaluation
     from pyro_vae.runs import load_run  # train -> runs -> evaluate would otherwise be circular
 
+    method = nll_method(nll) if nll is not None else None  # a bad spec fails before the run is loaded
     if seed is not None:
         import pyro
 
         pyro.set_rng_seed(seed)
     run = load_run(run_dir, device=device, data_dir=data_dir)
     result, examples = evaluate_examples(
-        run.vae, run.dataset, nll_samples=nll_samples, split=split, progress=progress, subset=subset, seed=seed
+        run.vae,
+        run.dataset,
+        nll_samples=nll_samples,
+        split=split,
+        progress=progress,
+        subset=subset,
+        seed=seed,
+        nll=method,
     )
     result["weights"] = run.checkpoint
     result["run"] = str(run_dir)

@@ -78,6 +78,11 @@ class Likelihood(nn.Module):
         """The value observed at site ``"x"`` for data ``x`` in [0, 1]; identity by default."""
         return x
 
+    def unprepare(self, value: torch.Tensor) -> torch.Tensor:
+        """Data x whose observed value ``prepare(x)`` is ``value`` (a draw of this likelihood, e.g. data simulated
+        from the model); identity by default."""
+        return value
+
     def mean(self, params: torch.Tensor) -> torch.Tensor:
         """E[x|z] in data units ([0, 1]), for reconstructions and samples."""
         return self(params).mean
@@ -470,6 +475,9 @@ class CategoricalLikelihood(EightBitLikelihood):
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         return (x * (LEVELS - 1)).round().long()
+
+    def unprepare(self, value: torch.Tensor) -> torch.Tensor:
+        return value / (LEVELS - 1)
 
     def mean(self, params: torch.Tensor) -> torch.Tensor:
         return self.expectation(self(params))

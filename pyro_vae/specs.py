@@ -15,6 +15,7 @@ import difflib
 import math
 import re
 from collections.abc import Iterable, Mapping
+from keyword import iskeyword
 from typing import Any
 
 Spec = str | Mapping[str, Any] | tuple[str, Mapping[str, Any]]
@@ -59,8 +60,9 @@ def parse_spec(spec: Spec) -> tuple[str, dict[str, Any]]:
     if not text:
         raise SpecError("empty spec")
     head, paren, rest = text.partition("(")
-    if "-" in head and re.fullmatch(r"[A-Za-z_][\w-]*", head.strip()):
-        # Hyphenated names (data variants such as "mnist-dynamic") are not Python names: parse the arguments alone.
+    if ("-" in head or iskeyword(head.strip())) and re.fullmatch(r"[A-Za-z_][\w-]*", head.strip()):
+        # Hyphenated names (data variants such as "mnist-dynamic") and keywords (the NLL method "is") are not
+        # Python names: parse the arguments alone.
         try:
             return head.strip(), parse_spec(f"_{paren}{rest}")[1]
         except SpecError as err:

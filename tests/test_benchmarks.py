@@ -105,3 +105,12 @@ def test_reliability_counts_the_in_process_cases(bench, tmp_path):
     )
     assert reliability.classify("train.epochs=3") == ("accepted", "")
     assert reliability.classify("model.z_dim=1000000000")[0] == "clean error"
+
+
+def test_ais_throughput_reports_measured_and_extrapolated_seconds(bench, capsys):
+    bench("ais_throughput").main(["--steps", "3", "--subset", "2", "--chains", "2", "--leapfrog", "2", *TINY])
+    out = json.loads(capsys.readouterr().out)
+    measured, extrapolated = out["measured"], out["extrapolated"]
+    assert (measured["steps"], measured["examples"], measured["rows_per_gradient_evaluation"]) == (3, 2, 4)
+    assert extrapolated["seconds"] == pytest.approx(measured["seconds"] * (1000 / 3) * (1000 / 2))
+    assert 0 <= measured["acceptance_rate"] <= 1 and "cpu" in out["machine"]

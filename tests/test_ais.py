@@ -1,0 +1,310 @@
+"""Annealed importance sampling and BDMC (``pyro_vae.ais``), checked on exactly tractable models.
+
+The linear-Gaussian VAE (``tests/linear_gaussian.py``: x_dim 6, z_dim 3, noise 0.5) and the two-layer
+linear-Gaussian VAE (``tests/test_two_layer.py``) have exact log p(x). AIS from the prior must
+
+- be plain importance sampling from its start distribution at one temperature, draw for draw;
+- sit visibly below log p(x) with few temperatures (a stochastic lower bound);
+- reach log p(x) within 4 standard errors with enough temperatures, its HMC acceptance rate near the target;
+
+and BDMC's forward and reverse estimates must bracket log p(x), their gap shrinking as the schedule grows.
+Statistical checks use fixed seeds and SEs computed from the draws (``pytest -s`` prints them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from unittest import mock
+
+import pyro
+import pytest
+import torch
+from mc_stats import assert_within_se, mean_se, report
+from pyro import poutine
+from test_two_layer import TwoLayerLinearGaussian
+
+from pyro_vae import ais, cli
+from pyro_vae.ais import AISSettings, ais_log_likelihood, bdmc, temperatures
+from pyro_vae.checks import load_config
+from pyro_vae.evaluate import NLL_METHODS, log_likelihood, nll_method
+from pyro_vae.model import VAE
+from pyro_vae.specs import SpecError
+from pyro_vae.traces import log_weights
+from pyro_vae.train import train
+
+# Enough temperatures for the linear-Gaussian models: the bias of log p-hat is then far below its SE.
+CONVERGED = {"steps": 300, "leapfrog": 5, "chains": 16, "step_size": 0.1}
+
+
+@pytest.fixture(scope="module")
+def vae(lg):
+    """The linear-Gaussian VAE with a guide far from the posterior (only start='guide' reads it)."""
+    return lg.build_vae(exact_posterior=False)
+
+
+@pytest.fixture(scope="module")
+def converged(vae, x):
+    pyro.set_rng_seed(0)
+    return ais_log_likelihood(vae, x[:8], **CONVERGED)
+
+
+# -- one temperature is importance sampling ----------------------------------------------------------------
+def test_one_temperature_from_the_guide_is_importance_sampling_draw_for_draw(vae, x):
+    """steps = 1: no transition, log w = log p(x, z) - log q(z|x) at the guide's draws, the IWAE weights."""
+    pyro.set_rng_seed(3)
+    result = ais_log_likelihood(vae, x, steps=1, chains=7, start="guide")
+    pyro.set_rng_seed(3)
+    torch.testing.assert_close(result.log_weights, log_weights(vae, x, 7), rtol=0, atol=1e-10)
+    pyro.set_rng_seed(3)
+    torch.testing.assert_close(result.log_px, log_likelihood(vae, x, num_samples=7), rtol=0, atol=1e-10)
+    assert result.acceptance.numel() == 0 and result.acceptance_rate is None
+
+
+def test_one_temperature_from_the_prior_is_importance_sampling_draw_for_draw(lg, vae, x):
+    """steps = 1 from the prior: log w = log p(x|z) at z ~ p(z), here computed by hand from the same draws."""
+    pyro.set_rng_seed(4)
+    result = ais_log_likelihood(vae, x, steps=1, chains=5, start="prior")
+    pyro.set_rng_seed(4)
+    with pyro.plate("particles", 5, dim=-2):
+        z = poutine.trace(vae.model).get_trace(x).nodes["z"]["value"]  # (5, batch, 3), the prior's draws
+    by_hand = torch.distributions.Normal(z @ lg.W.T + lg.b, lg.s).log_prob(x).sum(-1)
+    torch.testing.assert_close(result.log_weights, by_hand, rtol=0, atol=1e-10)
+    torch.testing.assert_close(result.log_px, by_hand.logsumexp(0) - math.log(5), rtol=0, atol=1e-10)
+
+
+def test_the_schedules_run_from_zero_to_one():
+    for kind in ("sigmoid", "linear"):
+        assert temperatures(1, kind).tolist() == [0.0, 1.0]
+        betas = temperatures(50, kind)
+        assert betas[0] == 0 and betas[-1] == 1 and bool((betas.diff() > 0).all())
+    sigmoid = temperatures(100)
+    increments = sigmoid.diff()  # slow at the ends, fast in the middle, symmetric
+    assert increments[0] < 0.2 * increments[50] and float(sigmoid[50]) == pytest.approx(0.5)
+
+
+# -- a lower bound that converges ----------------------------------------------------------------------------
+def test_few_temperatures_sit_below_log_px(lg, vae, x):
+    """E[log w] < log p(x) (Jensen): with 5 temperatures from the prior and one chain the gap is plain to see."""
+    pyro.set_rng_seed(1)
+    many = x.repeat(50, 1)
+    result = ais_log_likelihood(vae, many, steps=5, leapfrog=5, chains=1, step_size=0.1)
+    mean, se = mean_se(result.log_px - lg.log_px(many))
+    report("AIS(steps=5) - log p(x), mean over 800 runs", mean, se, 0.0)
+    assert mean < -5 * se and mean < -0.2
+
+
+def test_many_temperatures_reach_log_px_within_four_standard_errors(lg, x, converged):
+    exact = lg.log_px(x[:8])
+    assert float(converged.se.max()) < 0.3, "the test needs a precise estimate to mean anything"
+    assert_within_se("AIS(steps=300) log p(x), per example", converged.log_px, exact, converged.se, n_se=4)
+    mean_error = converged.se.square().sum().sqrt() / 8
+    assert_within_se("AIS(steps=300) log p(x), mean", converged.log_px.mean(), exact.mean(), mean_error, n_se=4)
+
+
+def test_step_sizes_adapt_to_the_target_acceptance_rate(converged):
+    """From an initial 0.1 the step sizes grow or shrink by 2% per transition until the running acceptance
+    rate sits at the target 0.65; over the second half of the schedule the mean is near it."""
+    late = float(converged.acceptance[len(converged.acceptance) // 2 :].mean())
+    print(f"[stat] acceptance rate over the second half of the schedule: {late:.3f} (target 0.65)")
+    assert abs(late - 0.65) < 0.1
+    assert float(converged.step_size.std()) > 0, "one step size per example and chain"
+    diagnostics = converged.diagnostics("ais_")
+    assert len(diagnostics["ais_acceptance_by_stage"]) == 10 and 0 < diagnostics["ais_acceptance_rate"] < 1
+
+
+def test_the_two_layer_model_reaches_log_px_from_the_prior_and_from_the_guide():
+    """Two latent sites (z2, z1) flattened into one vector per chain; exact log p(x) from the two-layer model."""
+    model = TwoLayerLinearGaussian()
+    vae = model.build_vae(gain_factor=0.7, scale_factor=1.5, shift=0.4)
+    torch.manual_seed(1)
+    x = model.marginal().sample((6,))
+    for start, steps in (("prior", CONVERGED["steps"]), ("guide", 100)):  # the guide starts nearer the posterior
+        pyro.set_rng_seed(0)
+        result = ais_log_likelihood(vae, x, start=start, **{**CONVERGED, "steps": steps})
+        assert float(result.se.max()) < 0.3
+        assert_within_se(f"two-layer AIS from the {start}", result.log_px, model.log_px(x), result.se, n_se=4)
+    pyro.set_rng_seed(5)
+    one = ais_log_likelihood(vae, x, steps=1, chains=4, start="guide")
+    pyro.set_rng_seed(5)
+    torch.testing.assert_close(one.log_weights, log_weights(vae, x, 4), rtol=0, atol=1e-10)
+
+
+HOST_READS = ("__bool__", "__float__", "__int__", "item", "tolist", "numpy")
+
+
+@contextlib.contextmanager
+def no_host_reads():
+    """Every way Python reads a tensor's value (``if t:``, ``float(t)``, ``t.item()``, ...) raises in this block."""
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("a tensor was read on the host")
+
+    with contextlib.ExitStack() as stack:
+        for name in HOST_READS:
+            stack.enter_context(mock.patch.object(torch.Tensor, name, refuse))
+        yield
+
+
+@pytest.mark.parametrize("structure", ["vae", "two_layer(z2_dim=2, hidden=[3])"])
+@pytest.mark.parametrize("start", ["prior", "guide"])
+def test_the_annealing_loop_never_reads_a_tensor_on_the_host(structure, start, monkeypatch):
+    """No .item(), no Python branch on a tensor inside the loop (what a GPU would sync on): a CPU stand-in."""
+    anneal = ais.anneal
+
+    def guarded(*args, **kwargs):
+        with no_host_reads():
+            return anneal(*args, **kwargs)
+
+    monkeypatch.setattr(ais, "anneal", guarded)
+    vae = VAE(
+        x_dim=6,
+        z_dim=2,
+        hidden_dims=(5,),
+        prior="vamp(components=3)" if structure == "vae" else "normal",
+        structure=structure,
+    )
+    result = ais_log_likelihood(vae, (torch.rand(3, 6) < 0.5).float(), steps=3, leapfrog=2, chains=2, start=start)
+    assert bool(torch.isfinite(result.log_px).all())
+    with no_host_reads(), pytest.raises(AssertionError, match="read on the host"):
+        bool(torch.ones(()))
+
+
+def test_a_structure_with_data_fields_anneals_with_them():
+    """The CVAE's p(z|x_in) p(y|z) with its input_mask: one temperature from the guide is its IWAE weights."""
+    torch.manual_seed(0)
+    vae = VAE(x_dim=16, z_dim=2, hidden_dims=(5,), structure="cvae", x_shape=(1, 4, 4))
+    x, mask = (torch.rand(3, 16) < 0.5).float(), torch.arange(16).expand(3, 16) < 8
+    pyro.set_rng_seed(6)
+    one = ais_log_likelihood(vae, x, steps=1, chains=4, start="guide", input_mask=mask)
+    pyro.set_rng_seed(6)
+    torch.testing.assert_close(one.log_weights, log_weights(vae, x, 4, input_mask=mask), rtol=0, atol=1e-5)
+    annealed = ais_log_likelihood(vae, x, steps=4, leapfrog=2, chains=2, input_mask=mask)
+    assert bool(torch.isfinite(annealed.log_px).all()) and annealed.acceptance.shape == (3,)
+
+
+# -- BDMC ----------------------------------------------------------------------------------------------------
+def test_bdmc_brackets_log_px_and_its_gap_shrinks_with_the_schedule(lg, vae):
+    gaps = {}
+    for steps in (10, 200):
+        pyro.set_rng_seed(2)
+        result = bdmc(vae, num=12, steps=steps, leapfrog=5, chains=4, step_size=0.1)
+        exact = lg.log_px(result.x)
+        lower, upper = result.forward, result.reverse
+        lower_se, upper_se = (run.se.square().sum().sqrt() / 12 for run in (lower, upper))
+        report(f"BDMC(steps={steps}) forward - log p(x)", (lower.log_px - exact).mean(), lower_se, 0.0)
+        report(f"BDMC(steps={steps}) reverse - log p(x)", (upper.log_px - exact).mean(), upper_se, 0.0)
+        assert float((lower.log_px - exact).mean()) < 4 * float(lower_se), "forward AIS must not exceed log p(x)"
+        assert float((upper.log_px - exact).mean()) > -4 * float(upper_se), "reverse AIS must not fall below it"
+        gaps[steps] = float(result.gap.mean())
+    assert gaps[10] > 0.5 and gaps[200] < 0.25 * gaps[10], gaps
+    summary = result.summary()
+    assert summary["gap"] == pytest.approx(gaps[200]) and len(summary["per_example"]["gap"]) == 12
+
+
+def test_bdmc_simulates_from_the_model_with_every_likelihood_and_start():
+    """Categorical observations are integer levels: the data handed to the guide is k / 255 (``unprepare``)."""
+    for likelihood in ("bernoulli", "categorical"):
+        vae = VAE(x_dim=6, z_dim=2, hidden_dims=(5,), likelihood=likelihood)
+        for start in ("prior", "guide"):
+            result = bdmc(vae, num=3, steps=3, leapfrog=2, chains=2, start=start)
+            assert result.x.shape == (3, 6) and bool(torch.isfinite(result.gap).all())
+            assert bool(((result.x >= 0) & (result.x <= 1)).all())
+
+
+# -- refusals and settings --------------------------------------------------------------------------------------
+def _one_line(error) -> str:
+    text = str(error.value)
+    assert "\n" not in text
+    return text
+
+
+def test_m2_is_refused_in_one_line():
+    torch.manual_seed(0)
+    vae = VAE(x_dim=6, z_dim=2, hidden_dims=(5,), structure="m2(classes=3)")
+    x, labels = (torch.rand(4, 6) < 0.5).float(), torch.full((4,), -1)
+    for start in ("prior", "guide"):
+        with pytest.raises(ValueError) as info:
+            ais_log_likelihood(vae, x, steps=2, start=start, labels=labels)
+        assert "AIS needs real-valued latent sites; site 'y_unobserved' of structure M2" in _one_line(info)
+    with pytest.raises(ValueError) as info:
+        bdmc(vae, num=2, steps=2)
+    assert "BDMC simulates data from the model alone; structure M2 also consumes labels" in _one_line(info)
+
+
+@pytest.mark.parametrize(
+    ("spec", "phrase"),
+    [
+        ("ais(steps=0)", "steps must be a positive integer, got 0"),
+        ("ais(start='posterior')", "start must be one of 'prior', 'guide', got 'posterior'"),
+        ("ais(schedule='cosine')", "schedule must be one of 'sigmoid', 'linear'"),
+        ("ais(target_accept=1.5)", "target_accept must be a finite number in (0, 1)"),
+        ("ais(stepz=3)", "NLL method 'ais' has no argument 'stepz' (did you mean \"steps\"?)"),
+        ("is(samples=0)", "samples must be a positive integer, got 0"),
+        ("ais(steps=", "cannot parse spec"),
+        ("annealed", "unknown NLL method 'annealed'; valid NLL methods: ais, is"),
+    ],
+)
+def test_bad_nll_specs_are_one_line_errors_that_name_the_methods(spec, phrase):
+    with pytest.raises(SpecError) as info:
+        nll_method(spec)
+    text = _one_line(info)
+    assert phrase in text and ("NLL methods: is(samples=K), ais(" in text or "valid NLL methods: ais, is" in text)
+
+
+def test_the_nll_methods_and_their_defaults():
+    assert NLL_METHODS.names() == ["ais", "is"]
+    assert nll_method("is").samples == 5000
+    assert nll_method("ais(steps=20)") == AISSettings(steps=20, leapfrog=10, chains=16, start="prior")
+
+
+# -- the command line ------------------------------------------------------------------------------------------
+TINY_RUN = [
+    "data.name=synthetic(num_train=100, num_test=20, side=3, components=2)",
+    "model.z_dim=2",
+    "model.hidden_dims=[6]",
+    "train.epochs=1",
+    "train.batch_size=50",
+    "train.nll_samples=0",
+    "train.device=cpu",
+]
+AIS_SPEC = "ais(steps=4, leapfrog=2, chains=3)"
+
+
+def _evaluate(capsys, *args: str) -> tuple[int, str, str]:
+    code = cli.main(["evaluate", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_the_command_line_reports_ais_and_bdmc(tmp_path, capsys):
+    run = tmp_path / "run"
+    train(load_config(None, TINY_RUN), run)
+    capsys.readouterr()
+    code, out, _ = _evaluate(capsys, "--run", str(run), "--nll", AIS_SPEC, "--subset", "5", "--json")
+    result = json.loads(out)
+    assert code == 0 and result["num_examples"] == 5 and result["test_nll"] > 0 and result["nll_samples"] is None
+    assert result["nll_method"].startswith("ais(steps=4, leapfrog=2, chains=3, start='prior'")
+    assert result["nll_settings"]["schedule"] == "sigmoid" and 0 <= result["ais_acceptance_rate"] <= 1
+    # --nll 'is(samples=K)' is --nll-samples K
+    runs = [
+        _evaluate(capsys, "--run", str(run), *how, "--subset", "5", "--json")
+        for how in (("--nll", "is(samples=7)"), ("--nll-samples", "7"))
+    ]
+    assert json.loads(runs[0][1])["test_nll"] == json.loads(runs[1][1])["test_nll"]
+    assert json.loads(runs[1][1])["nll_method"] == "is(samples=7)"
+    code, out, _ = _evaluate(capsys, "--run", str(run), "--bdmc", "4", "--nll", AIS_SPEC, "--json")
+    result = json.loads(out)
+    assert code == 0 and result["bdmc_num"] == 4 and result["ais_method"].startswith("ais(steps=4")
+    assert result["gap"] == pytest.approx(result["reverse_log_px"] - result["forward_log_px"])
+    assert len(result["per_example"]["forward_log_px"]) == 4
+    code, out, _ = _evaluate(capsys, "--run", str(run), "--bdmc", "2", "--nll", AIS_SPEC)
+    assert code == 0 and "forward_log_px" in out and "gap" in out
+    for args, phrase in (
+        (("--nll", "annealed"), "unknown NLL method 'annealed'; valid NLL methods: ais, is"),
+        (("--nll", "is(samples=3)", "--nll-samples", "3"), "give --nll or --nll-samples, not both"),
+        (("--bdmc", "2", "--nll", "is(samples=3)"), "BDMC runs AIS: its settings must be an ais(...) spec"),
+    ):
+        code, _, err = _evaluate(capsys, "--run", str(run), *args)
+        assert code == 2 and phrase in err and err.count("\n") == 1, err
