@@ -16,8 +16,9 @@ from PIL import Image
 
 from pyro_vae.complexity import compressed_bits, eight_bit_images
 from pyro_vae.evaluate import elbo_per_example
+from pyro_vae.local_fit import substituted
 from pyro_vae.model import VAE
-from pyro_vae.scores import SCORES, _substituted
+from pyro_vae.scores import SCORES
 from pyro_vae.specs import SpecError
 
 SHAPE = (1, 2, 3)  # the linear-Gaussian model's 6 values seen as a 2x3 image
@@ -112,7 +113,7 @@ def test_substitution_replaces_q_of_the_batch_only_not_a_vamp_priors_pseudo_inpu
     with torch.no_grad():
         prior_before = vae.prior_distribution().log_prob(torch.zeros(2))
         raw = net.raw(x) + 1.0
-        with _substituted(net, x, raw):
+        with substituted(net, x, raw):
             q = vae.posterior(x)
             prior_inside = vae.prior_distribution().log_prob(torch.zeros(2))
     torch.testing.assert_close(q.base_dist.loc, net.params(raw)[0])
