@@ -1,4 +1,4 @@
-"""The ``pyro-vae`` command: train, evaluate, sample, plot, compare, compare-runs, score, embed, impute.
+"""The ``pyro-vae`` command: train, evaluate, sample, plot, compare, compare-runs, score, embed, gaps, impute.
 
 Each subcommand is one entry of :data:`SUBCOMMANDS` (its arguments and the function that runs
 it); each run function calls one function of the library. Mistakes in configs, specs, data
@@ -38,6 +38,7 @@ examples:
   pyro-vae compare-runs runs/mix runs/vamp
   pyro-vae score --run runs/mix --data fashion-mnist --out ood.png
   pyro-vae embed --run runs/mix --out codes.npz --probe
+  pyro-vae gaps --run runs/mix --num 100
   pyro-vae impute --run runs/miwae --samples 1000 --out imputations.png --json
 
 Run "pyro-vae COMMAND --help" for a command's options. Docs: docs/training.md.
@@ -521,6 +522,60 @@ def _with_se(summary: dict[str, Any], name: str) -> str:
     return f"{value:.4f} +- {se:.4f}" if se is not None else f"{value:.4f}"
 
 
+# -- gaps ---------------------------------------------------------------------------------------------------
+def _gaps_args(parser: argparse.ArgumentParser) -> None:
+    _run_dir_args(parser)
+    parser.add_argument("--num", type=_positive, default=100, metavar="N", help="first N examples (default: 100)")
+    parser.add_argument("--split", default="test", choices=("train", "val", "test"), help="which split (default: test)")
+    parser.add_argument(
+        "--nll",
+        default=None,
+        metavar="SPEC",
+        help='the log p(x) estimator (default: "ais(steps=1000, leapfrog=10, chains=16)"; or "is(samples=K)")',
+    )
+    parser.add_argument("--steps", type=_positive_or_zero, default=None, metavar="S", help="local-fit Adam steps (500)")
+    parser.add_argument("--lr", type=float, default=0.05, metavar="LR", help="local-fit initial rate (default: 0.05)")
+    parser.add_argument(
+        "--particles", type=_positive, default=1000, metavar="P", help="draws per ELBO estimate (default: 1000)"
+    )
+    parser.add_argument("--seed", type=int, default=0, metavar="N", help="seed for the draws (default: 0)")
+    parser.add_argument("--json", action="store_true", help="print the full result as JSON")
+
+
+def _run_gaps(args: argparse.Namespace) -> int:
+    from pyro_vae.gaps import DEFAULT_NLL, DEFAULT_STEPS, gaps_run
+    from pyro_vae.local_fit import LocalFit
+
+    fit = LocalFit(steps=DEFAULT_STEPS if args.steps is None else args.steps, lr=args.lr, particles=args.particles)
+    result = gaps_run(
+        args.run,
+        num=args.num,
+        split=args.split,
+        nll=args.nll or DEFAULT_NLL,
+        fit=fit,
+        device=args.device,
+        data_dir=args.data_dir,
+        seed=args.seed,
+    )
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(
+        f"{result['num_examples']} {args.split} examples of {args.run}, guide {result['guide']}, {result['nll_method']}"
+    )
+    rows = (("log p(x)", "log_px"), ("L[q*]", "local"), ("L[q_phi]", "amortized"))
+    rows += (
+        ("approximation gap", "approximation"),
+        ("amortization gap", "amortization"),
+        ("inference gap", "inference"),
+    )
+    for label, key in rows:
+        print(f"{label:>18}  {result[key]:9.3f} ± {result[key + '_se']:.3f}")
+    if result.get("warning"):
+        print(f"warning: {result['warning']}")
+    return 0
+
+
 SUBCOMMANDS: dict[str, Subcommand] = {
     "train": Subcommand(
         "train a VAE and write a run folder",
@@ -597,6 +652,18 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         '  pyro-vae embed --run runs/mnist --out codes.npz --probe --probes "knn(k=10),logistic" --json',
         _embed_args,
         _run_embed,
+    ),
+    "gaps": Subcommand(
+        "the inference gap of a run's guide and its approximation and amortization parts",
+        "On the first N examples of a split: log p(x) (AIS by default), the ELBO of the amortized guide L[q_phi] "
+        "and of the family's best local fit L[q*] (q's parameters optimized for each example), and the gaps "
+        "log p - L[q*] (approximation) and L[q*] - L[q_phi] (amortization) of Cremer et al. 2018, with SEs. "
+        "Docs: docs/evaluation.md.\n\n"
+        "examples:\n"
+        "  pyro-vae gaps --run runs/static --num 100\n"
+        '  pyro-vae gaps --run runs/static --num 20 --nll "is(samples=5000)" --steps 200 --json',
+        _gaps_args,
+        _run_gaps,
     ),
     "impute": Subcommand(
         "impute the missing pixels of a run's images",

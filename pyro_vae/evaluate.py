@@ -576,7 +576,7 @@ def evaluate_examples(
     consumes (``vae.consumes``) come from ``dataset.fields`` (``pyro_vae.fields``).
     """
     method = nll_method(nll if nll is not None else f"is(samples={nll_samples})") if nll or nll_samples else None
-    x, labels, data = _split_rows(vae, dataset, split, subset)
+    x, labels, data = split_rows(vae, dataset, split, subset)
     n, d = x.shape
     start = time.perf_counter()
     batch = batch_size or min(n, DEFAULT_BATCH_SIZE)
@@ -613,7 +613,7 @@ def evaluate_examples(
     return result, examples
 
 
-def _split_rows(vae, dataset, split: str, subset: int | None):
+def split_rows(vae, dataset, split: str, subset: int | None):
     """``(x, labels, fields)`` of a split (its first ``subset`` rows), x flat on the model's device."""
     if split not in ("train", "val", "test"):
         raise ValueError(f"unknown split {split!r}; valid splits: train, val, test")

@@ -18,6 +18,7 @@ networks) stay fixed: for ``iaf`` the local family is the flow with its per-exam
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -50,36 +51,56 @@ class LocalFit:
         self.batch_size = integer_arg("batch_size", self.batch_size, minimum=0) or DEFAULT_BATCH_SIZE
 
 
+@dataclass
+class LocalElbos:
+    """Per example (float64 CPU tensors ``(N,)``, nats): L[q_phi] (``amortized``) and L[q*] (``local``), each the
+    mean of ``particles`` draws, with the Monte Carlo SE of each and of their difference (the draws are
+    common to both, so ``difference_se`` is far below either)."""
+
+    amortized: torch.Tensor
+    local: torch.Tensor
+    amortized_se: torch.Tensor
+    local_se: torch.Tensor
+    difference_se: torch.Tensor
+
+
 def local_elbos(
     vae, x: torch.Tensor, fit: LocalFit, progress: bool | None = False, what: str = "local fit", **data
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(ELBO(x; phi(x)), ELBO(x; tau*(x)))`` per example, float64 on the CPU, each ``(N,)``, in nats."""
+) -> LocalElbos:
+    """ELBO(x; phi(x)) and ELBO(x; tau*(x)) per example, with their Monte Carlo SEs (:class:`LocalElbos`)."""
     net = encoder_network(vae, what)
     x = x.reshape(x.shape[0], -1)
-    amortized, optimized = [], []
+    parts = []
     was_training = vae.training
     vae.eval()
     try:
         with frozen(vae), _progress(x.shape[0], progress, f"{what}, {fit.steps} steps") as bar:
             for xb, db in chunks(x, data, fit.batch_size):
-                before, after = _fit_batch(vae, net, xb, db, fit)
-                amortized.append(before.double().cpu())
-                optimized.append(after.double().cpu())
+                parts.append(_fit_batch(vae, net, xb, db, fit))
                 if bar is not None:
                     bar.update(xb.shape[0])
     finally:
         vae.train(was_training)
-    return torch.cat(amortized), torch.cat(optimized)
+    before, after = (torch.cat(column, 1).double().cpu() for column in zip(*parts, strict=True))
+    root = math.sqrt(fit.particles)
+    return LocalElbos(
+        before.mean(0),
+        after.mean(0),
+        before.std(0) / root,
+        after.std(0) / root,
+        (after - before).std(0) / root,
+    )
 
 
-def _elbo(vae, x: torch.Tensor, particles: int, data: dict) -> torch.Tensor:
-    return elbo_particles(vae, x, particles, analytic_kl=True, **data).mean(0)
+def _elbo_draws(vae, x: torch.Tensor, particles: int, data: dict) -> torch.Tensor:
+    """``(particles, batch)`` ELBO draws, analytic KL where the pair has one."""
+    return elbo_particles(vae, x, particles, analytic_kl=True, **data)
 
 
 def _fit_batch(vae, net: GaussianEncoder, x: torch.Tensor, data: dict, fit: LocalFit):
     seed = int(torch.randint(2**62, ()))  # both ELBOs from the same noise: their difference is far less noisy
     with torch.no_grad(), seeded(seed, x.device):
-        amortized = _elbo(vae, x, fit.particles, data)
+        amortized = _elbo_draws(vae, x, fit.particles, data)
     with torch.no_grad():
         raw = net.raw(x.reshape(x.shape[0], *vae.x_shape)).clone()
     raw.requires_grad_(True)
@@ -88,11 +109,11 @@ def _fit_batch(vae, net: GaussianEncoder, x: torch.Tensor, data: dict, fit: Loca
         for step in range(fit.steps):
             for group in optimizer.param_groups:
                 group["lr"] = fit.lr * (1 - step / fit.steps)
-            loss = -_elbo(vae, x, fit.step_particles, data).sum()
+            loss = -_elbo_draws(vae, x, fit.step_particles, data).mean(0).sum()
             (raw.grad,) = torch.autograd.grad(loss, [raw])
             optimizer.step()
         with torch.no_grad(), seeded(seed, x.device):
-            optimized = _elbo(vae, x, fit.particles, data)
+            optimized = _elbo_draws(vae, x, fit.particles, data)
     return amortized, optimized
 
 

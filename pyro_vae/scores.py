@@ -114,5 +114,5 @@ class LikelihoodRegret(Score):
         self.fit = LocalFit(steps, lr, particles, step_particles, batch_size)
 
     def __call__(self, vae, x, *, image_shape, progress=False, **data) -> torch.Tensor:
-        amortized, optimized = local_elbos(vae, x, self.fit, progress=progress, what="likelihood_regret", **data)
-        return optimized - amortized
+        elbos = local_elbos(vae, x, self.fit, progress=progress, what="likelihood_regret", **data)
+        return elbos.local - elbos.amortized
