@@ -172,7 +172,7 @@ def _evaluate_args(parser: argparse.ArgumentParser) -> None:
         "forward (lower) and reverse (upper) AIS with the settings of --nll 'ais(...)' (default: ais())",
     )
     parser.add_argument(
-        "--subset", type=_positive, default=None, metavar="N", help="evaluate the first N examples of the split only"
+        "--subset", type=_positive, default=None, metavar="N", help="evaluate N evenly spaced examples only"
     )
     parser.add_argument("--json", action="store_true", help="print the full result as JSON")
     parser.add_argument(
@@ -348,7 +348,7 @@ def _score_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--split", default="test", choices=("train", "val", "test"), help="split of both sets (default: test)"
     )
-    parser.add_argument("--num", type=_positive, metavar="N", help="score the first N examples of each set")
+    parser.add_argument("--num", type=_positive, metavar="N", help="score N evenly spaced examples of each set")
     parser.add_argument(
         "--samples",
         type=_positive,
@@ -473,7 +473,7 @@ def _impute_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--samples", type=_positive, default=1000, metavar="K", help="importance samples per example (default: 1000)"
     )
-    parser.add_argument("--num", type=_positive, default=None, metavar="N", help="impute the first N examples only")
+    parser.add_argument("--num", type=_positive, default=None, metavar="N", help="impute N evenly spaced examples only")
     parser.add_argument("--split", choices=("train", "val", "test"), default="test", help="(default: test)")
     parser.add_argument(
         "--draws", type=_positive_or_zero, default=3, metavar="S", help="multiple imputations drawn (default: 3)"
@@ -525,7 +525,7 @@ def _with_se(summary: dict[str, Any], name: str) -> str:
 # -- gaps ---------------------------------------------------------------------------------------------------
 def _gaps_args(parser: argparse.ArgumentParser) -> None:
     _run_dir_args(parser)
-    parser.add_argument("--num", type=_positive, default=100, metavar="N", help="first N examples (default: 100)")
+    parser.add_argument("--num", type=_positive, default=100, metavar="N", help="N evenly spaced examples (100)")
     parser.add_argument("--split", default="test", choices=("train", "val", "test"), help="which split (default: test)")
     parser.add_argument(
         "--nll",
@@ -655,7 +655,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     ),
     "gaps": Subcommand(
         "the inference gap of a run's guide and its approximation and amortization parts",
-        "On the first N examples of a split: log p(x) (AIS by default), the ELBO of the amortized guide L[q_phi] "
+        "On N evenly spaced examples of a split: log p(x) (AIS by default), the ELBO of the amortized guide L[q_phi] "
         "and of the family's best local fit L[q*] (q's parameters optimized for each example), and the gaps "
         "log p - L[q*] (approximation) and L[q*] - L[q_phi] (amortization) of Cremer et al. 2018, with SEs. "
         "Docs: docs/evaluation.md.\n\n"

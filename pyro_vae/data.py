@@ -706,6 +706,19 @@ def batches(
         yield x[index]
 
 
+def spread_rows(count: int, num: int | None) -> torch.Tensor | slice:
+    """The rows an evaluation of ``num`` of a split's ``count`` examples takes: ``num`` evenly spaced ones,
+    i * count // num for i < num (all of them, ``slice(None)``, when ``num`` is None or not below ``count``).
+
+    Not the first ``num``: a test set stored sorted by class (mnist-static's test set holds its 0s first, then
+    its 1s, ...) would give a subset of one or two classes. Evenly spaced rows cover every class in proportion,
+    and are the same rows on every run, so subsets of two runs pair example by example.
+    """
+    if num is None or num >= count:
+        return slice(None)
+    return torch.arange(num) * count // num
+
+
 def num_batches(n: int, batch_size: int, drop_last: bool = False) -> int:
     """How many batches :func:`batches` yields for ``n`` examples."""
     return n // batch_size if drop_last else -(-n // batch_size)

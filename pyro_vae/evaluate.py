@@ -36,6 +36,7 @@ import torch
 import torch.distributions as tdist
 
 from pyro_vae import protocol
+from pyro_vae.data import spread_rows
 from pyro_vae.fields import split_fields
 from pyro_vae.model import posterior_mean
 from pyro_vae.registry import Registry
@@ -614,7 +615,8 @@ def evaluate_examples(
 
 
 def split_rows(vae, dataset, split: str, subset: int | None):
-    """``(x, labels, fields)`` of a split (its first ``subset`` rows), x flat on the model's device."""
+    """``(x, labels, fields)`` of a split (``subset`` evenly spaced rows of it: ``data.spread_rows``), x flat on
+    the model's device."""
     if split not in ("train", "val", "test"):
         raise ValueError(f"unknown split {split!r}; valid splits: train, val, test")
     x = getattr(dataset, split)
@@ -622,9 +624,9 @@ def split_rows(vae, dataset, split: str, subset: int | None):
         raise ValueError(f"dataset {getattr(dataset, 'name', '?')!r} has no {split} examples")
     data = split_fields(dataset, split, getattr(vae, "consumes", ()))
     labels = getattr(dataset, f"{split}_labels", None)
-    if subset is not None:
-        x, labels = x[:subset], None if labels is None else labels[:subset]
-        data = {name: value[:subset] for name, value in data.items()}
+    rows = spread_rows(x.shape[0], subset)
+    x, labels = x[rows], None if labels is None else labels[rows]
+    data = {name: value[rows] for name, value in data.items()}
     return _flat(vae, x), labels, _on_device(vae, data)
 
 
@@ -719,7 +721,7 @@ def evaluate_run(
     """:func:`evaluate` on a run folder's model and dataset (``pyro_vae.runs.load_run``); ``nll`` as there.
 
     ``seed`` (default 0) seeds torch and Pyro first so that two evaluations of one run give the
-    same numbers; ``None`` leaves the global RNG alone. ``subset`` keeps the first N examples. With
+    same numbers; ``None`` leaves the global RNG alone. ``subset`` keeps N evenly spaced examples. With
     ``save``, the result replaces the run's ``evaluation.json`` and its per-example numbers its
     ``evaluation.npz`` (``pyro_vae.protocol.save``), for ``pyro-vae compare-runs``.
     """

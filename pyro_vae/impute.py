@@ -41,6 +41,7 @@ from typing import Any
 import pyro
 import torch
 
+from pyro_vae.data import spread_rows
 from pyro_vae.evaluate import DEFAULT_BATCH_SIZE, _evaluating, _flat, _progress, chunks, default_chunk_size
 from pyro_vae.traces import particle_traces, trace_log_density
 
@@ -270,7 +271,8 @@ def impute_run(
     seed: int = 0,
     progress: bool | None = None,
 ) -> dict[str, Any]:
-    """Impute the missing pixels of a run's ``split`` (its first ``num`` examples); score them beside mean imputation.
+    """Impute the missing pixels of a run's ``split`` (``num`` evenly spaced examples: ``data.spread_rows``); score
+    them beside mean imputation.
 
     ``missing`` is the mask spec (``masks.MASKS``); ``None`` takes the run's ``data.missing`` (and its very
     masks), and a run trained without one needs it. The baseline's means are fitted on the training set as the
@@ -297,7 +299,8 @@ def impute_run(
         raise ValueError(f"{dataset.name} has no {split} examples")
     fields = dataset.fields.get("mask", {})
     mask = fields[split] if missing is None else missing_mask(dataset, split, spec, run.config.train.seed, "--missing")
-    x, mask = x[:num], mask[:num]
+    rows = spread_rows(x.shape[0], num)
+    x, mask = x[rows], mask[rows]
     train_mask = fields.get("train", torch.ones_like(dataset.train, dtype=torch.bool))
     pyro.set_rng_seed(seed)
     done = impute(run.vae, x, mask, num_samples=num_samples, progress=progress)

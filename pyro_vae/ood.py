@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from pyro_vae.data import fixed_binarization
+from pyro_vae.data import fixed_binarization, spread_rows
 from pyro_vae.evaluate import _likelihood_warning
 from pyro_vae.fields import check_provided, split_fields
 from pyro_vae.ranking import auroc, auroc_se, average_precision
@@ -102,14 +102,15 @@ def detect(
 
 
 def _split(dataset, split: str, consumes: Sequence[str], num: int | None) -> tuple[torch.Tensor, dict]:
-    """The first ``num`` rows of a split and of the fields the structure consumes."""
+    """``num`` evenly spaced rows of a split (``data.spread_rows``) and of the fields the structure consumes."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
     x = getattr(dataset, split)
     if x is None or len(x) == 0:
         raise ValueError(f"{dataset.name} has no {split} examples")
     data = split_fields(dataset, split, consumes)
-    return x[:num], {name: value[:num] for name, value in data.items()}
+    rows = spread_rows(x.shape[0], num)
+    return x[rows], {name: value[rows] for name, value in data.items()}
 
 
 def load_other(run, name: Spec, data_dir=None):
@@ -153,7 +154,7 @@ def score_run(
     seed: int | None = 0,
     progress: bool | None = None,
 ) -> Detection:
-    """:func:`detect` on a run folder: the run's ``split`` (first ``num`` examples) against the same split
+    """:func:`detect` on a run folder: the run's ``split`` (``num`` evenly spaced examples) against the same split
     of the data set ``data``. ``samples`` sets the importance samples of every score that takes
     ``samples`` and whose spec does not. ``seed`` (default 0) seeds torch and Pyro first."""
     import pyro

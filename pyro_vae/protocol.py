@@ -83,7 +83,7 @@ def describe(
         "data_variant": getattr(dataset, "name", None),
         "split": split,
         "num_examples": int(x.shape[0]),
-        "examples": f"the first {x.shape[0]} of the split" if subset is not None else "the whole split",
+        "examples": _which(x.shape[0], subset),
         "examples_sha256": tensor_sha256(x),
         "binarization": binarization(dataset),
         "nll_method": nll.get("method"),
@@ -93,6 +93,13 @@ def describe(
         "weights_sha256": weights_sha256(vae),
         "versions": versions(),
     }
+
+
+def _which(num: int, subset: int | None) -> str:
+    """Which rows were evaluated, in words (``pyro_vae.data.spread_rows``)."""
+    if subset is None:
+        return "the whole split"
+    return f"{num} evenly spaced rows of the split (i * size // {num})"
 
 
 def differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:

@@ -359,3 +359,15 @@ def test_cuda_dataset_stays_on_cuda(data_root):
     assert all(b.is_cuda for b in batches(ds.train, 32, gen))
     with pytest.raises(ValueError, match="generator is on"):
         next(batches(ds.train, 32, make_generator(0)))
+
+
+def test_spread_rows_cover_a_class_sorted_split_evenly():
+    """N evenly spaced rows i * count // N: every block of a sorted split in proportion, the same rows every time."""
+    from pyro_vae.data import spread_rows
+
+    rows = spread_rows(10_000, 100)
+    assert rows.tolist() == list(range(0, 10_000, 100))
+    classes = torch.arange(10).repeat_interleave(1000)  # a test set stored sorted by class, as mnist-static's
+    assert torch.bincount(classes[spread_rows(10_000, 50)]).tolist() == [5] * 10
+    assert spread_rows(6, 4).tolist() == [0, 1, 3, 4]
+    assert spread_rows(5, None) == slice(None) and spread_rows(5, 5) == slice(None) and spread_rows(5, 9) == slice(None)
