@@ -214,7 +214,7 @@ def _draw(estimator, vae, x: torch.Tensor, repeats: int, groups, chunk: int | No
         name: torch.empty(repeats, sum(p.numel() for p in params), dtype=params[0].dtype, device=x.device)
         for name, params in groups.items()
     }
-    bounds, ess, times = [], [], []
+    bounds, ess, times, pooled = [], [], [], []
     for r in range(repeats):
         vae.zero_grad(set_to_none=True)
         _sync(x.device)
@@ -231,13 +231,19 @@ def _draw(estimator, vae, x: torch.Tensor, repeats: int, groups, chunk: int | No
                 log_w = torch.cat([log_weights(vae, piece, estimator.k) for piece in pieces], 1)  # (k, batch)
                 bounds.append(estimator.aggregate(log_w).detach())
                 ess.append((2 * log_w.logsumexp(0) - (2 * log_w).logsumexp(0)).exp())
+                pooled.append(torch.stack([log_w.logsumexp(0), (2 * log_w).logsumexp(0)]).double())
             else:
                 bounds.append(torch.cat([estimator.bound(vae, piece).detach() for piece in pieces]))
         if progress is not None:
             progress.update(1)
     vae.zero_grad(set_to_none=True)
+    rho = None
+    if weighted:  # E[w^2] / E[w]^2 per example from all repeats x k weights: count * sum w^2 / (sum w)^2
+        sums = torch.stack(pooled).logsumexp(0)  # (2, batch): log sum w, log sum w^2
+        rho = (math.log(repeats * estimator.k) + sums[1] - 2 * sums[0]).exp()
     return {
         "grads": grads,
+        "rho": rho,
         "bounds": torch.stack(bounds).double(),  # (repeats, batch)
         "ess": torch.stack(ess).double() if weighted else None,
         "times": times,
@@ -300,7 +306,7 @@ def measure(
     grad_var: dict[str, float] = {}
     extra: dict[str, Any] = {}
     if per_example:
-        bounds, ess, times = [], [], []
+        bounds, ess, times, rho = [], [], [], []
         examples: dict[str, dict[str, list[float]]] = {name: {g: [] for g in groups} for name in SNR_AGGREGATES}
         variances: dict[str, list[float]] = {g: [] for g in groups}
         for n in range(batch):
@@ -309,6 +315,7 @@ def measure(
             times += drawn["times"]
             if drawn["ess"] is not None:
                 ess.append(drawn["ess"])
+                rho.append(drawn["rho"])
             for g, samples in drawn.pop("grads").items():
                 for name, value in snr_statistics(samples).items():
                     examples[name][g].append(value)
@@ -320,11 +327,12 @@ def measure(
         grad_var = {g: _over_examples(v)[0] for g, v in variances.items()}
         bound_draws = torch.cat(bounds, 1)
         ess_draws = torch.cat(ess, 1) if ess else None
+        rho_examples = torch.cat(rho) if rho else None
         extra["grad_snr_examples"] = examples
         memory_x = x[:1]
     else:
         drawn = _draw(estimator, vae, x, repeats, groups, chunk, progress)
-        bound_draws, ess_draws, times = drawn["bounds"], drawn["ess"], drawn["times"]
+        bound_draws, ess_draws, times, rho_examples = drawn["bounds"], drawn["ess"], drawn["times"], drawn["rho"]
         for g, samples in drawn.pop("grads").items():
             for name, (value, se) in _jackknife_snr(samples).items():
                 by_aggregate[name][g] = {"snr": value, "se": se}
@@ -346,6 +354,9 @@ def measure(
         "k": k,
         # the effective sample size (sum w)^2 / sum w^2 of one draw's k weights, mean over draws and examples
         "ess": ess_draws.mean().item() if ess_draws is not None else None,
+        # E[w^2] / E[w]^2 per example, pooled over the repeats x k weights: the asymptotic rates in k
+        # (Rainforth et al. 2018) need k well beyond it; heavy-tailed weights make it an underestimate
+        "weight_moment_ratio": rho_examples.tolist() if rho_examples is not None else None,
         "ms_per_eval": 1000 * statistics.median(times),
         "peak_mem_mb": memory,
         "peak_mem_kind": memory_kind,
