@@ -8,23 +8,47 @@ times on one fixed batch x (fresh Monte Carlo draws each time, the same paramete
 - ``bound_se``: the standard error of ``bound_mean`` (std over repeats of the batch mean / sqrt(R));
 - ``bound_var``: the variance of one per-example estimate (variance over repeats for each example,
   averaged over the examples), nats^2;
-- ``grad_var`` and ``grad_snr``, per parameter group (``encoder``, ``decoder``, ``prior``,
-  ``likelihood``: the VAE's submodules that have trainable parameters), for the gradient of the
-  batch-mean bound. Per scalar parameter p: var_p = Var_R(g_p) (unbiased), SNR_p = |mean_R(g_p)| / std_R(g_p)
-  (Rainforth et al. 2018, eq. 6). A group reports the mean of var_p and the mean of SNR_p over its
-  parameters; parameters whose gradient is identically zero over the repeats (std 0) are left out
-  of the SNR mean (their SNR is undefined);
-- ``ms_per_eval``: the median wall time of one ``loss`` + ``backward`` (milliseconds; CUDA is
-  synchronized around it);
+- ``grad_var`` and ``grad_snr`` (with ``grad_snr_se``), per parameter group (``encoder``,
+  ``decoder``, ``prior``, ``likelihood``: the VAE's submodules that have trainable parameters).
+  Per scalar parameter p: var_p = Var_R(g_p) (unbiased), SNR_p = |mean_R(g_p)| / std_R(g_p)
+  (Rainforth et al. 2018, eq. 6). A group reports the mean of var_p and one aggregate of the SNR
+  (``snr_aggregate``; every aggregate is in ``grad_snr_by_aggregate``, see :func:`snr_statistics`):
+  the ``mean`` of SNR_p over its parameters (the default), their ``median``, their bias-corrected
+  root mean square ``rms``, or ``norm``, the bias-corrected SNR of the group's gradient vector.
+  Parameters whose gradient does not vary over the repeats (std 0) have no SNR_p.
+- the gradient is one of two protocols (``protocol``):
+
+  * ``batch_mean`` (the default): g is the gradient of the batch-mean bound (1/B) sum_n L(x_n),
+    the quantity a training step uses; the SE of each SNR aggregate is a delete-a-group jackknife
+    over the repeats (:func:`_jackknife_snr`);
+  * ``per_example``: the protocol of Rainforth et al. (2018), whose Theorem 1 is per datapoint:
+    for each example x_n on its own, R draws of the gradient of L(x_n); each example's SNR
+    aggregate (``grad_snr_examples``), then the mean over the examples with the SE
+    std_n / sqrt(N). Averaging B examples' gradients before taking the SNR mixes examples whose
+    signals point different ways and whose noise differs by orders of magnitude;
+- ``k``, ``ess`` and ``weight_moment_ratio`` for importance-weighted estimators: the mean effective
+  sample size (sum w)^2 / sum w^2 of one draw's k weights, and per example E[w^2] / E[w]^2 pooled
+  over all R x k weights. The asymptotic rates in k (SNR ~ k^-1/2 for IWAE's inference network,
+  k^1/2 for its generative network and for DReG's inference network) hold once k is well beyond
+  E[w^2] / E[w]^2;
+- ``ms_per_eval``: the median wall time of one ``loss`` + ``backward`` (of the whole batch, or of one
+  example with ``per_example``; milliseconds; CUDA is synchronized around it);
 - ``peak_mem_mb``: on CUDA, ``torch.cuda.max_memory_allocated`` during one loss + backward minus
   the memory allocated before it; on CPU, the memory of the tensors autograd saves for the backward
   pass (distinct storages, through ``torch.autograd.graph.saved_tensors_hooks``) — the activation
   memory that dominates an estimator's footprint. ``peak_mem_kind`` says which; JIT-compiled
   estimators save tensors inside the compiled graph, so on CPU their number is a lower bound.
+  With ``chunk`` (the batch evaluated ``chunk`` examples at a time, gradients summed: exact, since
+  the bound is a sum over examples) it is the memory of one chunk.
 
-``compare_run`` does this on a trained run folder's test batch and writes ``compare.md``,
-``compare.csv``, ``compare.json`` and ``compare.png`` (bound with error bars; gradient SNR vs k for
-the estimators that take ``k``).
+``snr_slopes`` fits the log-log slope of SNR against k with its SE. ``compare_run`` does all this
+on a trained run folder's test batch (or its untrained model, ``weights="initial"``) and writes
+``compare.md``, ``compare.csv``, ``compare.json`` and ``compare.png`` (bound with error bars;
+gradient SNR vs k, ±2 SE, with reference slopes ±1/2, for the estimators that take ``k``).
+
+References: T. Rainforth, A. Kosiorek, T. A. Le, C. Maddison, M. Igl, F. Wood, Y. W. Teh, "Tighter
+variational bounds are not necessarily better", ICML 2018. G. Tucker, D. Lawson, S. Gu, C. Maddison,
+"Doubly reparameterized gradient estimators for Monte Carlo objectives", ICLR 2019.
 """
 
 from __future__ import annotations
