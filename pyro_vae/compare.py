@@ -174,9 +174,21 @@ def snr_statistics(samples: torch.Tensor) -> dict[str, float]:
     R = 100), a floor under which a falling SNR cannot be followed. ``rms`` and ``norm`` remove the
     bias of the squares (their estimates are noisier where the SNR is below 1 / sqrt(R)).
     """
-    samples = samples.double()
-    mean, var = samples.mean(0), samples.var(0, unbiased=True)
+    mean, var = _moments(samples)
     return _aggregate_snr(mean, var, samples.shape[0], var > 0)
+
+
+def _moments(samples: torch.Tensor, block: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-column mean and unbiased variance of ``samples`` (R, P) in float64 (two passes over blocks of
+    ``block`` columns, which stay in cache)."""
+    mean = torch.empty(samples.shape[1], dtype=torch.float64, device=samples.device)
+    var = torch.empty_like(mean)
+    for start in range(0, samples.shape[1], block):
+        piece = samples[:, start : start + block].double()
+        m = piece.mean(0)
+        mean[start : start + block] = m
+        var[start : start + block] = (piece - m).square_().sum(0) / (samples.shape[0] - 1)
+    return mean, var
 
 
 def _jackknife_snr(samples: torch.Tensor, groups: int = JACKKNIFE_GROUPS) -> dict[str, tuple[float, float]]:
@@ -187,9 +199,8 @@ def _jackknife_snr(samples: torch.Tensor, groups: int = JACKKNIFE_GROUPS) -> dic
     (Efron & Tibshirani 1993, ch. 11). The left-out statistics come from per-group sums, one pass
     over the draws. The SE is NaN with fewer than 4 draws.
     """
-    samples = samples.double()
     repeats = samples.shape[0]
-    mean, var = samples.mean(0), samples.var(0, unbiased=True)
+    mean, var = _moments(samples)
     live = var > 0
     estimate = _aggregate_snr(mean, var, repeats, live)
     count = min(groups, repeats)
@@ -198,8 +209,10 @@ def _jackknife_snr(samples: torch.Tensor, groups: int = JACKKNIFE_GROUPS) -> dic
     ids = torch.arange(repeats, device=samples.device) % count
     sums = torch.zeros(count, samples.shape[1], dtype=torch.float64, device=samples.device)
     squares = torch.zeros_like(sums)
-    sums.index_add_(0, ids, samples)
-    squares.index_add_(0, ids, samples.square())
+    for start in range(0, samples.shape[1], 4096):
+        piece = samples[:, start : start + 4096].double()
+        sums[:, start : start + 4096].index_add_(0, ids, piece)
+        squares[:, start : start + 4096].index_add_(0, ids, piece.square())
     sizes = torch.bincount(ids, minlength=count)
     total, total_squares = sums.sum(0), squares.sum(0)
     left_out: dict[str, list[float | None]] = {name: [] for name in SNR_AGGREGATES}
@@ -341,9 +354,10 @@ def measure(
                 ess.append(drawn["ess"])
                 rho.append(drawn["rho"])
             for g, samples in drawn.pop("grads").items():
-                for name, value in snr_statistics(samples).items():
+                mean, var = _moments(samples)
+                for name, value in _aggregate_snr(mean, var, repeats, var > 0).items():
                     examples[name][g].append(value)
-                variances[g].append(samples.double().var(0, unbiased=True).mean().item())
+                variances[g].append(var.mean().item())
         for name in SNR_AGGREGATES:
             for g in groups:
                 value, se = _over_examples(examples[name][g])
@@ -360,7 +374,7 @@ def measure(
         for g, samples in drawn.pop("grads").items():
             for name, (value, se) in _jackknife_snr(samples).items():
                 by_aggregate[name][g] = {"snr": value, "se": se}
-            grad_var[g] = samples.double().var(0, unbiased=True).mean().item()
+            grad_var[g] = _moments(samples)[1].mean().item()
             del samples
         memory_x = _chunks(x, chunk)[0]
     memory, memory_kind = _memory_mb(estimator, vae, memory_x)
