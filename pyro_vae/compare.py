@@ -638,6 +638,23 @@ def snr_slopes(results: dict[str, dict[str, Any]], k_min: int = 10, k_max: int |
     return slopes
 
 
+def with_aggregate(results: dict[str, dict[str, Any]], name: str) -> dict[str, dict[str, Any]]:
+    """The same results reported with another SNR aggregate (``grad_snr``, ``grad_snr_se``, ``snr_aggregate``),
+    from the ``grad_snr_by_aggregate`` every result holds: no new draws."""
+    if name not in SNR_AGGREGATES:
+        raise ValueError(f"snr aggregate must be one of {', '.join(SNR_AGGREGATES)}, got {name!r}")
+    out = {}
+    for spec, r in results.items():
+        chosen = r["grad_snr_by_aggregate"][name]
+        out[spec] = {
+            **r,
+            "grad_snr": {g: v["snr"] for g, v in chosen.items()},
+            "grad_snr_se": {g: v["se"] for g, v in chosen.items()},
+            "snr_aggregate": name,
+        }
+    return out
+
+
 def write_figure(results: dict[str, dict[str, Any]], path: str | Path) -> Path:
     """``compare.png``: the bound with ±2 SE error bars per estimator; gradient SNR vs k (log-log, ±2 SE
     bars, reference slopes ±1/2)."""

@@ -308,6 +308,15 @@ def test_per_example_shapes_and_option_checks(lg, x):
             assert all(len(v) == 3 for v in r["grad_snr_examples"][name].values())
         assert r["grad_snr"]["encoder"] == r["grad_snr_by_aggregate"]["rms"]["encoder"]["snr"]
     assert results["iwae(k=4)"]["k"] == 4 and len(results["iwae(k=4)"]["weight_moment_ratio"]) == 3
+    from pyro_vae.compare import snr_slopes, with_aggregate
+
+    median = with_aggregate(results, "median")
+    assert (
+        median["iwae(k=4)"]["grad_snr"]["decoder"]
+        == results["iwae(k=4)"]["grad_snr_by_aggregate"]["median"]["decoder"]["snr"]
+    )
+    assert median["trace"]["snr_aggregate"] == "median" and results["trace"]["snr_aggregate"] == "rms"
+    assert snr_slopes(median, k_min=1) == []  # one k value
     with pytest.raises(ValueError, match="snr_aggregate"):
         compare(vae, x[:2], ["trace"], repeats=4, snr_aggregate="max")
     with pytest.raises(ValueError, match="at least 4 repeats"):
