@@ -667,13 +667,15 @@ def write_figure(results: dict[str, dict[str, Any]], path: str | Path) -> Path:
     return estimator_comparison(bounds, snr_series(results), GROUPS, path, snr_label=ylabel)
 
 
-def write_snr_figure(panels: dict[str, dict[str, dict[str, Any]]], path: str | Path) -> Path:
+def write_snr_figure(
+    panels: dict[str, dict[str, dict[str, Any]]], path: str | Path, columns: int | None = None
+) -> Path:
     """One log-log panel of gradient SNR against k (±2 SE, reference slopes ±1/2) per ``title -> results``
-    (say, per protocol or training stage), side by side on a shared y axis."""
+    (say, per protocol or training stage), ``columns`` to a row, on a shared y axis."""
     from pyro_vae.plots import snr_against_k
 
     series = {title: snr_series(results) for title, results in panels.items()}
-    return snr_against_k(series, GROUPS, path)
+    return snr_against_k(series, GROUPS, path, columns=columns)
 
 
 def write_reports(results: dict[str, dict[str, Any]], out_dir: str | Path, slope_k_min: int = 10) -> list[Path]:

@@ -395,16 +395,23 @@ def snr_against_k(
     groups: Sequence[str],
     path: str | Path,
     ylabel: str = "gradient SNR",
+    columns: int | None = None,
 ) -> Path:
     """One log-log panel of gradient SNR against k per ``title -> {(estimator, group): [(k, snr, se)]}``,
-    side by side on a shared y axis, each with ±2 SE bars and reference slopes ±1/2."""
+    ``columns`` to a row (default: all in one row) on a shared y axis, each with ±2 SE bars and
+    reference slopes ±1/2."""
     if not panels:
         raise ValueError("no panels to draw")
-    fig = _figure(4.6 * len(panels), 4.4)
-    axes = fig.subplots(1, len(panels), sharey=True, squeeze=False)[0]
-    for ax, (title, series) in zip(axes, panels.items(), strict=True):
-        _snr_axes(ax, series, groups, ylabel if ax is axes[0] else "")
+    columns = min(columns or len(panels), len(panels))
+    rows = math.ceil(len(panels) / columns)
+    fig = _figure(4.6 * columns, 4.2 * rows)
+    axes = fig.subplots(rows, columns, sharey=True, squeeze=False)
+    for i, (title, series) in enumerate(panels.items()):
+        ax = axes[i // columns][i % columns]
+        _snr_axes(ax, series, groups, ylabel if i % columns == 0 else "")
         ax.set_title(title, fontsize="medium")
+    for i in range(len(panels), rows * columns):
+        axes[i // columns][i % columns].set_visible(False)
     fig.tight_layout()
     return _save(fig, path)
 

@@ -399,6 +399,8 @@ def test_snr_figures_are_written(lg, x, tmp_path):
     b = compare(vae, x[:2], specs, repeats=5)
     path = write_snr_figure({"per example": a, "batch mean": b}, tmp_path / "snr.png")
     assert path.is_file() and path.stat().st_size > 1000
+    grid = write_snr_figure({"a": a, "b": b, "c": a}, tmp_path / "grid.png", columns=2)  # a hidden fourth axis
+    assert grid.is_file()
     write_reports(a, tmp_path / "reports", slope_k_min=1)
     table = (tmp_path / "reports" / "compare.md").read_text()
     assert "| iwae | encoder | 1, 10 |" in table and "per-example" in table
