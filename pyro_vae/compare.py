@@ -578,22 +578,31 @@ def _least_squares(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None = No
     return slope.item(), 1 / math.sqrt((w * xc.square()).sum().item())
 
 
-def snr_slopes(results: dict[str, dict[str, Any]], k_min: int = 10, k_max: int | None = None) -> list[dict[str, Any]]:
+def snr_slopes(
+    results: dict[str, dict[str, Any]], k_min: int = 10, k_max: int | None = None, fit: str = "auto"
+) -> list[dict[str, Any]]:
     """The slope b of log SNR = a + b log k over ``k_min <= k <= k_max``, per (estimator, group) with 2+ k values.
 
     Rainforth et al. (2018, Theorem 1) predict b -> -1/2 for the IWAE gradient of the inference
     network (encoder) and +1/2 for the generative network (decoder) as k grows; Tucker et al. (2019)
     +1/2 for DReG's encoder gradient. How it is fitted (``fit``):
 
-    - ``per-example``: with results of the per-example protocol, an ordinary least-squares slope
-      for each example's SNR, then their mean over the examples and its SE std / sqrt(N) (the same
-      examples at every k, so the spread between examples does not enter the slope twice);
-    - ``weighted``: otherwise, weighted least squares on the aggregate with weights
-      1 / Var(log SNR) = (SNR / SE)^2 (the draws at different k are independent);
+    - ``per-example``: with results of the per-example protocol (``fit="auto"``), an ordinary
+      least-squares slope for each example's SNR, then their mean over the examples and its SE
+      std / sqrt(N) (the same examples at every k, so the spread between examples does not enter
+      the slope twice);
+    - ``weighted``: otherwise, or with ``fit="aggregate"``, weighted least squares on the log of the
+      reported SNR (for per-example results, the mean over the examples) with weights
+      1 / Var(log SNR) = (SNR / SE)^2, treating the k values as independent (true of the batch
+      protocol's draws; with per-example results the same examples at every k make the SE approximate);
     - ``ordinary``: when some SE is missing, ordinary least squares with its residual SE.
 
-    Points with SNR <= 0 (the bias-corrected ``norm`` can be 0) cannot enter a log-log fit and are left out.
+    Points with SNR <= 0 cannot enter a log-log fit and are left out: a per-example ``rms`` or
+    ``norm`` is 0 where the SNR is below what R draws resolve, and leaving those examples' points
+    out biases a per-example fit towards flatter slopes; ``fit="aggregate"`` averages them in first.
     """
+    if fit not in ("auto", "aggregate"):
+        raise ValueError(f"fit must be 'auto' or 'aggregate', got {fit!r}")
     by_key: dict[tuple[str, str], list[tuple[int, dict[str, Any], str]]] = {}
     for spec, r in results.items():
         keyed = _k_of(spec)
@@ -604,7 +613,7 @@ def snr_slopes(results: dict[str, dict[str, Any]], k_min: int = 10, k_max: int |
     slopes = []
     for (label, group), entries in sorted(by_key.items()):
         entries.sort(key=lambda e: e[0])
-        per_example = all("grad_snr_examples" in r for _, r, _ in entries)
+        per_example = fit == "auto" and all("grad_snr_examples" in r for _, r, _ in entries)
         if per_example:
             per_k = [
                 [math.nan if v is None else v for v in r["grad_snr_examples"][r["snr_aggregate"]][group]]
@@ -620,7 +629,7 @@ def snr_slopes(results: dict[str, dict[str, Any]], k_min: int = 10, k_max: int |
             if not fits:
                 continue
             slope, se = _over_examples(fits)
-            ks, fit = [k for k, _, _ in entries], "per-example"
+            ks, method = [k for k, _, _ in entries], "per-example"
         else:
             points = [(k, r["grad_snr"][g], r.get("grad_snr_se", {}).get(g)) for k, r, g in entries]
             points = [p for p in points if math.isfinite(p[1]) and p[1] > 0]
@@ -630,11 +639,11 @@ def snr_slopes(results: dict[str, dict[str, Any]], k_min: int = 10, k_max: int |
             y = torch.tensor([math.log(v) for _, v, _ in points], dtype=torch.float64)
             if all(se is not None and se > 0 for _, _, se in points):
                 w = torch.tensor([(v / se) ** 2 for _, v, se in points], dtype=torch.float64)
-                (slope, se), fit = _least_squares(x, y, w), "weighted"
+                (slope, se), method = _least_squares(x, y, w), "weighted"
             else:
-                (slope, se), fit = _least_squares(x, y), "ordinary"
+                (slope, se), method = _least_squares(x, y), "ordinary"
             ks = [k for k, _, _ in points]
-        slopes.append({"estimator": label, "group": group, "ks": ks, "slope": slope, "se": se, "fit": fit})
+        slopes.append({"estimator": label, "group": group, "ks": ks, "slope": slope, "se": se, "fit": method})
     return slopes
 
 

@@ -383,6 +383,12 @@ def test_slopes_of_exact_power_laws():
     assert slopes["encoder"]["slope"] == pytest.approx(-0.5) and slopes["decoder"]["slope"] == pytest.approx(0.5)
     assert slopes["encoder"]["ks"] == [10, 100, 1000] and slopes["encoder"]["fit"] == "per-example"
     assert slopes["encoder"]["se"] == pytest.approx(0.0, abs=1e-12)
+    for key in per_example.values():  # SEs of the example means, for the fit on the aggregate
+        key["grad_snr_se"] = {"encoder": 0.01, "decoder": 0.01}
+    slopes = {s["group"]: s for s in snr_slopes(per_example, k_min=10, fit="aggregate")}
+    assert slopes["encoder"]["slope"] == pytest.approx(-0.5) and slopes["encoder"]["fit"] == "weighted"
+    with pytest.raises(ValueError, match="fit must be"):
+        snr_slopes(per_example, fit="pooled")
     batch = {f"dreg(k={k})": result(k, [1.0], se=0.01) for k in (3, 30, 300)}
     slopes = {s["group"]: s for s in snr_slopes(batch, k_min=1)}
     assert slopes["encoder"]["slope"] == pytest.approx(-0.5) and slopes["encoder"]["fit"] == "weighted"
