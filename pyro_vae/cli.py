@@ -272,6 +272,42 @@ def _compare_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--repeats", type=_positive, default=100, metavar="R", help="repeats (default: 100)")
     parser.add_argument("--batch", type=_positive, default=None, metavar="B", help="test examples used")
+    parser.add_argument(
+        "--per-example",
+        action="store_true",
+        help="the gradient SNR of each example's own gradient, averaged over the examples (the protocol of "
+        "Rainforth et al. 2018), instead of that of the batch-mean gradient",
+    )
+    parser.add_argument(
+        "--snr-aggregate",
+        choices=("mean", "median", "rms", "norm"),
+        default="mean",
+        help="how a group's per-parameter SNRs make one number: their mean, their median, their bias-corrected "
+        "root mean square, or the SNR of the gradient vector (bias-corrected ||E g|| / sqrt(tr Cov g)) "
+        "(default: mean)",
+    )
+    parser.add_argument(
+        "--chunk",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help="evaluate the batch N examples at a time (the gradients add up; for large k)",
+    )
+    parser.add_argument(
+        "--weights",
+        choices=("best", "last", "initial"),
+        default="best",
+        help="best.pt, the last checkpoint, or the untrained model of the run's config and seed (default: best)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the Monte Carlo draws (default: 0)")
+    parser.add_argument(
+        "--slope-k-min",
+        type=_positive,
+        default=10,
+        metavar="K",
+        help="fit the log-log slope of SNR against k over k >= K (default: 10)",
+    )
+    parser.add_argument("--out", type=Path, metavar="DIR", help="where the reports go (default: the run folder)")
     parser.add_argument("--json", action="store_true", help="print the raw numbers as JSON")
 
 
@@ -282,7 +318,18 @@ def _run_compare(args: argparse.Namespace) -> int:
     specs = split_specs(args.estimators)
     if not specs:
         raise _UsageError("--estimators is empty; e.g. --estimators trace,meanfield")
-    kwargs: dict[str, Any] = {"estimators": specs, "repeats": args.repeats, "device": args.device}
+    kwargs: dict[str, Any] = {
+        "estimators": specs,
+        "repeats": args.repeats,
+        "device": args.device,
+        "per_example": args.per_example,
+        "snr_aggregate": args.snr_aggregate,
+        "chunk": args.chunk,
+        "weights": args.weights,
+        "seed": args.seed,
+        "out_dir": args.out,
+        "slope_k_min": args.slope_k_min,
+    }
     if args.batch is not None:
         kwargs["batch_size"] = args.batch
     if args.data_dir is not None:
@@ -293,7 +340,7 @@ def _run_compare(args: argparse.Namespace) -> int:
     else:
         from pyro_vae.compare import markdown_table
 
-        print(markdown_table(result))
+        print(markdown_table(result, slope_k_min=args.slope_k_min))
     return 0
 
 
@@ -616,7 +663,9 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "compare": Subcommand(
         "compare bound and gradient estimators on a run's model",
         "Bound mean and standard error, variance, gradient signal-to-noise and time per evaluation "
-        'for each estimator.\n\nexample:\n  pyro-vae compare --run runs/quick --estimators "trace,iwae(k=50)"',
+        'for each estimator.\n\nexamples:\n  pyro-vae compare --run runs/quick --estimators "trace,iwae(k=50)"\n'
+        "  # gradient SNR against k per datapoint (Rainforth et al. 2018):\n"
+        '  pyro-vae compare --run runs/quick --per-example --batch 10 --estimators "iwae(k=1),iwae(k=10),iwae(k=100)"',
         _compare_args,
         _run_compare,
     ),

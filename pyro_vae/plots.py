@@ -315,15 +315,67 @@ def imputations(
     return _image_figure(images, len(columns), path, title)
 
 
+def _snr_axes(ax, snr: Mapping[tuple[str, str], Sequence[tuple]], groups: Sequence[str], ylabel: str) -> None:
+    """Gradient SNR against k on log-log axes: one colour per estimator, one line style per group,
+    ±2 SE bars where a point is ``(k, snr, se)`` with an SE, and two grey reference lines of slope
+    +1/2 and -1/2 (the asymptotic rates of Rainforth et al. 2018 and Tucker et al. 2019) through the
+    geometric mean of the SNRs at the smallest k."""
+    colours = {label: f"C{i}" for i, label in enumerate(sorted({label for label, _ in snr}))}
+    styles = dict(zip(groups, ("-", "--", ":", "-."), strict=False))
+    all_ks = sorted({p[0] for points in snr.values() for p in points})
+    for (label, group), points in snr.items():
+        ks = [p[0] for p in points]
+        values = [p[1] for p in points]
+        errors = [2 * p[2] if len(p) > 2 and p[2] is not None else 0.0 for p in points]
+        # a bar that would reach below zero is cut at a tenth of the value: a log axis has no zero
+        lower = [min(e, 0.9 * v) for v, e in zip(values, errors, strict=True)]
+        ax.errorbar(
+            ks,
+            values,
+            yerr=[lower, errors],
+            marker="o",
+            markersize=4,
+            capsize=2,
+            color=colours[label],
+            linestyle=styles.get(group, "-"),
+            label=f"{label} · {group}",
+        )
+    if not snr:
+        ax.text(0.5, 0.5, "no estimator with k", ha="center", va="center", transform=ax.transAxes)
+    else:
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        if len(all_ks) > 1:
+            k0, k1 = all_ks[0], all_ks[-1]
+            at_k0 = [p[1] for points in snr.values() for p in points if p[0] == k0 and p[1] > 0]
+            anchor = math.exp(sum(math.log(v) for v in at_k0) / len(at_k0)) if at_k0 else 1.0
+            for slope in (0.5, -0.5):
+                ax.plot(
+                    [k0, k1],
+                    [anchor, anchor * (k1 / k0) ** slope],
+                    color="0.6",
+                    linewidth=1,
+                    linestyle=(0, (4, 3)),
+                    label=f"slope {slope:+.1f}".replace("0.5", "1/2"),
+                )
+        ax.set_xticks(all_ks, [str(k) for k in all_ks])
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.legend(fontsize="x-small")
+    ax.set_xlabel("k (importance samples)")
+    ax.set_ylabel(ylabel)
+
+
 def estimator_comparison(
     bounds: Sequence[tuple[str, float, float]],
-    snr: Mapping[tuple[str, str], Sequence[tuple[int, float]]],
+    snr: Mapping[tuple[str, str], Sequence[tuple]],
     groups: Sequence[str],
     path: str | Path,
+    snr_label: str = "gradient SNR (mean over parameters)",
 ) -> Path:
     """Two panels: each estimator's bound with an error bar (``(label, mean, half_width)``), and
-    gradient SNR against k on log-log axes (``(estimator, group) -> [(k, snr)]``), one colour per
-    estimator and one line style per parameter group (``groups`` fixes the styles' order)."""
+    gradient SNR against k on log-log axes (``(estimator, group) -> [(k, snr)]`` or ``[(k, snr, se)]``,
+    drawn with ±2 SE bars and reference slopes ±1/2), one colour per estimator and one line style
+    per parameter group (``groups`` fixes the styles' order)."""
     fig = _figure(12, 4.5)
     ax_bound, ax_snr = fig.subplots(1, 2)
     labels = [label for label, _, _ in bounds]
@@ -332,25 +384,34 @@ def estimator_comparison(
     ax_bound.invert_yaxis()
     ax_bound.set_xlabel("bound (nats per example), ±2 SE")
     ax_bound.set_title("bound per estimator")
-    colours = {label: f"C{i}" for i, label in enumerate(sorted({label for label, _ in snr}))}
-    styles = dict(zip(groups, ("-", "--", ":", "-."), strict=False))
-    all_ks = sorted({k for points in snr.values() for k, _ in points})
-    for (label, group), points in snr.items():
-        ks, values = zip(*points, strict=True)
-        ax_snr.plot(
-            ks, values, marker="o", color=colours[label], linestyle=styles.get(group, "-"), label=f"{label} · {group}"
-        )
-    if snr:
-        ax_snr.set_xscale("log")
-        ax_snr.set_yscale("log")
-        ax_snr.set_xticks(all_ks, [str(k) for k in all_ks])
-        ax_snr.xaxis.set_minor_locator(NullLocator())
-        ax_snr.legend(fontsize="small")
-    else:
-        ax_snr.text(0.5, 0.5, "no estimator with k", ha="center", va="center", transform=ax_snr.transAxes)
-    ax_snr.set_xlabel("k (importance samples)")
-    ax_snr.set_ylabel("gradient SNR (mean over parameters)")
+    _snr_axes(ax_snr, snr, groups, snr_label)
     ax_snr.set_title("gradient signal-to-noise vs k")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def snr_against_k(
+    panels: Mapping[str, Mapping[tuple[str, str], Sequence[tuple]]],
+    groups: Sequence[str],
+    path: str | Path,
+    ylabel: str = "gradient SNR",
+    columns: int | None = None,
+) -> Path:
+    """One log-log panel of gradient SNR against k per ``title -> {(estimator, group): [(k, snr, se)]}``,
+    ``columns`` to a row (default: all in one row) on a shared y axis, each with ±2 SE bars and
+    reference slopes ±1/2."""
+    if not panels:
+        raise ValueError("no panels to draw")
+    columns = min(columns or len(panels), len(panels))
+    rows = math.ceil(len(panels) / columns)
+    fig = _figure(4.6 * columns, 4.2 * rows)
+    axes = fig.subplots(rows, columns, sharey=True, squeeze=False)
+    for i, (title, series) in enumerate(panels.items()):
+        ax = axes[i // columns][i % columns]
+        _snr_axes(ax, series, groups, ylabel if i % columns == 0 else "")
+        ax.set_title(title, fontsize="medium")
+    for i in range(len(panels), rows * columns):
+        axes[i // columns][i % columns].set_visible(False)
     fig.tight_layout()
     return _save(fig, path)
 

@@ -114,3 +114,16 @@ def test_ais_throughput_reports_measured_and_extrapolated_seconds(bench, capsys)
     assert (measured["steps"], measured["examples"], measured["rows_per_gradient_evaluation"]) == (3, 2, 4)
     assert extrapolated["seconds"] == pytest.approx(measured["seconds"] * (1000 / 3) * (1000 / 2))
     assert 0 <= measured["acceptance_rate"] <= 1 and "cpu" in out["machine"]
+
+
+def test_snr_toy_shows_the_asymptotic_rates(bench, tmp_path, capsys):
+    """The Gaussian toy of Rainforth et al. (2018): q is close to the posterior (E[w^2]/E[w]^2 ~ 2), so the
+    decoder's SNR rises and DReG's encoder SNR rises from k = 10 to 1000 by many SEs."""
+    assert bench("snr_toy").main(["--out", str(tmp_path), "--examples", "2", "--repeats", "30", "--ks", "10,1000"]) == 0
+    results = json.loads((tmp_path / "compare.json").read_text())
+    for spec in ("iwae(k=10)", "dreg(k=10)"):
+        low, high = results[spec], results[spec.replace("k=10", "k=1000")]
+        assert high["ess"] > 300  # ~ 1000 / 2: the asymptotic regime
+        assert high["grad_snr"]["decoder"] > 5 * low["grad_snr"]["decoder"]
+    assert results["dreg(k=1000)"]["grad_snr"]["encoder"] > 3 * results["dreg(k=10)"]["grad_snr"]["encoder"]
+    assert "| dreg | encoder | 10, 1000 |" in capsys.readouterr().out
