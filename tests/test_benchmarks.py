@@ -127,3 +127,10 @@ def test_snr_toy_shows_the_asymptotic_rates(bench, tmp_path, capsys):
         assert high["grad_snr"]["decoder"] > 5 * low["grad_snr"]["decoder"]
     assert results["dreg(k=1000)"]["grad_snr"]["encoder"] > 3 * results["dreg(k=10)"]["grad_snr"]["encoder"]
     assert "| dreg | encoder | 10, 1000 |" in capsys.readouterr().out
+
+
+def test_se_small_k_shows_the_delta_method_optimistic_and_the_jackknife_not(bench, capsys):
+    bench("se_small_k").main(["--repeats", "2000"])
+    rows = {row["k"]: row for row in json.loads(capsys.readouterr().out)["rows"]}
+    assert rows[10]["sd_over_se_delta"] > 1.3 and 0.85 < rows[10]["sd_over_se_jackknife"] < 1.15
+    assert rows[10]["median_ess"] < rows[100]["median_ess"] < rows[1000]["median_ess"]
