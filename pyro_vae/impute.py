@@ -249,11 +249,12 @@ def imputation_figure(
     rows: int = FIGURE_ROWS,
     draws: int = FIGURE_DRAWS,
 ) -> Path:
-    """``imputations.png`` (``plots.imputations``) of the first ``rows`` examples: the input, the SNIS
-    imputation, ``draws`` SIR draws and the truth."""
+    """``imputations.png`` (``plots.imputations``) of ``rows`` evenly spaced examples (``data.spread_rows``: every
+    class of a class-sorted test set): the input, the SNIS imputation, ``draws`` SIR draws and the truth."""
     from pyro_vae.plots import imputations  # matplotlib loads only when figures are drawn
 
-    x, mask = x[:rows], mask[:rows]
+    shown = spread_rows(x.shape[0], rows)
+    x, mask = x[shown], mask[shown]
     done = impute(vae, x, mask, num_samples=num_samples, draws=draws)
     return imputations(x.reshape(done.mean.shape), mask, done.mean, done.draws, image_shape, path)
 

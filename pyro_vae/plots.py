@@ -41,6 +41,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, NullLocator
 
+from pyro_vae.data import spread_rows
+
 # metrics.jsonl keys drawn by learning_curves, with their legend labels.
 CURVES = {"train_elbo": "train", "val_elbo": "validation", "test_elbo": "test"}
 DPI = 100
@@ -152,8 +154,9 @@ def learning_curves(metrics: Iterable[Mapping[str, Any]], path: str | Path) -> P
 
 @torch.no_grad()
 def reconstructions(vae, x: torch.Tensor, image_shape: Sequence[int] | None, path: str | Path, num: int = 10) -> Path:
-    """Inputs (top row) over their reconstructions E[x | z = E_q[z|x]] (bottom row), ``num`` of them."""
-    x = x[:num].to(_param(vae).device)
+    """Inputs (top row) over their reconstructions E[x | z = E_q[z|x]] (bottom row), ``num`` of them, evenly
+    spaced over ``x`` (``data.spread_rows``: every class of a class-sorted test set)."""
+    x = x[spread_rows(x.shape[0], num)].to(_param(vae).device)
     recon = vae.reconstruct(x)
     images = _images(torch.cat([x.reshape(x.shape[0], -1), recon]), image_shape)
     return _image_figure(images, x.shape[0], path, "inputs (top) and reconstructions (bottom)")
@@ -275,8 +278,9 @@ def completions(
     num = min(num, x.shape[0])
     if num < 1:
         raise ValueError("completions need at least one example")
-    x = x[:num].to(_param(model).device).reshape(num, -1)
-    mask = input_mask[:num].to(x.device)
+    shown = spread_rows(x.shape[0], num)
+    x = x[shown].to(_param(model).device).reshape(num, -1)
+    mask = input_mask[shown].to(x.device)
     filled = model.complete(x, mask, samples).to(x.dtype)  # (samples, num, D)
     given = torch.where(mask, x, torch.full_like(x, UNSEEN_GREY))
     rows = torch.cat([given[:, None], filled.transpose(0, 1), x[:, None]], 1)  # (num, samples + 2, D)
@@ -487,7 +491,7 @@ def style_transfer(vae, x: torch.Tensor, image_shape: Sequence[int] | None, path
 
     Reads ``vae.style(x) -> (y, z)`` and ``vae.conditional_mean(z, y)`` (Kingma et al. 2014, Fig. 2).
     """
-    x = x[:rows].to(_param(vae).device)
+    x = x[spread_rows(x.shape[0], rows)].to(_param(vae).device)
     x = x.reshape(x.shape[0], -1)
     _, z = vae.style(x)
     y = torch.arange(vae.classes, device=x.device)[:, None]
