@@ -71,14 +71,20 @@ def test_gaps_of_a_diagonal_guide_are_the_closed_forms(correlated):
     assert summary["amortization_se"] == pytest.approx(float(gaps.amortization.std() / math.sqrt(6)))
 
 
-def test_a_full_rank_low_rank_guide_has_no_approximation_gap(correlated):
-    """q* of lowrank(rank=z_dim) is the exact posterior: L[q*] = log p(x) within the Monte Carlo error."""
-    lg = correlated
-    vae = VAE(x_dim=6, z_dim=3, hidden_dims=(), likelihood=f"gaussian(scale={lg.s!r})", guide="lowrank(rank=3)")
+def _on_the_model(lg: LinearGaussian, guide: str) -> VAE:
+    """A float64 VAE with ``lg``'s linear decoder and an untrained linear encoder of the ``guide`` family."""
+    vae = VAE(x_dim=lg.x_dim, z_dim=lg.z_dim, hidden_dims=(), likelihood=f"gaussian(scale={lg.s!r})", guide=guide)
     vae = vae.to(DTYPE)
     with torch.no_grad():
         vae.decoder.head.weight.copy_(lg.W)
         vae.decoder.head.bias.copy_(lg.b)
+    return vae
+
+
+def test_a_full_rank_low_rank_guide_has_no_approximation_gap(correlated):
+    """q* of lowrank(rank=z_dim) is the exact posterior: L[q*] = log p(x) within the Monte Carlo error."""
+    lg = correlated
+    vae = _on_the_model(lg, "lowrank(rank=3)")
     x = lg.sample(4, generator=torch.Generator().manual_seed(2))
     pyro.set_rng_seed(0)
     gaps = inference_gaps(vae, x, nll="is(samples=20000)", fit=LocalFit(steps=1500, particles=4000, step_particles=8))
@@ -106,11 +112,7 @@ def test_gaps_command_reports_and_refuses_in_one_line(tiny_run, capsys):
 def test_an_iaf_guide_moves_only_its_per_example_inputs(correlated):
     """For iaf the local fit moves the base loc, scale and context; the flow's MADE weights stay as they are."""
     lg = correlated
-    vae = VAE(x_dim=6, z_dim=3, hidden_dims=(), likelihood=f"gaussian(scale={lg.s!r})", guide="iaf(flows=1)")
-    vae = vae.to(DTYPE)
-    with torch.no_grad():
-        vae.decoder.head.weight.copy_(lg.W)
-        vae.decoder.head.bias.copy_(lg.b)
+    vae = _on_the_model(lg, "iaf(flows=1)")
     flow = [p.detach().clone() for p in vae.encoder.flows.parameters()]
     x = lg.sample(3, generator=torch.Generator().manual_seed(3))
     pyro.set_rng_seed(0)
