@@ -578,33 +578,18 @@ def evaluate_examples(
     """
     method = nll_method(nll if nll is not None else f"is(samples={nll_samples})") if nll or nll_samples else None
     x, labels, data = split_rows(vae, dataset, split, subset)
-    n, d = x.shape
     start = time.perf_counter()
-    batch = batch_size or min(n, DEFAULT_BATCH_SIZE)
-    elbos = elbo_per_example(vae, x, batch_size=batch, num_samples=elbo_samples, **data)
-    examples = {"elbo": elbos.double().cpu().numpy()}
-    result: dict[str, Any] = {
-        "data_variant": getattr(dataset, "name", None),
-        "split": split,
-        "num_examples": n,
-        "x_dim": d,
-        f"{split}_elbo": float(elbos.mean()),
-    }
-    with _evaluating(vae):
-        totals = metric_sums(vae, x, None if labels is None else labels.to(x.device), data, batch)
-    result.update({f"{split}_{name}": float(total) / n for name, total in totals.items()})
+    batch = batch_size or min(x.shape[0], DEFAULT_BATCH_SIZE)
+    result, examples = _elbo_and_metrics(vae, dataset, split, x, labels, data, batch, elbo_samples)
     warnings_ = [w for w in (_likelihood_warning(vae, dataset, x),) if w]
     result.update(dict.fromkeys((f"{split}_nll", f"{split}_nll_se", f"{split}_nll_data_se", "bits_per_dim")))
     result.update(nll_method=None, nll_settings=None, nll_samples=0)
     nll_protocol: dict[str, Any] = {}
     if method is not None:
-        result["nll_method"], result["nll_settings"] = describe(method)
-        result["nll_samples"] = getattr(method, "samples", None)
-        estimate, extra = method.estimate(vae, x, batch_size=batch_size, progress=progress, **data)
-        result.update(_nll_summary(estimate, split, _observed_dim(vae, x, data)))
-        result.update(extra)
-        examples.update(_nll_examples(estimate))
-        warnings_ += [w for w in (_ess_warning(estimate, _draws(method)),) if w]
+        nll_result, nll_examples, warning = _log_likelihood_part(method, vae, x, split, batch_size, progress, data)
+        result.update(nll_result)
+        examples.update(nll_examples)
+        warnings_ += [warning] if warning else []
         nll_protocol = {"method": method.spec_name, **result["nll_settings"], "se": "jackknife"}
     result.update(latent_diagnostics(vae, x, batch, **data))
     result["seconds"] = time.perf_counter() - start
@@ -612,6 +597,41 @@ def evaluate_examples(
     if warnings_:
         result["warning"] = "; ".join(warnings_)
     return result, examples
+
+
+def _elbo_and_metrics(vae, dataset, split: str, x, labels, data: dict, batch: int, elbo_samples: int):
+    """What :func:`evaluate_examples` reports before the NLL: the data, the mean ELBO and the structure's metrics,
+    with the per-example ELBOs."""
+    n = x.shape[0]
+    elbos = elbo_per_example(vae, x, batch_size=batch, num_samples=elbo_samples, **data)
+    result: dict[str, Any] = {
+        "data_variant": getattr(dataset, "name", None),
+        "split": split,
+        "num_examples": n,
+        "x_dim": x.shape[1],
+        f"{split}_elbo": float(elbos.mean()),
+    }
+    with _evaluating(vae):
+        totals = metric_sums(vae, x, None if labels is None else labels.to(x.device), data, batch)
+    result.update({f"{split}_{name}": float(total) / n for name, total in totals.items()})
+    return result, {"elbo": elbos.double().cpu().numpy()}
+
+
+def _log_likelihood_part(
+    method, vae, x: torch.Tensor, split: str, batch_size: int | None, progress: bool | None, data: dict
+) -> tuple[dict[str, Any], dict[str, np.ndarray], str | None]:
+    """The NLL numbers of :func:`evaluate_examples` by ``method``: the summary keys, the per-example arrays, and
+    a warning when the weights are degenerate (``None`` otherwise)."""
+    spec, settings = describe(method)
+    result: dict[str, Any] = {
+        "nll_method": spec,
+        "nll_settings": settings,
+        "nll_samples": getattr(method, "samples", None),
+    }
+    estimate, extra = method.estimate(vae, x, batch_size=batch_size, progress=progress, **data)
+    result.update(_nll_summary(estimate, split, _observed_dim(vae, x, data)))
+    result.update(extra)
+    return result, _nll_examples(estimate), _ess_warning(estimate, _draws(method))
 
 
 def split_rows(vae, dataset, split: str, subset: int | None):
