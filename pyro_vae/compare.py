@@ -308,6 +308,65 @@ def _over_examples(values: list[float | None]) -> tuple[float, float | None]:
     return t.mean().item(), se
 
 
+def _check_measure_args(repeats: int, snr_aggregate: str, chunk: int | None) -> None:
+    """One-line ``ValueError`` for settings :func:`measure` cannot work with."""
+    if repeats < 2:
+        raise ValueError(f"repeats must be at least 2 for standard errors and variances, got {repeats}")
+    if snr_aggregate not in SNR_AGGREGATES:
+        raise ValueError(f"snr_aggregate must be one of {', '.join(SNR_AGGREGATES)}, got {snr_aggregate!r}")
+    if chunk is not None and chunk < 1:
+        raise ValueError(f"chunk must be a positive number of examples, got {chunk}")
+    if snr_aggregate == "rms" and repeats < 4:
+        raise ValueError(f"snr_aggregate 'rms' needs at least 4 repeats for its bias correction, got {repeats}")
+
+
+def _per_example_draws(estimator, vae, x, repeats, groups, chunk, progress) -> dict[str, Any]:
+    """The per-example protocol: each example's own R gradient draws, its SNR aggregates, then the mean over the
+    examples with its SE (:func:`_over_examples`)."""
+    bounds, ess, times, rho = [], [], [], []
+    examples: dict[str, dict[str, list[float]]] = {name: {g: [] for g in groups} for name in SNR_AGGREGATES}
+    variances: dict[str, list[float]] = {g: [] for g in groups}
+    for n in range(x.shape[0]):
+        drawn = _draw(estimator, vae, x[n : n + 1], repeats, groups, None, progress)
+        bounds.append(drawn["bounds"])
+        times += drawn["times"]
+        if drawn["ess"] is not None:
+            ess.append(drawn["ess"])
+            rho.append(drawn["rho"])
+        for g, samples in drawn.pop("grads").items():
+            mean, var = _moments(samples)
+            for name, value in _aggregate_snr(mean, var, repeats, var > 0).items():
+                examples[name][g].append(value)
+            variances[g].append(var.mean().item())
+    by_aggregate = {
+        name: {g: dict(zip(("snr", "se"), _over_examples(examples[name][g]), strict=True)) for g in groups}
+        for name in SNR_AGGREGATES
+    }
+    return {
+        "by_aggregate": by_aggregate,
+        "grad_var": {g: _over_examples(v)[0] for g, v in variances.items()},
+        "bounds": torch.cat(bounds, 1),
+        "ess": torch.cat(ess, 1) if ess else None,
+        "rho": torch.cat(rho) if rho else None,
+        "times": times,
+        "extra": {"grad_snr_examples": examples},
+    }
+
+
+def _batch_mean_draws(estimator, vae, x, repeats, groups, chunk, progress) -> dict[str, Any]:
+    """The batch-mean protocol: R draws of the gradient of the batch-mean bound, each SNR aggregate with its
+    jackknife SE over the repeats (:func:`_jackknife_snr`)."""
+    drawn = _draw(estimator, vae, x, repeats, groups, chunk, progress)
+    by_aggregate: dict[str, dict[str, dict[str, float]]] = {name: {} for name in SNR_AGGREGATES}
+    grad_var: dict[str, float] = {}
+    for g, samples in drawn.pop("grads").items():
+        for name, (value, se) in _jackknife_snr(samples).items():
+            by_aggregate[name][g] = {"snr": value, "se": se}
+        grad_var[g] = _moments(samples)[1].mean().item()
+        del samples
+    return {**drawn, "by_aggregate": by_aggregate, "grad_var": grad_var, "extra": {}}
+
+
 def measure(
     estimator,
     vae,
@@ -329,54 +388,15 @@ def measure(
     examples). ``snr_aggregate`` picks the aggregate reported as ``grad_snr``; all of them are in
     ``grad_snr_by_aggregate``.
     """
-    if repeats < 2:
-        raise ValueError(f"repeats must be at least 2 for standard errors and variances, got {repeats}")
-    if snr_aggregate not in SNR_AGGREGATES:
-        raise ValueError(f"snr_aggregate must be one of {', '.join(SNR_AGGREGATES)}, got {snr_aggregate!r}")
-    if chunk is not None and chunk < 1:
-        raise ValueError(f"chunk must be a positive number of examples, got {chunk}")
-    if snr_aggregate == "rms" and repeats < 4:
-        raise ValueError(f"snr_aggregate 'rms' needs at least 4 repeats for its bias correction, got {repeats}")
+    _check_measure_args(repeats, snr_aggregate, chunk)
     groups = parameter_groups(vae)
     batch = x.shape[0]
-    by_aggregate: dict[str, dict[str, dict[str, float]]] = {name: {} for name in SNR_AGGREGATES}
-    grad_var: dict[str, float] = {}
-    extra: dict[str, Any] = {}
-    if per_example:
-        bounds, ess, times, rho = [], [], [], []
-        examples: dict[str, dict[str, list[float]]] = {name: {g: [] for g in groups} for name in SNR_AGGREGATES}
-        variances: dict[str, list[float]] = {g: [] for g in groups}
-        for n in range(batch):
-            drawn = _draw(estimator, vae, x[n : n + 1], repeats, groups, None, progress)
-            bounds.append(drawn["bounds"])
-            times += drawn["times"]
-            if drawn["ess"] is not None:
-                ess.append(drawn["ess"])
-                rho.append(drawn["rho"])
-            for g, samples in drawn.pop("grads").items():
-                mean, var = _moments(samples)
-                for name, value in _aggregate_snr(mean, var, repeats, var > 0).items():
-                    examples[name][g].append(value)
-                variances[g].append(var.mean().item())
-        for name in SNR_AGGREGATES:
-            for g in groups:
-                value, se = _over_examples(examples[name][g])
-                by_aggregate[name][g] = {"snr": value, "se": se}
-        grad_var = {g: _over_examples(v)[0] for g, v in variances.items()}
-        bound_draws = torch.cat(bounds, 1)
-        ess_draws = torch.cat(ess, 1) if ess else None
-        rho_examples = torch.cat(rho) if rho else None
-        extra["grad_snr_examples"] = examples
-        memory_x = x[:1]
-    else:
-        drawn = _draw(estimator, vae, x, repeats, groups, chunk, progress)
-        bound_draws, ess_draws, times, rho_examples = drawn["bounds"], drawn["ess"], drawn["times"], drawn["rho"]
-        for g, samples in drawn.pop("grads").items():
-            for name, (value, se) in _jackknife_snr(samples).items():
-                by_aggregate[name][g] = {"snr": value, "se": se}
-            grad_var[g] = _moments(samples)[1].mean().item()
-            del samples
-        memory_x = _chunks(x, chunk)[0]
+    drawn = (_per_example_draws if per_example else _batch_mean_draws)(
+        estimator, vae, x, repeats, groups, chunk, progress
+    )
+    by_aggregate, grad_var, extra = drawn["by_aggregate"], drawn["grad_var"], drawn["extra"]
+    bound_draws, ess_draws, times, rho_examples = drawn["bounds"], drawn["ess"], drawn["times"], drawn["rho"]
+    memory_x = x[:1] if per_example else _chunks(x, chunk)[0]
     memory, memory_kind = _memory_mb(estimator, vae, memory_x)
     vae.zero_grad(set_to_none=True)
     k = getattr(estimator, "k", None) if isinstance(estimator, estimators_module.ImportanceWeighted) else None
