@@ -79,16 +79,16 @@ from pyro_vae.evaluate import (
     MEMORY_BUDGET,
     NLL_METHODS,
     ImportanceEstimate,
-    _device,
-    _evaluating,
-    _flat,
-    _on_device,
-    _progress,
-    _width,
     chunks,
     describe,
+    evaluating,
+    fields_on_device,
+    flat_on_device,
+    model_device,
     nll_method,
+    progress_bar,
     weights_estimate,
+    widest_activation,
 )
 from pyro_vae.model import module_registration
 from pyro_vae.runs import load_run
@@ -401,7 +401,7 @@ def _advance(bar) -> None:
 # -- forward AIS on data ----------------------------------------------------------------------------------------
 def default_batch_size(vae, chains: int, n: int) -> int:
     """Examples per batch: ``(chains, batch, width)`` activations stay under ``MEMORY_BUDGET`` elements."""
-    return max(1, min(n, MEMORY_BUDGET // (chains * _width(vae))))
+    return max(1, min(n, MEMORY_BUDGET // (chains * widest_activation(vae))))
 
 
 def ais_log_likelihood(
@@ -429,7 +429,7 @@ def ais_log_likelihood(
     ``MEMORY_BUDGET``); ``progress`` shows a bar over temperatures (``None``: only on a terminal).
     """
     settings = AISSettings(steps, leapfrog, chains, start, schedule, target_accept, step_size)
-    x, data = _flat(vae, x), _on_device(vae, data)
+    x, data = flat_on_device(vae, x), fields_on_device(vae, data)
     if x.shape[0] == 0:
         raise ValueError("AIS needs at least one example, got none")
     batch = batch_size or default_batch_size(vae, chains, x.shape[0])
@@ -461,13 +461,13 @@ def _result(parts: list[tuple[torch.Tensor, ...]], settings: AISSettings, revers
 def _annealing(vae) -> Iterator[None]:
     """Eval mode without autograd (except the HMC gradients), without Pyro's validation checks (they read
     tensors on the host) and without ``pyro.module`` registration (the modules are used as they are)."""
-    with _evaluating(vae), pyro.validation_enabled(False), module_registration(False):
+    with evaluating(vae), pyro.validation_enabled(False), module_registration(False):
         yield
 
 
 def _bar(n: int, batch: int, steps: int, progress: bool | None, desc: str, runs: int = 1):
     """A bar over temperatures: ``runs`` AIS runs of ``steps`` temperatures for each batch of examples."""
-    return _progress(runs * steps * math.ceil(n / batch), progress, desc, unit="temperature")
+    return progress_bar(runs * steps * math.ceil(n / batch), progress, desc, unit="temperature")
 
 
 # -- BDMC: the sandwich on simulated data ------------------------------------------------------------------------
@@ -505,7 +505,7 @@ def simulate(vae, num: int) -> Simulation:
         raise ValueError(
             f"BDMC simulates data from the model alone; structure {structure} also consumes {', '.join(vae.consumes)}"
         )
-    device, dtype = _device(vae), next(vae.parameters()).dtype
+    device, dtype = model_device(vae), next(vae.parameters()).dtype
     with _annealing(vae):
         blank = torch.zeros(num, vae.x_dim, device=device, dtype=dtype)
         trace = poutine.trace(poutine.uncondition(vae.model)).get_trace(blank, 1.0)

@@ -32,7 +32,7 @@ import pyro
 import torch
 import torch.distributions as tdist
 
-from pyro_vae.evaluate import _evaluating
+from pyro_vae.evaluate import evaluating
 from pyro_vae.model import MEAN_SAMPLES
 from pyro_vae.runs import load_run
 
@@ -61,7 +61,7 @@ def encode(
         raise ValueError(f"embed reads q(z|x) of x alone (structures vae, two_layer); {structure} has none")
     device = next(vae.parameters()).device
     locs, scales, kind = [], [], "analytic"
-    with _evaluating(vae):
+    with evaluating(vae):
         for start in range(0, x.shape[0], batch_size):
             q = vae.posterior(x[start : start + batch_size].reshape(-1, vae.x_dim).to(device))
             loc, scale, kind = posterior_moments(q, num_samples)

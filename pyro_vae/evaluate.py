@@ -62,12 +62,12 @@ ACTIVE_THRESHOLD = 0.01
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-def _device(vae) -> torch.device:
+def model_device(vae) -> torch.device:
     return next(vae.parameters()).device
 
 
 @contextlib.contextmanager
-def _evaluating(vae) -> Iterator[None]:
+def evaluating(vae) -> Iterator[None]:
     """Eval mode and no autograd for the duration; the module's previous mode is restored."""
     was_training = vae.training
     vae.eval()
@@ -78,8 +78,8 @@ def _evaluating(vae) -> Iterator[None]:
         vae.train(was_training)
 
 
-def _flat(vae, x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(x.shape[0], -1).to(_device(vae))
+def flat_on_device(vae, x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(x.shape[0], -1).to(model_device(vae))
 
 
 def chunks(
@@ -91,8 +91,8 @@ def chunks(
         yield xb, {name: value[rows] for name, value in data.items()}
 
 
-def _on_device(vae, data: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {name: value.to(_device(vae)) for name, value in data.items()}
+def fields_on_device(vae, data: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: value.to(model_device(vae)) for name, value in data.items()}
 
 
 def metric_sums(
@@ -116,7 +116,7 @@ def _batches(x: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
         yield x[start : start + batch_size]
 
 
-def _width(vae) -> int:
+def widest_activation(vae) -> int:
     """The widest per-sample activation: x itself, z, or the output of any linear layer (hidden or head)."""
     linear = (m.out_features for m in vae.modules() if isinstance(m, torch.nn.Linear))
     return max(getattr(vae, "x_dim", 1), getattr(vae, "z_dim", 1), *linear)
@@ -127,10 +127,10 @@ def default_chunk_size(vae, batch: int, budget: int | None = None) -> int:
 
     ``budget`` defaults to ``MEMORY_BUDGET`` (2**25 elements, 128 MiB in float32); at least one sample.
     """
-    return max(1, (budget or MEMORY_BUDGET) // (batch * _width(vae)))
+    return max(1, (budget or MEMORY_BUDGET) // (batch * widest_activation(vae)))
 
 
-def _progress(total: int, enabled: bool | None, desc: str, unit: str = "ex"):
+def progress_bar(total: int, enabled: bool | None, desc: str, unit: str = "ex"):
     """A tqdm bar of ``total`` ``unit`` when ``enabled`` (``None``: only on a terminal); otherwise a no-op."""
     if enabled is None:
         enabled = sys.stderr.isatty()
@@ -162,10 +162,10 @@ def _log_weight_batches(
         raise ValueError(f"num_samples must be at least 1, got {num_samples}")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
-    x, data = _flat(vae, x), _on_device(vae, data)
+    x, data = flat_on_device(vae, x), fields_on_device(vae, data)
     batch_size = batch_size or min(x.shape[0], DEFAULT_BATCH_SIZE) or 1
     batch_size = max(1, min(batch_size, WEIGHTS_BUDGET // num_samples))
-    with _evaluating(vae), _progress(x.shape[0], progress, f"log p(x), K={num_samples}") as bar:
+    with evaluating(vae), progress_bar(x.shape[0], progress, f"log p(x), K={num_samples}") as bar:
         for xb, db in chunks(x, data, batch_size):
             chunk = chunk_size or default_chunk_size(vae, xb.shape[0])
             sizes = [min(chunk, num_samples - start) for start in range(0, num_samples, chunk)]
@@ -376,8 +376,8 @@ def elbo_per_example(
     """Per-example ELBO at beta = 1, shape ``(N,)``, in nats: see :func:`elbo`."""
     if num_samples < 1:
         raise ValueError(f"num_samples must be at least 1, got {num_samples}")
-    x, data = _flat(vae, x), _on_device(vae, data)
-    with _evaluating(vae):
+    x, data = flat_on_device(vae, x), fields_on_device(vae, data)
+    with evaluating(vae):
         return torch.cat(
             [
                 elbo_particles(vae, xb, num_samples, analytic_kl=analytic_kl, **db).mean(0)
@@ -414,10 +414,10 @@ def active_units(
     on x carries no information about x. ``variances`` has shape ``(z_dim,)`` (unbiased, over x).
     ``data``: the fields q(z|x) reads besides x (the ``mask`` of missing data), one row per example.
     """
-    x, data = _flat(vae, x), _on_device(vae, data)
+    x, data = flat_on_device(vae, x), fields_on_device(vae, data)
     if x.shape[0] < 2:
         raise ValueError(f"active units need at least 2 examples to compute a variance, got {x.shape[0]}")
-    with _evaluating(vae):
+    with evaluating(vae):
         means = torch.cat([posterior_mean(vae.posterior(xb, **db)) for xb, db in chunks(x, data, batch_size)])
     variances = means.double().var(dim=0).to(means.dtype)
     return int((variances > threshold).sum()), variances
@@ -471,9 +471,9 @@ def kl_per_dimension(vae, x: torch.Tensor, batch_size: int = 1000, num_samples: 
     full-covariance guides) the KL has no per-dimension split and a ``ValueError`` says so.
     ``data``: the fields q(z|x) reads besides x (the ``mask`` of missing data), one row per example.
     """
-    x, data = _flat(vae, x), _on_device(vae, data)
+    x, data = flat_on_device(vae, x), fields_on_device(vae, data)
     total = None
-    with _evaluating(vae):
+    with evaluating(vae):
         p = _factors(vae.prior_distribution(), vae.z_dim)
         for xb, db in chunks(x, data, batch_size):
             q_full = vae.posterior(xb, **db)
@@ -500,7 +500,7 @@ def _is_binary(dataset, x: torch.Tensor) -> bool:
     return bool(flag) if flag is not None else bool(((x == 0) | (x == 1)).all())
 
 
-def _likelihood_warning(vae, dataset, x: torch.Tensor) -> str | None:
+def likelihood_warning(vae, dataset, x: torch.Tensor) -> str | None:
     name = getattr(getattr(vae, "likelihood", None), "spec_name", None)
     if name == "bernoulli" and not _is_binary(dataset, x):
         return (
@@ -581,7 +581,7 @@ def evaluate_examples(
     start = time.perf_counter()
     batch = batch_size or min(x.shape[0], DEFAULT_BATCH_SIZE)
     result, examples = _elbo_and_metrics(vae, dataset, split, x, labels, data, batch, elbo_samples)
-    warnings_ = [w for w in (_likelihood_warning(vae, dataset, x),) if w]
+    warnings_ = [w for w in (likelihood_warning(vae, dataset, x),) if w]
     result.update(dict.fromkeys((f"{split}_nll", f"{split}_nll_se", f"{split}_nll_data_se", "bits_per_dim")))
     result.update(nll_method=None, nll_settings=None, nll_samples=0)
     nll_protocol: dict[str, Any] = {}
@@ -611,7 +611,7 @@ def _elbo_and_metrics(vae, dataset, split: str, x, labels, data: dict, batch: in
         "x_dim": x.shape[1],
         f"{split}_elbo": float(elbos.mean()),
     }
-    with _evaluating(vae):
+    with evaluating(vae):
         totals = metric_sums(vae, x, None if labels is None else labels.to(x.device), data, batch)
     result.update({f"{split}_{name}": float(total) / n for name, total in totals.items()})
     return result, {"elbo": elbos.double().cpu().numpy()}
@@ -647,7 +647,7 @@ def split_rows(vae, dataset, split: str, subset: int | None):
     rows = spread_rows(x.shape[0], subset)
     x, labels = x[rows], None if labels is None else labels[rows]
     data = {name: value[rows] for name, value in data.items()}
-    return _flat(vae, x), labels, _on_device(vae, data)
+    return flat_on_device(vae, x), labels, fields_on_device(vae, data)
 
 
 def _nll_summary(estimate: ImportanceEstimate, split: str, observed_dim: float) -> dict[str, Any]:

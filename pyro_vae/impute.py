@@ -42,7 +42,7 @@ import pyro
 import torch
 
 from pyro_vae.data import spread_rows
-from pyro_vae.evaluate import DEFAULT_BATCH_SIZE, _evaluating, _flat, _progress, chunks, default_chunk_size
+from pyro_vae.evaluate import DEFAULT_BATCH_SIZE, chunks, default_chunk_size, evaluating, flat_on_device, progress_bar
 from pyro_vae.traces import particle_traces, trace_log_density
 
 # Importance samples per example when none is given (Mattei & Frellsen impute with K = 10 000).
@@ -167,11 +167,11 @@ def impute(
     check_imputable(vae)
     if num_samples < 1 or draws < 0:
         raise ValueError(f"need num_samples >= 1 and draws >= 0, got {num_samples} and {draws}")
-    x = _flat(vae, x)
+    x = flat_on_device(vae, x)
     mask = mask.reshape(x.shape).to(device=x.device, dtype=torch.bool)
     batch_size = batch_size or min(x.shape[0], DEFAULT_BATCH_SIZE) or 1
     parts = []
-    with _evaluating(vae), _progress(x.shape[0], progress, f"imputing, K={num_samples}") as bar:
+    with evaluating(vae), progress_bar(x.shape[0], progress, f"imputing, K={num_samples}") as bar:
         for xb, db in chunks(x, {"mask": mask}, batch_size):
             chunk = chunk_size or max(1, default_chunk_size(vae, xb.shape[0]) // (1 + draws))
             parts.append(_impute_batch(vae, xb, db["mask"], num_samples, draws, chunk))

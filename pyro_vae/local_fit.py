@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pyro_vae.evaluate import DEFAULT_BATCH_SIZE, _progress, chunks
+from pyro_vae.evaluate import DEFAULT_BATCH_SIZE, chunks, progress_bar
 from pyro_vae.networks import GaussianEncoder
 from pyro_vae.specs import integer_arg, number_arg
 from pyro_vae.traces import elbo_particles
@@ -74,7 +74,7 @@ def local_elbos(
     was_training = vae.training
     vae.eval()
     try:
-        with frozen(vae), _progress(x.shape[0], progress, f"{what}, {fit.steps} steps") as bar:
+        with frozen(vae), progress_bar(x.shape[0], progress, f"{what}, {fit.steps} steps") as bar:
             for xb, db in chunks(x, data, fit.batch_size):
                 parts.append(_fit_batch(vae, net, xb, db, fit))
                 if bar is not None:

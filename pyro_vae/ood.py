@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from pyro_vae.data import fixed_binarization, spread_rows
-from pyro_vae.evaluate import _likelihood_warning
+from pyro_vae.evaluate import likelihood_warning
 from pyro_vae.fields import check_provided, split_fields
 from pyro_vae.ranking import auroc, auroc_se, average_precision
 from pyro_vae.runs import load_dataset_for, load_run
@@ -173,7 +173,7 @@ def score_run(
     x_out, notes = matched_preprocessing(run.dataset, other, x_out)
     if hasattr(run.vae, "check_data"):
         run.vae.check_data(x_out, other.name)
-    warning = _likelihood_warning(run.vae, run.dataset, x_in)
+    warning = likelihood_warning(run.vae, run.dataset, x_in)
     shape = run.image_shape or run.dataset.image_shape
     detection = detect(run.vae, x_in, x_out, specs, shape, data_in, data_out, progress)
     detection.report = {

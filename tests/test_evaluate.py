@@ -140,7 +140,7 @@ def test_chunks_bound_the_largest_tensor(monkeypatch):
         shapes.clear()
         ev.log_likelihood(vae, x, num_samples=num_samples)
         assert max(s[0] for s in shapes) == 50
-        assert max(s[0] * s[1] for s in shapes) * ev._width(vae) <= ev.MEMORY_BUDGET
+        assert max(s[0] * s[1] for s in shapes) * ev.widest_activation(vae) <= ev.MEMORY_BUDGET
 
 
 def test_plain_torch_log_weights_equal_pyro_traces():
