@@ -532,9 +532,15 @@ class Dataset:
         )
 
 
+def mixed_seed(*entropy: int) -> int:
+    """A 63-bit seed mixing the non-negative integers ``entropy`` (numpy's SeedSequence), so nearby tuples give
+    unrelated streams."""
+    return int(np.random.SeedSequence(list(entropy)).generate_state(1, dtype=np.uint64)[0]) >> 1
+
+
 def epoch_seed(seed: int, epoch: int) -> int:
-    """A 63-bit seed mixing ``seed`` and ``epoch`` (numpy's SeedSequence), so nearby pairs give unrelated streams."""
-    return int(np.random.SeedSequence([seed, epoch]).generate_state(1, dtype=np.uint64)[0]) >> 1
+    """The seed of one epoch's draws: :func:`mixed_seed` of ``seed`` and ``epoch``."""
+    return mixed_seed(seed, epoch)
 
 
 def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 
+from pyro_vae.data import mixed_seed
 from pyro_vae.registry import Registry
 from pyro_vae.specs import Spec, integer_arg, number_arg
 
@@ -79,10 +79,9 @@ class MissingSquare(MaskMaker):
 
 
 def split_seed(seed: int, split: str) -> int:
-    """The seed of one split's masks: ``seed`` (the run's ``train.seed``) mixed with the split's name (numpy's
-    ``SeedSequence``), so train, validation and test get unrelated masks and nearby seeds unrelated streams."""
-    entropy = [seed, MASK_STREAM, *split.encode()]
-    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0]) >> 1
+    """The seed of one split's masks: ``seed`` (the run's ``train.seed``) mixed with the split's name
+    (``data.mixed_seed``), so train, validation and test get unrelated masks and nearby seeds unrelated streams."""
+    return mixed_seed(seed, MASK_STREAM, *split.encode())
 
 
 def draw_masks(spec: Spec | MaskMaker, image_shape: Sequence[int], count: int, seed: int) -> torch.Tensor:
