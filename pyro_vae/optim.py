@@ -176,6 +176,25 @@ class Step(Schedule):
         return self.gamma ** (epoch // self.step_size)
 
 
+@SCHEDULES.register("multistep")
+class MultiStep(Schedule):
+    """lr_e = lr * gamma^(number of milestones <= e): torch's ``MultiStepLR`` stepped once per epoch.
+
+    pythae's VAE reproduction (Chadebec et al. 2022) uses ``milestones=[200, 350, 500, 750, 1000]``
+    with ``gamma=10^(-1/5)``.
+    """
+
+    def __init__(self, epochs: int, milestones=(), gamma: float = 0.1) -> None:
+        super().__init__(epochs)
+        if not isinstance(milestones, (list, tuple)):
+            raise ValueError(f"milestones must be a list of epochs, e.g. [200, 350], got {milestones!r}")
+        self.milestones = sorted(integer_arg(f"milestones[{i}]", m) for i, m in enumerate(milestones))
+        self.gamma = number_arg("gamma", gamma, 0, 1, open_low=True)
+
+    def factor(self, epoch: int) -> float:
+        return self.gamma ** sum(epoch >= m for m in self.milestones)
+
+
 @SCHEDULES.register("burda")
 class Burda(Schedule):
     """The IWAE paper's schedule (Burda, Grosse & Salakhutdinov 2015, section 5): stage i = 0, 1, ...
