@@ -32,6 +32,7 @@ from torch import nn
 
 # MIN_SCALE floors learned prior scales too: a component that collapses onto a point would make
 # log p(z) unbounded.
+from pyro_vae.mixtures import DiagonalGaussianMixture
 from pyro_vae.networks import MIN_SCALE, inverse_softplus
 from pyro_vae.registry import Registry
 from pyro_vae.specs import closest, integer_arg, widths_arg
@@ -128,9 +129,6 @@ class LearnedNormal(Prior):
         return self.gaussian()
 
 
-def uniform_or_learned_mixture(logits: torch.Tensor, components: dist.Distribution) -> dist.Distribution:
-    """sum_k softmax(logits)_k components_k, for components with batch shape ``(K,)``, event ``(z_dim,)``."""
-    return dist.MixtureSameFamily(dist.Categorical(logits=logits), components)
 
 
 @PRIORS.register("mixture")
@@ -151,7 +149,7 @@ class GaussianMixture(Prior):
         self.logits = nn.Parameter(torch.zeros(self.components))
 
     def forward(self, encoder: nn.Module | None = None) -> dist.Distribution:
-        return uniform_or_learned_mixture(self.logits, self.gaussians())
+        return DiagonalGaussianMixture(self.logits, self.gaussians.loc, self.gaussians.scale)
 
 
 @PRIORS.register("vamp")
@@ -214,7 +212,7 @@ class VampPrior(Prior):
             raise ValueError(
                 f"prior 'vamp' mixes diagonal-Gaussian posteriors q(z|u_k), but {err}; use guide='normal' with it"
             ) from err
-        return uniform_or_learned_mixture(self.logits, dist.Normal(loc, scale).to_event(1))
+        return DiagonalGaussianMixture(self.logits, loc, scale)
 
 
 class FlowKind:
