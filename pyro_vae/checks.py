@@ -22,6 +22,7 @@ from pyro_vae import config, data, estimators, guides, likelihoods, masks, netwo
 from pyro_vae.config import SECTIONS, Config, ConfigError
 from pyro_vae.registry import Registry
 from pyro_vae.specs import SpecError, unknown_name
+from pyro_vae.train.epoch import WARMUPS
 
 # Each spec kind (field metadata {"spec": kind}): its registry, and the arguments that whoever
 # builds it passes itself (the shapes, the parameters, ...), which a spec may therefore not set.
@@ -39,7 +40,11 @@ SPEC_KINDS: dict[str, tuple[Registry, tuple[str, ...]]] = {
 }
 
 # Each plain-name table (field metadata {"names": table}): the valid names. Not specs: no arguments.
-NAME_TABLES: dict[str, Mapping[str, Any]] = {"activation": networks.ACTIVATIONS, "init": networks.INITIALIZERS}
+NAME_TABLES: dict[str, Mapping[str, Any]] = {
+    "activation": networks.ACTIVATIONS,
+    "init": networks.INITIALIZERS,
+    "warmup": WARMUPS,
+}
 
 
 def validate(cfg: Config) -> Config:
@@ -57,7 +62,7 @@ def validate(cfg: Config) -> Config:
             if "names" in f.metadata:
                 table = NAME_TABLES[f.metadata["names"]]
                 if value not in table:
-                    raise ConfigError(unknown_name(f.name, value, table, where=f" for {where}"))
+                    raise ConfigError(unknown_name(f.metadata["names"], value, table, where=f" for {where}"))
             elif "spec" in f.metadata and value is not None:
                 registry, context = SPEC_KINDS[f.metadata["spec"]]
                 try:

@@ -126,6 +126,9 @@ class TrainConfig:
     seed: int = field(default=0, metadata={"min": 0})
     # KL warm-up: beta ramps linearly from 0 to 1 over these epochs
     warmup_epochs: int = field(default=0, metadata={"min": 0})
+    # "step": beta rises at every step; "epoch": beta = e / warmup_epochs through (1-based) epoch e, as
+    # Tomczak & Welling do (pyro_vae.train.epoch.WARMUPS). Warm-up epochs never count against patience.
+    warmup_by: str = field(default="step", metadata={"names": "warmup"})
     optimizer: SpecValue = field(default="adam", metadata={"spec": "optimizer"})
     lr_schedule: SpecValue = field(default="constant", metadata={"spec": "lr_schedule"})
     clip_norm: float | None = field(default=None, metadata={"positive": True})  # gradient-norm clipping; None: off
@@ -139,6 +142,8 @@ class TrainConfig:
     eval_every: int = field(default=1, metadata={"min": 1})
     eval_batch_size: int = field(default=1000, metadata={"min": 1})
     device: str = field(default="auto", metadata={"check": device_problem})  # "auto": CUDA when available
+    # torch's intra-op CPU threads while training; None: torch's choice (every core). 1 for a background run.
+    threads: int | None = field(default=None, metadata={"min": 1})
     nll_samples: int = field(default=100, metadata={"min": 0})  # importance samples for the final test NLL; 0 skips it
     plots: bool = True
 

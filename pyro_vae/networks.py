@@ -134,10 +134,46 @@ class MLPBody(nn.Module):
         self.out_features = dims[-1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        event_dims = len(self.in_shape)
-        if event_dims != 1:
-            x = x.reshape(*x.shape[: x.dim() - event_dims], -1)
-        return self.layers(x)
+        return self.layers(flatten_event(x, len(self.in_shape)))
+
+
+def flatten_event(x: torch.Tensor, event_dims: int) -> torch.Tensor:
+    """``(..., *event)`` -> ``(..., prod(event))``: what a dense body reads."""
+    return x if event_dims == 1 else x.reshape(*x.shape[: x.dim() - event_dims], -1)
+
+
+class GatedLinear(nn.Module):
+    """h = (W x + b) * sigmoid(V x + c): a gated linear unit (Dauphin et al. 2017), the ``GatedDense``
+    layer of Tomczak & Welling's VampPrior code (no activation on the linear part)."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.linear, self.gate = nn.Linear(in_features, out_features), nn.Linear(in_features, out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) * torch.sigmoid(self.gate(x))
+
+
+@NETWORKS.register("gated_mlp")
+class GatedMLPBody(nn.Module):
+    """A stack of :class:`GatedLinear` layers of widths ``hidden``: the encoder and decoder bodies of the
+    VampPrior paper (Tomczak & Welling 2018, section 4: two gated layers of 300 units).
+
+    ``in_shape`` and ``out_features`` as for :class:`MLPBody`; ``hidden`` must not be empty.
+    """
+
+    def __init__(self, in_shape: Sequence[int], hidden: Sequence[int] = (300, 300)) -> None:
+        super().__init__()
+        hidden = widths_arg("hidden", hidden)
+        if not hidden:
+            raise ValueError("gated_mlp needs at least one hidden width, e.g. hidden=[300, 300]")
+        self.in_shape, self.hidden = tuple(int(d) for d in in_shape), tuple(hidden)
+        dims = [math.prod(self.in_shape), *hidden]
+        self.layers = nn.Sequential(*(GatedLinear(a, b) for a, b in itertools.pairwise(dims)))
+        self.out_features = dims[-1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(flatten_event(x, len(self.in_shape)))
 
 
 def build_network(spec, in_shape: Sequence[int]) -> nn.Module:

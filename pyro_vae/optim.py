@@ -78,6 +78,27 @@ def adam(
     return torch.optim.Adam(params, amsgrad=amsgrad, **common, **multi)
 
 
+class AdamNormGrad(torch.optim.Adam):
+    """Adam on gradients divided by their own norm, g_p / (||g_p||_2 + 1e-7) for each parameter tensor p
+    (block-normalized gradients, Yu et al. 2017): the ``AdamNormGrad`` of Tomczak & Welling's
+    VampPrior code, which their paper's numbers were trained with."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if grads:
+            norms = torch._foreach_norm(grads)
+            torch._foreach_add_(norms, 1e-7)
+            torch._foreach_div_(grads, norms)
+        return super().step(closure)
+
+
+@OPTIMIZERS.register("adam_normgrad")
+def adam_normgrad(params: Params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
+    """Adam on per-tensor normalized gradients (:class:`AdamNormGrad`), the VampPrior paper's optimizer."""
+    return AdamNormGrad(list(params), **_common(lr, betas, eps, weight_decay), foreach=True)
+
+
 @OPTIMIZERS.register("adamw")
 def adamw(params: Params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01):
     """AdamW: Adam with decoupled weight decay (Loshchilov & Hutter 2019)."""

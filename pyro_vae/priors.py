@@ -129,8 +129,6 @@ class LearnedNormal(Prior):
         return self.gaussian()
 
 
-
-
 @PRIORS.register("mixture")
 class GaussianMixture(Prior):
     """p(z) = sum_k pi_k N(z; m_k, diag(s_k^2)), a learned mixture of K diagonal Gaussians.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pyro
 import pytest
 import torch
 from torch import nn
@@ -118,6 +119,25 @@ def test_mlp_body_flattens_the_event_and_reports_its_width():
     assert build_network("mlp(hidden=[])", (9,)).out_features == 9  # no hidden layer: the input itself
 
 
+def test_gated_mlp_is_tomczak_and_wellings_gated_dense_stack():
+    """Each layer is (W x + b) * sigmoid(V x + c); a VAE with gated bodies trains a step."""
+    from pyro_vae.networks import build_network
+
+    body = build_network("gated_mlp(hidden=[5, 4])", (1, 2, 3))
+    x = torch.rand(2, 7, 1, 2, 3)
+    h = x.reshape(2, 7, 6)
+    for layer in body.layers:
+        h = (h @ layer.linear.weight.T + layer.linear.bias) * torch.sigmoid(h @ layer.gate.weight.T + layer.gate.bias)
+    torch.testing.assert_close(body(x), h)
+    assert body.out_features == 4
+    vae = VAE(x_dim=6, z_dim=2, encoder="gated_mlp(hidden=[5])", decoder="gated_mlp(hidden=[5])", init="he")
+    loss = pyro.infer.Trace_ELBO().differentiable_loss(vae.model, vae.guide, torch.rand(3, 6).round())
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in vae.parameters())
+    with pytest.raises(ValueError, match="gated_mlp needs at least one hidden width"):
+        build_network("gated_mlp(hidden=[])", (6,))
+
+
 def test_network_specs_give_the_shorthand_vae_bit_for_bit():
     torch.manual_seed(4)
     shorthand = VAE(x_dim=20, z_dim=3, hidden_dims=(8, 6), activation="tanh")
@@ -143,7 +163,7 @@ def test_encoder_and_decoder_can_differ_and_the_heads_follow_the_families():
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("model.encoder=conv", r"unknown network 'conv'.*valid networks: mlp"),
+        ("model.encoder=transformer", r"unknown network 'transformer'.*valid networks: .*gated_mlp, .*mlp"),
         ("model.decoder=mlp(widths=[3])", r"network 'mlp' has no argument 'widths'.*its arguments: hidden, activation"),
     ],
 )

@@ -11,7 +11,8 @@ import torch
 
 from pyro_vae import checkpoint as ckpt
 from pyro_vae import optim
-from pyro_vae.config import load_config
+from pyro_vae.checks import load_config as checked_config
+from pyro_vae.config import ConfigError, load_config
 from pyro_vae.model import VAE
 from pyro_vae.runs import load_run
 from pyro_vae.specs import SpecError
@@ -263,6 +264,46 @@ def test_early_stopping_keeps_the_best_epoch(tmp_path, monkeypatch):
     assert "early stopping" in (tmp_path / "run" / "train.log").read_text()
 
 
+def test_warmup_by_epoch_holds_beta_e_over_w_for_the_whole_epoch(tmp_path, monkeypatch):
+    """Tomczak & Welling's warm-up: beta = e / W in (1-based) epoch e, the same for every step of it."""
+    recorder = _BetaRecorder()
+    monkeypatch.setattr(train_module, "TrainStep", recorder)
+    train(tiny("train.epochs=3", "train.warmup_epochs=2", "train.warmup_by=epoch"), tmp_path / "run", progress=False)
+    assert recorder.betas == [0.5] * STEPS_PER_EPOCH + [1.0] * 2 * STEPS_PER_EPOCH
+    with pytest.raises(ConfigError, match=r"unknown warmup 'epochs' for train.warmup_by.*valid warmups: step, epoch"):
+        checked_config(None, ["train.warmup_by=epochs"])
+
+
+def test_warmup_epochs_never_count_against_the_patience(tmp_path, monkeypatch):
+    # Best at epoch 1, then worse every epoch: with 3 warm-up epochs the patience of 2 runs from epoch 4 on.
+    val = iter([-100.0, -200.0, -240.0, -280.0, -300.0, -320.0, -340.0])
+    real_sum = epoch_module.sum_elbo
+
+    def scripted(vae, x, batch_size):
+        return torch.tensor(next(val)) if len(x) == 40 else real_sum(vae, x, batch_size)
+
+    monkeypatch.setattr(epoch_module, "sum_elbo", scripted)
+    cfg = tiny("train.epochs=7", "train.patience=2", "train.warmup_epochs=3")
+    result = train(cfg, tmp_path / "run", progress=False)
+    assert result["status"] == "early_stopped" and (result["epoch"], result["best_epoch"]) == (5, 1)
+
+
+def test_train_threads_sets_torchs_threads_while_training_only(tmp_path, monkeypatch):
+    seen = []
+    real = train_module.prepare_run
+
+    def prepare(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "prepare_run", prepare)
+    before = torch.get_num_threads()
+    train(tiny("train.epochs=1", f"train.threads={before + 1}"), tmp_path / "run", progress=False)
+    assert seen == [before + 1] and torch.get_num_threads() == before
+    with pytest.raises(ConfigError, match="threads"):
+        tiny("train.threads=0")
+
+
 def test_importance_weighted_training_selects_the_best_epoch_by_its_own_bound(tmp_path, monkeypatch):
     # iwae(k=2): the validation ELBO falls after epoch 1 while the IWAE bound rises until epoch 3.
     elbos = iter([-400.0, -440.0, -480.0, -520.0])  # sums over the 40 validation examples
@@ -366,7 +407,8 @@ def test_optimizer_and_schedule_registries():
     params = [torch.nn.Parameter(torch.zeros(2))]
     sgd = optim.build_optimizer("sgd(momentum=0.9)", params, lr=0.1)
     assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["momentum"] == 0.9
-    with pytest.raises(SpecError, match=r"unknown optimizer 'adan'.*valid optimizers: adam, adamw, rmsprop, sgd"):
+    valid = "adam, adam_normgrad, adamw, rmsprop, sgd"
+    with pytest.raises(SpecError, match=rf"unknown optimizer 'adan'.*valid optimizers: {valid}"):
         optim.build_optimizer("adan", params, lr=0.1)
     cosine = optim.build_schedule("cosine(min_factor=0.1)", epochs=10)
     assert cosine.factor(0) == 1.0 and cosine.factor(10) == pytest.approx(0.1)
@@ -387,6 +429,40 @@ def test_the_iwae_papers_schedule_runs_stage_i_for_3_to_the_i_epochs_at_10_to_th
     assert burda.factor(3279) == pytest.approx(10 ** (-1)) and burda.factor(13) == pytest.approx(10 ** (-3 / 7))
     with pytest.raises(ValueError, match="base must be an integer >= 2"):
         optim.build_schedule("burda(base=1)", epochs=3)
+
+
+def test_multistep_is_torchs_multisteplr_stepped_per_epoch():
+    spec = "multistep(milestones=[200, 350, 500, 750, 1000], gamma=0.6309573444801932)"
+    ours = optim.build_schedule(spec, epochs=1100)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-4)
+    theirs = torch.optim.lr_scheduler.MultiStepLR(opt, [200, 350, 500, 750, 1000], gamma=10 ** (-1 / 5))
+    for epoch in range(1100):
+        assert opt.param_groups[0]["lr"] == pytest.approx(1e-4 * ours.factor(epoch), rel=1e-12), epoch
+        opt.step()
+        theirs.step()
+    with pytest.raises(ValueError, match="milestones must be a list of epochs"):
+        optim.build_schedule("multistep(milestones=200)", epochs=3)
+
+
+def test_adam_normgrad_is_adam_on_per_tensor_normalized_gradients():
+    """Tomczak & Welling's AdamNormGrad: g / (||g|| + 1e-7) per tensor, then Adam."""
+    torch.manual_seed(0)
+    start = [torch.randn(3, 2), torch.randn(2)]
+    ours = [torch.nn.Parameter(p.clone()) for p in start]
+    plain = [torch.nn.Parameter(p.clone()) for p in start]
+    opt_ours = optim.build_optimizer("adam_normgrad", ours, lr=0.1)
+    opt_plain = torch.optim.Adam(plain, lr=0.1)
+    for t in range(4):
+        for group, opt in ((ours, opt_ours), (plain, opt_plain)):
+            opt.zero_grad()
+            sum(((p - t) ** 3).sum() * (i + 1) for i, p in enumerate(group)).backward()
+        for p in plain:
+            p.grad /= p.grad.norm() + 1e-7
+        opt_ours.step()
+        opt_plain.step()
+    for p, q in zip(ours, plain, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(ours[0], start[0])
 
 
 def test_adam_is_fused_where_torch_has_it_and_foreach_on_request():

@@ -50,6 +50,22 @@ def warmup_beta(step: int, warmup_steps: int) -> float:
     return min(1.0, (step + 1) / warmup_steps)
 
 
+def epoch_warmup_beta(step: int, warmup_steps: int, steps_per_epoch: int) -> float:
+    """KL weight of step ``step`` (0-based) held for a whole epoch: ``min(1, e / W)`` in (1-based) epoch e
+    of a warm-up of W epochs, as in Tomczak & Welling's VampPrior code (beta = 1/100 in the first of
+    100 epochs, 1 from epoch 100 on); 1 without warm-up."""
+    if warmup_steps <= 0:
+        return 1.0
+    return min(1.0, (step // steps_per_epoch + 1) / (warmup_steps // steps_per_epoch))
+
+
+# train.warmup_by: how beta rises over the train.warmup_epochs, as f(step, warmup_steps, steps_per_epoch).
+WARMUPS: dict[str, Callable[[int, int, int], float]] = {
+    "step": lambda step, warmup_steps, steps_per_epoch: warmup_beta(step, warmup_steps),
+    "epoch": epoch_warmup_beta,
+}
+
+
 @dataclass
 class EpochSums:
     """The epoch's numbers, by name: sums over examples, their counts, and one step index.
@@ -135,12 +151,15 @@ class Progress:
     # None before the first epoch and in checkpoints written before the guard existed.
     best_train_elbo: float | None = None
 
-    def observe(self, record: dict[str, Any]) -> bool:
+    def observe(self, record: dict[str, Any], warming_up: bool = False) -> bool:
         """Track the best ``val_bound`` (the training estimator's bound); True when this epoch is the new best.
 
         Epochs without an evaluation (``train.eval_every``) do not count; without a validation set
-        there is no best epoch and ``best.pt`` is not written. The best train ELBO is tracked on
-        every epoch, evaluated or not: the divergence guard needs no validation set.
+        there is no best epoch and ``best.pt`` is not written. An epoch of the KL warm-up
+        (``warming_up``) can be the best but never counts against the patience: the objective is
+        still changing under it (Tomczak & Welling's early stopping waits out the warm-up so).
+        The best train ELBO is tracked on every epoch, evaluated or not: the divergence guard needs
+        no validation set.
         """
         train = record.get("train_elbo")
         if train is not None and (self.best_train_elbo is None or train > self.best_train_elbo):
@@ -152,7 +171,7 @@ class Progress:
             self.best_val_bound, self.best_val_elbo = val, record["val_elbo"]
             self.best_epoch, self.bad_epochs = record["epoch"], 0
             return True
-        self.bad_epochs += 1
+        self.bad_epochs = 0 if warming_up else self.bad_epochs + 1
         return False
 
 
@@ -201,6 +220,7 @@ class Epoch:
     warmup_steps: int
     eval_batch_size: int
     optimizer: torch.optim.Optimizer | None = None  # its state is checked for NaN / inf with the weights
+    warmup_by: str = "step"  # a key of WARMUPS
 
     def run(self, epoch: int, first_step: int, evaluated: bool, reporter) -> tuple[EpochSums, int, float]:
         """Train epoch ``epoch`` from global step ``first_step``; evaluate it when ``evaluated``.
@@ -213,7 +233,7 @@ class Epoch:
         losses: list[torch.Tensor] = []  # device scalars: the step itself adds no kernel to sum them
         examples, step, beta = 0, first_step, 1.0
         for x, data in self.batches(epoch, self.generator):
-            beta = warmup_beta(step, self.warmup_steps)
+            beta = WARMUPS[self.warmup_by](step, self.warmup_steps, self.steps)
             losses.append(self.step(x, beta, **data))
             examples += x.shape[0]
             step += 1
