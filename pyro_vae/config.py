@@ -144,6 +144,8 @@ class TrainConfig:
     device: str = field(default="auto", metadata={"check": device_problem})  # "auto": CUDA when available
     # torch's intra-op CPU threads while training; None: torch's choice (every core). 1 for a background run.
     threads: int | None = field(default=None, metadata={"min": 1})
+    # TensorBoard event files in RUN/tensorboard/ (pyro_vae.train.tensorboard; needs the tensorboard package)
+    tensorboard: bool = False
     nll_samples: int = field(default=100, metadata={"min": 0})  # importance samples for the final test NLL; 0 skips it
     plots: bool = True
 

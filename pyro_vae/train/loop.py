@@ -51,6 +51,7 @@ from pyro_vae.train.epoch import (
 from pyro_vae.train.errors import DivergenceError, RunFolderLockedError
 from pyro_vae.train.run_folder import Reporter, RunFolder
 from pyro_vae.train.step import TrainStep, release_capturable
+from pyro_vae.train.tensorboard import TensorBoardLog, require_tensorboard
 
 
 @dataclass
@@ -68,6 +69,7 @@ class Run:
     schedule: Schedule
     epoch: Epoch
     progress: Progress
+    tensorboard: TensorBoardLog | None = None  # train.tensorboard, on the main process
 
     @property
     def patience(self) -> int:
@@ -80,8 +82,10 @@ class Run:
         return self.progress.epoch >= self.cfg.train.epochs or self.stopped_early()
 
     def close(self) -> None:
-        """Close the log and release the run folder's lock: the end of every run, however it ends."""
+        """Close the logs and release the run folder's lock: the end of every run, however it ends."""
         self.reporter.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
         self.folder.close()
 
 
@@ -208,6 +212,8 @@ def _dataset(cfg: Config, options: RunOptions, device: torch.device):
 def _prepare(cfg: Config, folder: RunFolder, context: SingleProcess, options: RunOptions, device) -> Run:
     """:func:`prepare_run` once the folder is locked."""
     tcfg = cfg.train
+    if tcfg.tensorboard:
+        require_tensorboard()  # before anything is written
     state = folder.open(cfg, options.resume)
     context.barrier()  # every rank has looked at the folder before rank 0 writes a checkpoint into it
     # Seed first: weight initialization and everything after it is reproducible.
@@ -240,6 +246,8 @@ def _prepare(cfg: Config, folder: RunFolder, context: SingleProcess, options: Ru
         epoch=epoch,
         progress=run_progress,
     )
+    if tcfg.tensorboard and context.is_main:
+        run.tensorboard = TensorBoardLog(folder.path / "tensorboard", tcfg.batch_size)
     _start(run, resumed=state is not None)
     return run
 
@@ -381,6 +389,10 @@ def train_epoch(run: Run, epoch: int) -> dict[str, Any]:
         run.folder.write_epoch(record, checkpoint_state(run, committed), improved)
         run.progress = committed
     run.reporter.epoch_line(record)
+    if run.tensorboard is not None:
+        split = "val" if has_validation(run.dataset) else "test"
+        rows = getattr(run.dataset, split)
+        run.tensorboard.epoch(record, run.vae, run.estimator, rows, split_fields(run.dataset, split, run.vae.consumes))
     return record
 
 
