@@ -18,7 +18,7 @@
 # FILES_AT/*.tar; do tar -xf $t -C runs_burda; done`; runs_burda/ is in .gitignore) and carry
 # [".whl", ".devdata", "runs_burda"] with the same command.
 #
-# Sizes: a run folder is about 7 MB (checkpoint.pt and best.pt: weights and Adam's moments of
+# Sizes: a run folder is about 14 MB (checkpoint.pt and best.pt: weights and Adam's moments of
 # 0.45M parameters), under the device tool's 16 MiB per file. docs/results/reproductions.md says how
 # long each model takes.
 #
@@ -31,6 +31,7 @@ DEVICE=${PYRO_VAE_BENCH_DEVICE:-cuda}
 DATA=${PYRO_VAE_DATA:-.devdata}
 MINUTES=${MINUTES:-11}
 RUNS=${PYRO_VAE_BURDA_RUNS:-runs_burda}
+THREADS=${THREADS:-4}  # torch threads per model: three models share the CPU cores that feed the GPU
 mkdir -p "$OUT" "$RUNS"
 if [ -d .whl ] && ! python3 -c "import pyro" 2>/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -59,9 +60,9 @@ for name in "${models[@]}"; do
     else
         args=(--config "configs/paper/$name.toml" --out "$run")
     fi
-    # threads: the machine's CPU cores shared by three processes; SIGINT lets the loop write its checkpoint
+    # SIGINT lets the loop finish writing its checkpoint; the run resumes from the last finished epoch
     timeout --signal=INT --kill-after=60 "$duration" python3 -m pyro_vae train "${args[@]}" \
-        --device "$DEVICE" --set train.threads=4 --no-progress "${extra[@]}" >"$OUT/$name.log" 2>&1 &
+        --device "$DEVICE" --set train.threads="$THREADS" --no-progress "${extra[@]}" >"$OUT/$name.log" 2>&1 &
 done
 wait
 
