@@ -160,6 +160,12 @@ def build_network(spec, in_shape: Sequence[int], out_shape: Sequence[int] | None
     :func:`output_head`) are added by whoever uses it.
     """
     context = {"in_shape": tuple(in_shape)}
+    built_for = getattr(spec, "in_shape", None) if isinstance(spec, nn.Module) else None
+    if built_for is not None and tuple(built_for) != context["in_shape"]:
+        name = getattr(spec, "spec_name", type(spec).__name__)
+        raise ValueError(
+            f"network {name!r} was built for event shape {tuple(built_for)}; the data's is {tuple(in_shape)}"
+        )
     if out_shape is not None:
         context["out_shape"] = tuple(out_shape)
     return NETWORKS.build(spec, **context)
