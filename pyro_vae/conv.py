@@ -63,7 +63,7 @@ def make_norm(name: str, channels: int) -> nn.Module:
     return NORMS[name](channels)
 
 
-def image_shape(network: str, shape: Sequence[int], levels: int, role: str) -> tuple[int, int, int]:
+def image_shape(network: str, shape: Sequence[int], levels: int, role: str, key: str) -> tuple[int, int, int]:
     """``shape`` as ``(C, H, W)`` with H and W divisible by ``2 ** levels``; otherwise one line naming both shapes."""
     shape = tuple(int(d) for d in shape)
     factor = 2**levels
@@ -72,7 +72,7 @@ def image_shape(network: str, shape: Sequence[int], levels: int, role: str) -> t
     if shape[1] % factor or shape[2] % factor:
         raise ValueError(
             f"network {network!r} halves the image {levels} times, so it needs an event shape (C, H, W) with H and "
-            f"W multiples of {factor}; the data's event shape is {shape} (use fewer levels or another network)"
+            f"W multiples of {factor}; the data's event shape is {shape} (use a smaller {key} or another network)"
         )
     return shape  # type: ignore[return-value]
 
@@ -101,16 +101,18 @@ class ImageBody(nn.Module):
     top: int  # channels of the coarsest feature map
     features: int  # channels of a decoder's full-resolution output
 
+    levels_key: str  # the spec key that sets how often the image is halved
+
     def setup(self, in_shape: Sequence[int], out_shape: Sequence[int] | None, levels: int, activation: str) -> None:
         name = type(self).spec_name  # type: ignore[attr-defined]
         self.in_shape = tuple(int(d) for d in in_shape)
         if len(self.in_shape) == 3:  # an encoder: image -> flat features
-            c, h, w = image_shape(name, self.in_shape, levels, "input")
+            c, h, w = image_shape(name, self.in_shape, levels, "input", self.levels_key)
             self.stack = self.down(c)
             self.coarse = (self.top, h >> levels, w >> levels)
             self.out_shape = (math.prod(self.coarse),)
         elif len(self.in_shape) == 1 and out_shape is not None:  # a decoder: z -> feature map of the image's size
-            c, h, w = image_shape(name, out_shape, levels, "output")
+            c, h, w = image_shape(name, out_shape, levels, "output", self.levels_key)
             self.coarse = (self.top, h >> levels, w >> levels)
             linear = nn.Linear(self.in_shape[0], math.prod(self.coarse))
             self.project = nn.Sequential(linear, make_activation(activation))
@@ -151,6 +153,8 @@ class ConvBody(ImageBody):
     mirrors it with stride-2 transposed convolutions, ending with ``channels`` feature maps at full
     resolution. ``depth=2`` fits 1x28x28 (to 7x7) and 3x32x32 (to 8x8).
     """
+
+    levels_key = "depth"
 
     def __init__(
         self,
@@ -217,6 +221,8 @@ class ResNetBody(ImageBody):
     is one vector, so the coarsest map is flattened (encoder) or projected from z (decoder). ``levels=2``
     fits 1x28x28 and 3x32x32; odd kernels keep the residual branch the size of its input.
     """
+
+    levels_key = "levels"
 
     def __init__(
         self,
