@@ -212,7 +212,7 @@ class ResidualBlock(nn.Module):
 @NETWORKS.register("resnet")
 class ResNetBody(ImageBody):
     """Residual body in the layout of the IAF paper's ResNet VAE (Kingma et al. 2016, "Improved
-    variational inference with inverse autoregressive flow", Appendix C), at a small width by default.
+    variational inference with inverse autoregressive flow"), at a small width by default.
 
     Encoder: a ``kernel`` convolution to ``width`` channels, then per level ``blocks`` residual blocks
     (:class:`ResidualBlock`, ELU as in the paper) and a stride-2 convolution that halves H and W.
