@@ -30,7 +30,11 @@ BINARY_LIKELIHOODS = {"bernoulli"}
 
 
 def small(network: str) -> str:
-    return SMALL.get(network, network)
+    """A narrow spec of ``network``; a body registered elsewhere gets ``hidden=[8]`` when it takes ``hidden``
+    (a default width of 400 to 256 x 3072 categorical logits would be a third of a billion parameters)."""
+    if network in SMALL:
+        return SMALL[network]
+    return f"{network}(hidden=[8])" if "hidden" in NETWORKS.user_keys(network, ("in_shape", "out_shape")) else network
 
 
 def images(shape, n: int = 3, binary: bool = False, seed: int = 0) -> torch.Tensor:
