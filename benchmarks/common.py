@@ -141,6 +141,35 @@ class ReferenceVAE(torch.nn.Module):
         return rec + kl
 
 
+class ReferenceConvVAE(ReferenceVAE):
+    """The hand-written PyTorch conv VAE on 1x28x28 images: the architecture of ``conv(channels=c, depth=2,
+    kernel=4, activation='relu')`` both ways written out in plain ``nn`` layers (no pyro_vae code), with
+    the same loss as :class:`ReferenceVAE` (BCE on logits, analytic KL).
+
+    Encoder: Conv(1, c, 4, s2, p1) ReLU Conv(c, 2c, 4, s2, p1) ReLU, flatten 2c x 7 x 7, Linear to (loc, raw scale).
+    Decoder: Linear(z, 2c x 7 x 7) ReLU, ConvT(2c, c, 4, s2, p1) ReLU ConvT(c, c, 4, s2, p1) ReLU, 1x1 Conv(c, 1).
+    """
+
+    def __init__(self, z_dim: int = 50, channels: int = 32) -> None:
+        torch.nn.Module.__init__(self)
+        nn, c = torch.nn, channels
+        self.z_dim = z_dim
+        self.enc = nn.Sequential(
+            nn.Unflatten(1, (1, 28, 28)),
+            *(nn.Conv2d(1, c, 4, 2, 1), nn.ReLU(), nn.Conv2d(c, 2 * c, 4, 2, 1), nn.ReLU()),
+            nn.Flatten(),
+            nn.Linear(2 * c * 49, 2 * z_dim),
+        )
+        self.dec = nn.Sequential(
+            nn.Linear(z_dim, 2 * c * 49),
+            nn.ReLU(),
+            nn.Unflatten(1, (2 * c, 7, 7)),
+            *(nn.ConvTranspose2d(2 * c, c, 4, 2, 1), nn.ReLU(), nn.ConvTranspose2d(c, c, 4, 2, 1), nn.ReLU()),
+            nn.Conv2d(c, 1, 1),
+            nn.Flatten(),
+        )
+
+
 def reference_step(model: ReferenceVAE, optimizer: torch.optim.Optimizer) -> Callable[[torch.Tensor], torch.Tensor]:
     def step(x: torch.Tensor) -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)

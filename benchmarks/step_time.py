@@ -1,6 +1,6 @@
 """Time one training step: hand-written PyTorch vs plain Pyro SVI vs pyro_vae's default step.
 
-    python benchmarks/step_time.py [--device cpu|cuda] [--batch 128,1024] [--json] [--repeats N]
+    python benchmarks/step_time.py [--device cpu|cuda] [--batch 128,1024] [--json] [--repeats N] [--network conv]
 
 Variants, timed interleaved in one run (see benchmarks/README.md):
 
@@ -19,6 +19,10 @@ Variants, timed interleaved in one run (see benchmarks/README.md):
   the fast step with that estimator, recorded and not;
 - ``project_meanfield``: ``project`` with ``estimators.get("meanfield")`` (analytic KL, the reference's
   own objective), to separate the Monte Carlo KL's cost from the cost of running Pyro programs.
+
+``--network conv`` runs every variant on the conv VAE of ``configs/mnist_conv.toml`` (``conv(channels=32,
+depth=2)`` both ways on 1x28x28; ``--channels`` sets the width) instead of the MLP: the reference is
+``ReferenceConvVAE``, the same layers written out in plain PyTorch.
 
 JSON: per batch size ``ms_per_step`` (median over rounds) for each variant, ``ratio_project_to_torch``
 = project / torch, ``ratio_pyro_to_torch`` = pyro_svi / torch, paired (per-round) ratios, and
@@ -41,6 +45,7 @@ if __package__ in (None, ""):  # run as ``python benchmarks/NAME.py``: make the 
 
 from benchmarks.common import (
     ParamStoreSlot,
+    ReferenceConvVAE,
     ReferenceVAE,
     interleaved,
     machine_info,
@@ -65,19 +70,39 @@ def _call_on(step, batches: torch.Tensor):
     return lambda i: step(batches[i % batches.shape[0]])
 
 
+def conv_spec(channels: int) -> str:
+    """The body of ``configs/mnist_conv.toml`` at width ``channels``; ``ReferenceConvVAE`` writes it out."""
+    return f"conv(channels={channels}, depth=2, kernel=4, activation='relu')"
+
+
+# --network -> (the hand-written reference, the project's VAE), each from the parsed arguments
+NETWORK_PAIRS = {
+    "mlp": (
+        lambda args: ReferenceVAE(784, args.z_dim, tuple(args.hidden)),
+        lambda args: VAE(z_dim=args.z_dim, hidden_dims=tuple(args.hidden)),
+    ),
+    "conv": (
+        lambda args: ReferenceConvVAE(args.z_dim, args.channels),
+        lambda args: VAE(
+            z_dim=args.z_dim, x_shape=(1, 28, 28), encoder=conv_spec(args.channels), decoder=conv_spec(args.channels)
+        ),
+    ),
+}
+
+
 def build_variants(batches: torch.Tensor, args, device: torch.device):
     """name -> fn(i) doing one step on batch i (cycling), a private param store per variant, and
     the project variants' TrainSteps (for their path and recording)."""
-    hidden = tuple(args.hidden)
+    make_reference, make_vae = NETWORK_PAIRS[args.network]
     variants, slots, steps = {}, {}, {}
 
     for name, kind in (("torch", "default"), ("torch_foreach", "foreach")):
         torch.manual_seed(0)
-        ref = ReferenceVAE(784, args.z_dim, hidden).to(device)
+        ref = make_reference(args).to(device)
         variants[name] = _call_on(reference_step(ref, reference_optimizer(ref.parameters(), LR, kind)), batches)
 
     torch.manual_seed(0)
-    vae_b = VAE(z_dim=args.z_dim, hidden_dims=hidden).to(device)
+    vae_b = make_vae(args).to(device)
     svi = SVI(vae_b.model, vae_b.guide, pyro.optim.Adam({"lr": LR}), loss=Trace_ELBO())
     variants["pyro_svi"] = _call_on(svi.step, batches)
 
@@ -93,7 +118,7 @@ def build_variants(batches: torch.Tensor, args, device: torch.device):
         project += [(name, True, True, "adam", spec), (f"{name}_unrecorded", True, False, "adam", spec)]
     for name, fast, record, adam, estimator in project:
         torch.manual_seed(0)
-        vae = VAE(z_dim=args.z_dim, hidden_dims=hidden).to(device)
+        vae = make_vae(args).to(device)
         optimizer = build_optimizer(adam, vae.parameters(), LR)
         ts = TrainStep(vae, estimators.get(estimator), optimizer, fast=fast, record=record)
         variants[name] = _call_on(ts, batches)
@@ -128,7 +153,9 @@ def _replayed(step: TrainStep) -> bool:
 def run(args) -> dict:
     device = setup(args)
     x, data = mnist_images(device, args.data_dir)
-    result = {"benchmark": "step_time", "data": data, "machine": machine_info(device), "batches": {}}
+    network = conv_spec(args.channels) if args.network == "conv" else f"mlp(hidden={args.hidden})"
+    result = {"benchmark": "step_time", "data": data, "network": network, "machine": machine_info(device)}
+    result["batches"] = {}
     for batch_size in args.batch:
         g = torch.Generator(device="cpu").manual_seed(0)
         perm = torch.randperm(x.shape[0], generator=g)[: args.num_batches * batch_size].to(device)
@@ -170,6 +197,8 @@ def parse_args(argv=None):
     p.add_argument("--block", type=int, default=5, help="steps per variant per round")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps per variant")
     p.add_argument("--num-batches", type=int, default=8, help="distinct batches cycled through")
+    p.add_argument("--network", choices=sorted(NETWORK_PAIRS), default="mlp", help="the networks of every variant")
+    p.add_argument("--channels", type=int, default=32, help="--network conv: the first layer's width")
     p.add_argument(
         "--estimators",
         type=split_specs,
@@ -180,7 +209,8 @@ def parse_args(argv=None):
 
 
 def summary(result: dict) -> str:
-    lines = [f"{result['machine']['cpu']} | {result['machine']['device']} | threads {result['machine']['threads']}"]
+    machine = result["machine"]
+    lines = [f"{machine['cpu']} | {machine['device']} | threads {machine['threads']} | {result['network']}"]
     for b, r in result["batches"].items():
         lines.append(f"batch {b}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in r["ms_per_step"].items()))
         lines.append(

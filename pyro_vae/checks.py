@@ -30,7 +30,7 @@ SPEC_KINDS: dict[str, tuple[Registry, tuple[str, ...]]] = {
     "prior": (priors.PRIORS, ("z_dim", "x_shape")),
     "likelihood": (likelihoods.LIKELIHOODS, ("x_dim",)),
     "guide": (guides.GUIDES, ("body", "z_dim")),
-    "network": (networks.NETWORKS, ("in_shape",)),
+    "network": (networks.NETWORKS, ("in_shape", "out_shape")),
     "structure": (structures.STRUCTURES, structures.CONTEXT),
     "estimator": (estimators.ESTIMATORS, ()),
     "dataset": (data.DATASETS, ("root", "download")),

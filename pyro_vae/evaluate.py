@@ -117,9 +117,11 @@ def _batches(x: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
 
 
 def widest_activation(vae) -> int:
-    """The widest per-sample activation: x itself, z, or the output of any linear layer (hidden or head)."""
+    """The widest per-sample activation: x itself, z, the output of any linear layer (hidden or head), or
+    what a module declares as its ``activation_width`` (an image body's widest feature map, a pixel head)."""
     linear = (m.out_features for m in vae.modules() if isinstance(m, torch.nn.Linear))
-    return max(getattr(vae, "x_dim", 1), getattr(vae, "z_dim", 1), *linear)
+    declared = (m.activation_width for m in vae.modules() if hasattr(m, "activation_width"))
+    return max(getattr(vae, "x_dim", 1), getattr(vae, "z_dim", 1), *linear, *declared)
 
 
 def default_chunk_size(vae, batch: int, budget: int | None = None) -> int:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from typing import ClassVar
 
 import pyro.distributions as dist
@@ -33,7 +34,7 @@ from pyro.distributions import constraints
 from pyro.distributions.torch_distribution import TorchDistribution
 from torch import nn
 
-from pyro_vae.networks import inverse_softplus
+from pyro_vae.networks import inverse_softplus, output_head
 from pyro_vae.registry import Registry
 from pyro_vae.specs import integer_arg
 
@@ -62,9 +63,13 @@ class Likelihood(nn.Module):
         """Width of the decoder's output layer."""
         return self.x_dim * self.params_per_pixel
 
-    def head(self, in_features: int) -> nn.Module:
-        """The decoder's head: ``in_features`` body outputs -> the ``out_dim`` parameters this likelihood reads."""
-        return nn.Linear(in_features, self.out_dim)
+    def head(self, body: nn.Module, x_shape: Sequence[int]) -> nn.Module:
+        """The decoder's head: the outputs of ``body`` -> the ``out_dim`` parameters this likelihood reads, for
+        data of event shape ``x_shape`` (a linear layer on flat features, a 1x1 convolution on a feature map:
+        ``networks.output_head``)."""
+        if math.prod(x_shape) != self.x_dim:
+            raise ValueError(f"event shape {tuple(x_shape)} holds {math.prod(x_shape)} values, not x_dim {self.x_dim}")
+        return output_head(body, x_shape, self.params_per_pixel)
 
     def split_params(self, params: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The ``params_per_pixel`` blocks of shape ``(..., x_dim)``."""

@@ -1,6 +1,11 @@
 """Encoder and decoder networks: plain torch, no Pyro.
 
-Both are multilayer perceptrons with configurable widths, depth and activation:
+Network *bodies* are chosen by name (:data:`NETWORKS`, ``model.encoder`` / ``model.decoder``):
+``mlp`` here, the image bodies ``conv`` and ``resnet`` in :mod:`pyro_vae.conv`. Heads are added by
+whoever uses a body: :class:`GaussianEncoder` for a guide, :func:`output_head` for a likelihood (a
+linear layer on flat features, a 1x1 convolution on a decoder's feature map).
+
+The MLPs have configurable widths, depth and activation:
 
 - Pyro's VAE tutorial: ``hidden_dims=(400,)``, ``activation="softplus"``, ``z_dim=50``;
 - the IWAE paper (Burda et al. 2015, one stochastic layer): ``hidden_dims=(200, 200)``,
@@ -79,8 +84,13 @@ INITIALIZERS: dict[str, Callable[[nn.Linear], None] | None] = {
 }
 
 
+# The layers a scheme re-initializes: linear and convolutional (whose fan-in torch computes per kernel).
+INITIALIZED = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)
+
+
 def initialize(modules: Iterable[nn.Module], scheme: str) -> None:
-    """Re-initialize every ``nn.Linear`` inside ``modules`` by ``scheme`` (see :data:`INITIALIZERS`).
+    """Re-initialize every linear and convolutional layer (:data:`INITIALIZED`) in ``modules`` by ``scheme``
+    (see :data:`INITIALIZERS`).
 
     Pass the networks this module builds (``mlp``s, :class:`GaussianEncoder`, :class:`Decoder`), not
     modules that also hold Pyro's flow layers: those keep the initialization their authors chose.
@@ -92,7 +102,7 @@ def initialize(modules: Iterable[nn.Module], scheme: str) -> None:
         return
     for module in modules:
         for layer in module.modules():
-            if isinstance(layer, nn.Linear):
+            if isinstance(layer, INITIALIZED):
                 init(layer)
 
 
@@ -176,13 +186,64 @@ class GatedMLPBody(nn.Module):
         return self.layers(flatten_event(x, len(self.in_shape)))
 
 
-def build_network(spec, in_shape: Sequence[int]) -> nn.Module:
+def build_network(spec, in_shape: Sequence[int], out_shape: Sequence[int] | None = None) -> nn.Module:
     """A network body from a spec such as ``"mlp(hidden=[400])"``, for inputs of event shape ``in_shape``.
 
-    A body maps ``(..., *in_shape)`` to ``(..., out_features)``; heads (the guide's loc/scale, the
-    likelihood's parameters) are added by whoever uses it.
+    A body maps ``(..., *in_shape)`` to ``(..., *out_shape)``: flat features ``(out_features,)`` (an
+    MLP, any encoder), or a feature map ``(F, H, W)`` (an image decoder, ``pyro_vae.conv``).
+    ``out_shape`` is the data's event shape when the body is a decoder: an image decoder up-samples
+    to it, an MLP ignores it. Heads (the guide's loc/scale, the likelihood's parameters,
+    :func:`output_head`) are added by whoever uses it.
     """
-    return NETWORKS.build(spec, in_shape=tuple(in_shape))
+    context = {"in_shape": tuple(in_shape)}
+    built_for = getattr(spec, "in_shape", None) if isinstance(spec, nn.Module) else None
+    if built_for is not None and tuple(built_for) != context["in_shape"]:
+        name = getattr(spec, "spec_name", type(spec).__name__)
+        raise ValueError(
+            f"network {name!r} was built for event shape {tuple(built_for)}; the data's is {tuple(in_shape)}"
+        )
+    if out_shape is not None:
+        context["out_shape"] = tuple(out_shape)
+    return NETWORKS.build(spec, **context)
+
+
+def body_shape(body: nn.Module) -> tuple[int, ...]:
+    """What a body outputs per example: its ``out_shape``, else ``(out_features,)``."""
+    return tuple(getattr(body, "out_shape", (body.out_features,)))
+
+
+class PixelHead(nn.Module):
+    """Per-pixel parameters from a feature map: a 1x1 convolution ``(..., F, H, W) -> (..., P C, H, W)``,
+    flattened to ``(..., P C H W)``.
+
+    Channel ``p C + c`` holds parameter p of channel c, so the flat output is P consecutive blocks of
+    ``C H W`` in the data's channel-first order: the layout every likelihood reads
+    (``Likelihood.split_params``), the same as a linear head's.
+    """
+
+    def __init__(self, features: int, channels: int, size: Sequence[int]) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(features, channels, kernel_size=1)
+        self.activation_width = channels * math.prod(size)  # numbers per example (evaluate's chunking)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        lead = h.shape[:-3]
+        out = self.conv(h.reshape(-1, *h.shape[-3:]))
+        return out.reshape(*lead, -1)
+
+
+def output_head(body: nn.Module, x_shape: Sequence[int], params_per_pixel: int) -> nn.Module:
+    """The head from a decoder body to ``params_per_pixel`` parameters per value of x (event shape ``x_shape``).
+
+    A body with flat features gets a linear layer; a body with a feature map ``(F, H, W)`` gets a
+    :class:`PixelHead`, which needs the data to be images ``(C, H, W)`` of the same height and width.
+    """
+    shape, x_shape = body_shape(body), tuple(int(d) for d in x_shape)
+    if len(shape) == 1:
+        return nn.Linear(shape[0], params_per_pixel * math.prod(x_shape))
+    if len(x_shape) != 3 or shape[1:] != x_shape[1:]:
+        raise ValueError(f"the decoder body's feature map {shape} does not fit the data's event shape {x_shape}")
+    return PixelHead(shape[0], params_per_pixel * x_shape[0], x_shape[1:])
 
 
 def mlp_spec(hidden: Sequence[int], activation: str) -> dict[str, object]:
@@ -226,3 +287,7 @@ class Decoder(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(z))
+
+
+# The image bodies (conv, resnet) live in their own module and register themselves here.
+from pyro_vae import conv  # noqa: E402, F401

@@ -49,6 +49,20 @@ def test_step_time_reports_medians_and_ratios(bench, capsys):
     assert {"cpu", "torch", "pyro", "threads", "date"} <= set(out["machine"])
 
 
+def test_step_time_on_the_conv_network_runs_the_reference_of_the_same_architecture(bench, capsys):
+    module = bench("step_time")
+    module.main(["--network", "conv", "--channels", "4", "--batch", "8", "--repeats", "2", "--block", "1", *TINY])
+    out = json.loads(capsys.readouterr().out)
+    entry = out["batches"]["8"]
+    assert out["network"] == module.conv_spec(4) and entry["project_path"] == "fast" and entry["project_recorded"]
+    assert entry["ratio_project_to_torch"] > 0
+    # the hand-written reference has the project's architecture: the same parameter shapes, in the same order
+    args = module.parse_args(["--network", "conv", "--channels", "4", "--z-dim", "4"])
+    reference, project = (make(args) for make in module.NETWORK_PAIRS["conv"])
+    shapes = [tuple(p.shape) for p in reference.parameters()]
+    assert shapes == [tuple(p.shape) for p in project.parameters()] and len(shapes) == 14
+
+
 def test_epoch_time_runs_every_variant_over_the_data(bench, capsys):
     bench("epoch_time").main(["--batch", "64", "--repeats", "1", "--subset", "256", *TINY])
     out = json.loads(capsys.readouterr().out)

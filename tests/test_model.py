@@ -26,6 +26,16 @@ from pyro_vae.estimators import log_weights
 X_DIM, Z_DIM, HIDDEN, BATCH = 40, 4, (16,), 8
 REPEATS, PARTICLES = 40, 250  # losses: 10^4 particles per estimator in all
 GRAD_REPEATS, GRAD_PARTICLES = 30, 100  # gradients: 3000 particles per estimator (the SNR is still ~200)
+# The statistical checks do not depend on the network: they run on the MLP and on a conv body (x as a
+# 1 x 4 x 10 image, halved once).
+BODIES = {
+    "mlp": {"hidden_dims": HIDDEN},
+    "conv": {"x_shape": (1, 4, 10), "encoder": "conv(channels=4, depth=1)", "decoder": "conv(channels=4, depth=1)"},
+}
+
+
+def make_vae(body: str = "mlp") -> VAE:
+    return VAE(x_dim=X_DIM, z_dim=Z_DIM, **BODIES[body])
 
 
 # -- structure ---------------------------------------------------------------------------
@@ -50,7 +60,7 @@ def test_iwae_paper_network_is_expressible():
 
 @pytest.fixture
 def vae():
-    return VAE(x_dim=X_DIM, z_dim=Z_DIM, hidden_dims=HIDDEN)
+    return make_vae("mlp")
 
 
 @pytest.fixture
@@ -122,15 +132,17 @@ def test_module_device_and_dtype_decide(vae, x):
 
 
 # -- statistical agreement with the closed form ---------------------------------------------
+@pytest.mark.parametrize("body", BODIES)
 @pytest.mark.parametrize("elbo_class", [Trace_ELBO, TraceMeanField_ELBO])
 @torch.no_grad()
-def test_pyro_loss_agrees_with_closed_form(vae, x, elbo_class):
+def test_pyro_loss_agrees_with_closed_form(x, elbo_class, body):
     """Pyro's loss with R x M vectorized particles equals -closed_form_elbo(...).sum() within 4 SE.
 
     SE of each side from R = 40 independent estimates (batch means); the two sides are independent,
     so the SE of the difference is sqrt(SE_pyro^2 + SE_closed^2), and |difference| <= 4 of those
     (a Welch t with about 2(R - 1) d.o.f.: P(|t| > 4) ~ 1e-4).
     """
+    vae = make_vae(body)
     pyro.set_rng_seed(1)
     elbo = elbo_class(num_particles=PARTICLES, vectorize_particles=True, max_plate_nesting=1)
     pyro_losses = torch.tensor([elbo.loss(vae.model, vae.guide, x) for _ in range(REPEATS)], dtype=torch.float64)
@@ -167,14 +179,15 @@ def _flat_grad(loss, params):
     return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]).double()
 
 
-@pytest.fixture(scope="module")
-def gradient_repeats():
+@pytest.fixture(scope="module", params=list(BODIES))
+def gradient_repeats(request):
     """R paired gradient estimates (Trace_ELBO with M particles; closed form with M draws), plus a
-    Trace_ELBO run at beta = 0.5 (KL halved) that the tests must tell apart from the closed form.
+    Trace_ELBO run at beta = 0.5 (KL halved) that the tests must tell apart from the closed form;
+    one set per network body.
     """
     pyro.clear_param_store()
     pyro.set_rng_seed(3)
-    vae = VAE(x_dim=X_DIM, z_dim=Z_DIM, hidden_dims=HIDDEN)
+    vae = make_vae(request.param)
     x = torch.bernoulli(torch.full((BATCH, X_DIM), 0.5), generator=torch.Generator().manual_seed(0))
     params = [*vae.encoder.parameters(), *vae.decoder.parameters()]
     n_encoder = sum(p.numel() for p in vae.encoder.parameters())

@@ -34,8 +34,11 @@ def _dataset(image_shape, n: int = 60, classes: int = 10) -> SimpleNamespace:
     )
 
 
-def _vae(x_dim: int, z_dim: int) -> VAE:
-    return VAE(x_dim=x_dim, z_dim=z_dim, hidden_dims=(16,))
+def _vae(x_dim: int, z_dim: int, network: str | None = None, image_shape=None) -> VAE:
+    """The MLP VAE; with ``network`` (``"conv(channels=4)"``) that body both ways, on images of ``image_shape``."""
+    if network is None:
+        return VAE(x_dim=x_dim, z_dim=z_dim, hidden_dims=(16,))
+    return VAE(x_dim=x_dim, z_dim=z_dim, x_shape=image_shape, encoder=network, decoder=network)
 
 
 def assert_png(path: Path, min_bytes: int = 2000) -> np.ndarray:
@@ -56,16 +59,18 @@ def _no_open_figures() -> bool:
 
 
 @pytest.mark.parametrize(
-    ("image_shape", "z_dim", "expected"),
+    ("image_shape", "z_dim", "expected", "network"),
     [
-        ((1, 28, 28), 2, {"manifold.png"}),
-        ((1, 28, 28), 5, set()),
-        ((3, 32, 32), 3, set()),
+        ((1, 28, 28), 2, {"manifold.png"}, None),
+        ((1, 28, 28), 5, set(), None),
+        ((3, 32, 32), 3, set(), None),
+        ((3, 32, 32), 3, set(), "conv(channels=4)"),  # a decoder whose head is a 1x1 conv on a feature map
+        ((1, 28, 28), 2, {"manifold.png"}, "resnet(width=4)"),
     ],
 )
-def test_write_all_figures(tmp_path, image_shape, z_dim, expected):
+def test_write_all_figures(tmp_path, image_shape, z_dim, expected, network):
     data = _dataset(image_shape)
-    vae = _vae(data.test.shape[1], z_dim)
+    vae = _vae(data.test.shape[1], z_dim, network, image_shape)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no figure may fail silently into a warning here
         written = plots.write_all_figures(vae, data, METRICS, tmp_path)
@@ -75,7 +80,7 @@ def test_write_all_figures(tmp_path, image_shape, z_dim, expected):
     assert set(p.name for p in tmp_path.iterdir()) == names
     for path in written:
         pixels = assert_png(path)
-        if image_shape[0] == 3 and path.name in ("samples.png", "reconstructions.png"):
+        if image_shape[0] == 3 and path.name in ("samples.png", "reconstructions.png", "interpolation.png"):
             # colour images: the channels differ somewhere
             assert np.abs(pixels[..., 0] - pixels[..., 1]).max() > 0.05
     assert _no_open_figures()

@@ -144,7 +144,7 @@ class ObservedLayer(Structure):
         self.x_dim, self.z_dim = math.prod(self.x_shape), z_dim
         self.likelihood = build_likelihood(likelihood, x_dim=self.x_dim)
         self.encoder = guide_on_body(guide, encoder, self.encoder_shape, z_dim)
-        self.decoder = likelihood_decoder(decoder, self.likelihood, z_dim)
+        self.decoder = likelihood_decoder(decoder, self.likelihood, (z_dim,), self.x_shape)
 
     @property
     def encoder_shape(self) -> tuple[int, ...]:
@@ -199,10 +199,12 @@ def guide_on_body(guide, encoder, x_shape: Sequence[int], z_dim: int) -> nn.Modu
     return build_guide(guide, body=build_network(encoder, tuple(x_shape)), z_dim=z_dim)
 
 
-def likelihood_decoder(decoder, likelihood: nn.Module, z_dim: int) -> Decoder:
-    """The network body ``decoder`` names on inputs of size ``z_dim``, then the head ``likelihood`` asks for."""
-    body = build_network(decoder, (z_dim,))
-    return Decoder(body, likelihood.head(body.out_features))
+def likelihood_decoder(decoder, likelihood: nn.Module, in_shape: Sequence[int], x_shape: Sequence[int]) -> Decoder:
+    """The network body ``decoder`` names on inputs of event shape ``in_shape`` (``(z_dim,)``), then the head
+    ``likelihood`` asks for, to the parameters of data of event shape ``x_shape`` (an image decoder body
+    up-samples to it, ``pyro_vae.conv``)."""
+    body = build_network(decoder, tuple(in_shape), out_shape=tuple(x_shape))
+    return Decoder(body, likelihood.head(body, x_shape))
 
 
 def posterior_mean(q: dist.Distribution, num_samples: int = MEAN_SAMPLES) -> torch.Tensor:

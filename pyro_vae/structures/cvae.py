@@ -35,8 +35,8 @@ from torch.distributions import kl_divergence
 
 from pyro_vae.guides import build_guide
 from pyro_vae.likelihoods import build_likelihood, observe_pixels
-from pyro_vae.networks import Decoder, build_network, initialize
-from pyro_vae.structures.base import Structure, data_plate, kl_scale, register, require_family
+from pyro_vae.networks import build_network, initialize
+from pyro_vae.structures.base import Structure, data_plate, kl_scale, likelihood_decoder, register, require_family
 
 # The value of a predicted pixel in the networks' input: outside every likelihood's [0, 1] data, so a
 # black given pixel (0) and an unknown one differ (Pyro's examples/cvae masks with -1 too).
@@ -154,8 +154,7 @@ class CVAE(Conditional):
         self.z_dim = z_dim
         self.recognition = build_guide(guide, body=build_network(encoder, self.x_shape), z_dim=z_dim)
         self.prior_net = build_guide("normal", body=build_network(encoder, self.x_shape), z_dim=z_dim)
-        body = build_network(decoder, (z_dim,))
-        self.generation = Decoder(body, self.likelihood.head(body.out_features))
+        self.generation = likelihood_decoder(decoder, self.likelihood, (z_dim,), self.x_shape)
         # The networks' linear layers only: a flow guide's own layers keep their initialization.
         initialize((getattr(self.recognition, "net", self.recognition), self.prior_net, self.generation), init)
 
@@ -212,8 +211,7 @@ class Baseline(Conditional):
 
     def __init__(self, x_shape: Sequence[int], encoder, likelihood="bernoulli", init: str = "torch") -> None:
         super().__init__(x_shape, likelihood)
-        body = build_network(encoder, self.x_shape)
-        self.baseline = Decoder(body, self.likelihood.head(body.out_features))
+        self.baseline = likelihood_decoder(encoder, self.likelihood, self.x_shape, self.x_shape)
         initialize((self.baseline,), init)
 
     def model(self, x: torch.Tensor, beta: float | torch.Tensor = 1.0, *, input_mask: torch.Tensor) -> None:

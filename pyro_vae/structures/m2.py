@@ -50,9 +50,9 @@ from torch import nn
 from pyro_vae.fields import HIDDEN
 from pyro_vae.guides import build_guide
 from pyro_vae.likelihoods import build_likelihood
-from pyro_vae.networks import Decoder, build_network, initialize
+from pyro_vae.networks import build_network, initialize
 from pyro_vae.priors import build_prior
-from pyro_vae.structures.base import Structure, data_plate, kl_scale, register, require_family
+from pyro_vae.structures.base import Structure, data_plate, kl_scale, likelihood_decoder, register, require_family
 
 # Pyro's aux_loss_multiplier (examples/vae/ss_vae_M2.py): the weight of log q(y|x) per labelled example.
 PYRO_ALPHA = 46.0
@@ -112,8 +112,7 @@ class M2(Structure):
         self.prior = build_prior(prior, z_dim=z_dim, x_shape=self.x_shape)
         self.likelihood = build_likelihood(likelihood, x_dim=self.x_dim)
         self.encoder = build_guide(guide, body=build_network(encoder, (self.x_dim + classes,)), z_dim=z_dim)
-        body = build_network(decoder, (z_dim + classes,))
-        self.decoder = Decoder(body, self.likelihood.head(body.out_features))
+        self.decoder = likelihood_decoder(decoder, self.likelihood, (z_dim + classes,), self.x_shape)
         body = build_network(encoder if classifier is None else classifier, self.x_shape)
         self.classifier = nn.Sequential(body, nn.Linear(body.out_features, classes))
         initialize((getattr(self.encoder, "net", self.encoder), self.decoder, self.classifier), init)
