@@ -101,7 +101,7 @@ def main(argv=None) -> None:
         "ratio_to_standard": {name: s / per_step["standard"] for name, s in per_step.items()},
         "gflop_per_step": {name: f / 1e9 for name, f in flops.items()},
         "flop_ratio": flops["vamp"] / flops["standard"],
-        "paths": {name: path_of(entry)[0] for name, (entry, _) in entries.items()},
+        "paths": {name: path_of(entry["step"])[0] for name, (entry, _) in entries.items()},
     }
     pyro.clear_param_store()
     report(result, args, _summary)

@@ -148,3 +148,22 @@ def test_se_small_k_shows_the_delta_method_optimistic_and_the_jackknife_not(benc
     rows = {row["k"]: row for row in json.loads(capsys.readouterr().out)["rows"]}
     assert rows[10]["sd_over_se_delta"] > 1.3 and 0.85 < rows[10]["sd_over_se_jackknife"] < 1.15
     assert rows[10]["median_ess"] < rows[100]["median_ess"] < rows[1000]["median_ess"]
+
+
+def test_vamp_epoch_times_both_densities_and_counts_the_flops(bench, capsys, tmp_path):
+    common = """
+[data]
+name = "synthetic(num_train=64, num_test=16, side=4)"
+[train]
+batch_size = 16
+warmup_epochs = 1
+"""
+    standard, vamp = tmp_path / "standard.toml", tmp_path / "vamp.toml"
+    standard.write_text('[model]\nz_dim = 2\nhidden_dims = [8]\n' + common)
+    vamp.write_text('[model]\nz_dim = 2\nhidden_dims = [8]\nprior = "vamp(components=5)"\n' + common)
+    bench("vamp_epoch").main(["--configs", f"{standard},{vamp}", "--steps", "2", "--repeats", "1", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["ratio_to_standard"]) == {"standard", "vamp", "vamp_broadcast"}
+    assert out["ratio_to_standard"]["standard"] == 1.0
+    # the pseudo-inputs' encoder pass is extra arithmetic; the standard step's own is all in both
+    assert out["flop_ratio"] > 1 and out["gflop_per_step"]["standard"] > 0
