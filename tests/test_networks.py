@@ -163,7 +163,10 @@ def test_encoder_and_decoder_can_differ_and_the_heads_follow_the_families():
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("model.encoder=convv", r"unknown network .convv. \(did you mean \"conv\"\?\); valid networks: conv, .*gated_mlp, .*resnet"),
+        (
+            "model.encoder=convv",
+            r"unknown network .convv. \(did you mean \"conv\"\?\); valid networks: conv, .*gated_mlp, .*resnet",
+        ),
         ("model.decoder=mlp(widths=[3])", r"network 'mlp' has no argument 'widths'.*its arguments: hidden, activation"),
     ],
 )
