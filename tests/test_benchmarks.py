@@ -159,7 +159,7 @@ batch_size = 16
 warmup_epochs = 1
 """
     standard, vamp = tmp_path / "standard.toml", tmp_path / "vamp.toml"
-    standard.write_text('[model]\nz_dim = 2\nhidden_dims = [8]\n' + common)
+    standard.write_text("[model]\nz_dim = 2\nhidden_dims = [8]\n" + common)
     vamp.write_text('[model]\nz_dim = 2\nhidden_dims = [8]\nprior = "vamp(components=5)"\n' + common)
     bench("vamp_epoch").main(["--configs", f"{standard},{vamp}", "--steps", "2", "--repeats", "1", "--json"])
     out = json.loads(capsys.readouterr().out)
