@@ -54,9 +54,9 @@ class Guide(nn.Module):
 class EncoderGuide(Guide):
     """A guide on ``GaussianEncoder(body)``: subclasses set ``extra_dim`` and implement ``distribution``."""
 
-    def __init__(self, body: nn.Module, z_dim: int, extra_dim: int = 0) -> None:
+    def __init__(self, body: nn.Module, z_dim: int, extra_dim: int = 0, scale: str = "softplus") -> None:
         super().__init__(z_dim)
-        self.net = GaussianEncoder(body, z_dim, extra_dim=extra_dim)
+        self.net = GaussianEncoder(body, z_dim, extra_dim=extra_dim, scale=scale)
 
     def distribution(self, loc: torch.Tensor, scale: torch.Tensor, extra: torch.Tensor) -> dist.Distribution:
         raise NotImplementedError
@@ -67,10 +67,15 @@ class EncoderGuide(Guide):
 
 @GUIDES.register("normal")
 class DiagonalNormalGuide(EncoderGuide):
-    """q(z|x) = N(mu(x), diag(sigma(x)^2)), the amortized mean-field Gaussian (Kingma & Welling 2014)."""
+    """q(z|x) = N(mu(x), diag(sigma(x)^2)), the amortized mean-field Gaussian (Kingma & Welling 2014).
 
-    def __init__(self, body: nn.Module, z_dim: int) -> None:
-        super().__init__(body, z_dim)
+    ``scale``: how the encoder's output becomes sigma (``networks.SCALE_LINKS``): ``softplus``
+    (default), ``log_variance`` (sigma = exp(raw / 2), pythae's) or ``log_scale`` (sigma = exp(raw),
+    the IWAE code's).
+    """
+
+    def __init__(self, body: nn.Module, z_dim: int, scale: str = "softplus") -> None:
+        super().__init__(body, z_dim, scale=scale)
 
     def gaussian_params(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         loc, scale, _ = self.net(x)

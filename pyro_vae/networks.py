@@ -251,16 +251,31 @@ def mlp_spec(hidden: Sequence[int], activation: str) -> dict[str, object]:
     return {"name": "mlp", "hidden": [int(h) for h in hidden], "activation": activation}
 
 
+# How the encoder's head output becomes a positive scale (``GaussianEncoder(scale=...)``, the
+# guides' ``scale`` argument); MIN_SCALE keeps log q finite whichever is used.
+SCALE_LINKS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    # the default: softplus grows linearly, so a large raw output cannot blow the scale up
+    "softplus": F.softplus,
+    # raw = log sigma^2, sigma = exp(raw / 2): Kingma & Welling's "log_var" head, pythae's and most code's
+    "log_variance": lambda raw: torch.exp(0.5 * raw),
+    # raw = log sigma: the IWAE authors' code (Burda et al. 2015)
+    "log_scale": torch.exp,
+}
+
+
 class GaussianEncoder(nn.Module):
     """x -> (loc, scale, extra) of a diagonal Gaussian q(z|x) = N(loc, diag(scale^2)): a body and a linear head.
 
-    ``scale = softplus(raw) + MIN_SCALE`` is positive. ``extra_dim`` further outputs (e.g. the
-    low-rank factor or an IAF context) are returned as ``extra`` (shape ``(..., 0)`` by default).
+    ``scale = link(raw) + MIN_SCALE`` is positive, with ``link`` from :data:`SCALE_LINKS`
+    (``softplus`` by default). ``extra_dim`` further outputs (e.g. the low-rank factor or an IAF
+    context) are returned as ``extra`` (shape ``(..., 0)`` by default).
     """
 
-    def __init__(self, body: nn.Module, z_dim: int, extra_dim: int = 0) -> None:
+    def __init__(self, body: nn.Module, z_dim: int, extra_dim: int = 0, scale: str = "softplus") -> None:
         super().__init__()
-        self.z_dim, self.extra_dim = z_dim, extra_dim
+        if scale not in SCALE_LINKS:
+            raise ValueError(f"unknown scale {scale!r}{closest(scale, SCALE_LINKS)}; valid: {', '.join(SCALE_LINKS)}")
+        self.z_dim, self.extra_dim, self.link = z_dim, extra_dim, SCALE_LINKS[scale]
         self.body = body
         self.head = nn.Linear(body.out_features, 2 * z_dim + extra_dim)
 
@@ -275,7 +290,7 @@ class GaussianEncoder(nn.Module):
     def params(self, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(loc, scale, extra)`` from the unconstrained output :meth:`raw`."""
         loc, raw_scale, extra = raw.split([self.z_dim, self.z_dim, self.extra_dim], dim=-1)
-        return loc, F.softplus(raw_scale) + MIN_SCALE, extra
+        return loc, self.link(raw_scale) + MIN_SCALE, extra
 
 
 class Decoder(nn.Module):

@@ -18,6 +18,7 @@ import math
 import pyro
 import pytest
 import torch
+import torch.nn.functional as F
 from linear_gaussian import DTYPE, inverse_softplus, linear_gaussian
 from mc_stats import assert_within_se, batch_means, mean_se, report
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
@@ -281,3 +282,22 @@ def test_meanfield_agrees_with_trace_for_every_pair(guide, prior):
 def test_bad_specs_are_clear_errors(spec, z_dim, message):
     with pytest.raises(SpecError, match=message):
         VAE(x_dim=X_DIM, z_dim=z_dim, hidden_dims=(8,), guide=spec)
+
+
+@pytest.mark.parametrize(
+    ("link", "expected"),
+    [("softplus", F.softplus), ("log_variance", lambda r: torch.exp(r / 2)), ("log_scale", torch.exp)],
+)
+def test_the_scale_link_maps_the_head_output_to_sigma(link, expected):
+    torch.manual_seed(0)
+    vae = VAE(x_dim=6, z_dim=2, hidden_dims=(5,), guide=f"normal(scale='{link}')")
+    x = torch.rand(4, 6)
+    encoder = vae.encoder.net
+    raw = encoder.raw(x)
+    _, scale = vae.encoder.gaussian_params(x)
+    torch.testing.assert_close(scale, expected(raw[..., 2:4]) + MIN_SCALE)
+
+
+def test_an_unknown_scale_link_lists_the_valid_ones():
+    with pytest.raises(ValueError, match=r"unknown scale 'exp'.*valid: softplus, log_variance, log_scale"):
+        VAE(x_dim=6, z_dim=2, hidden_dims=(5,), guide="normal(scale='exp')")
