@@ -73,6 +73,13 @@ def test_the_first_minutes_of_each_recipe_land_in_their_band(recipe, anchors, da
     assert low <= value <= high, f"{recipe}: validation bound {value:.2f} outside its band [{low:.2f}, {high:.2f}]"
 
 
+def test_the_pythae_long_run_started_inside_its_anchor(anchors):
+    """The committed long run (same recipe, same seed, full data) passed through the band at epoch 2."""
+    records = [json.loads(line) for line in (REPO / "docs/results/runs/pythae_vae/metrics.jsonl").open()]
+    low, high = anchors["pythae_vae"]["band"]
+    assert low <= records[1]["val_bound"] <= high
+
+
 def record(data_dir: Path, recipes) -> dict:
     """Run the anchors of ``recipes`` for each of ``RECORD_SEEDS`` and return their bands."""
     out = {}
