@@ -16,7 +16,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pyro
@@ -218,6 +218,13 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def rotations(names: list[str], repeats: int) -> Iterator[list[str]]:
+    """The order of each of ``repeats`` rounds: ``names`` rotated by the round's index, so that no
+    variant always runs first (or right after the same other one)."""
+    for r in range(repeats):
+        yield names[r % len(names) :] + names[: r % len(names)]
+
+
 def interleaved(
     variants: dict[str, Callable[[int], object]],
     slots: dict[str, ParamStoreSlot],
@@ -239,8 +246,7 @@ def interleaved(
         sync(device)
     times: dict[str, list[float]] = {key: [] for name in names for key in (name, name + ":cpu")}
     counter = warmup
-    for r in range(repeats):
-        order = names[r % len(names) :] + names[: r % len(names)]
+    for order in rotations(names, repeats):
         for name in order:
             with slots[name]:
                 sync(device)

@@ -26,7 +26,7 @@ import torch
 if __package__ in (None, ""):  # run as ``python benchmarks/NAME.py``: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import machine_info, parser, report, setup
+from benchmarks.common import machine_info, parser, report, rotations, setup
 from pyro_vae import estimators
 from pyro_vae.checks import load_config
 from pyro_vae.data import make_generator
@@ -92,8 +92,7 @@ def main(argv=None) -> None:
     for entry in entries.values():
         time_steps(entry, 2)  # choose the path, record
     times: dict[str, list[float]] = {path: [] for path in entries}
-    for round_index in range(args.repeats):
-        order = list(entries)[round_index % len(entries) :] + list(entries)[: round_index % len(entries)]
+    for order in rotations(list(entries), args.repeats):
         for path in order:
             times[path].append(time_steps(entries[path], args.steps))
     reference = next(iter(entries))

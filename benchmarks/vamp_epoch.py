@@ -34,7 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 if __package__ in (None, ""):  # run as ``python benchmarks/NAME.py``: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import machine_info, parser, report, setup
+from benchmarks.common import machine_info, parser, report, rotations, setup
 from benchmarks.structure_epoch import build, path_of, time_steps
 from pyro_vae.mixtures import DiagonalGaussianMixture
 
@@ -84,9 +84,8 @@ def main(argv=None) -> None:
         with context():
             time_steps(entry, 2)  # choose the path, record
     times: dict[str, list[float]] = {name: [] for name in entries}
-    names = list(entries)
-    for r in range(args.repeats):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
+    for order in rotations(list(entries), args.repeats):
+        for name in order:
             entry, context = entries[name]
             with context():
                 times[name].append(time_steps(entry, args.steps))
