@@ -167,3 +167,12 @@ warmup_epochs = 1
     assert out["ratio_to_standard"]["standard"] == 1.0
     # the pseudo-inputs' encoder pass is extra arithmetic; the standard step's own is all in both
     assert out["flop_ratio"] > 1 and out["gflop_per_step"]["standard"] > 0
+
+
+def test_bernoulli_log_density_compares_the_library_and_torch_in_one_run(bench, capsys):
+    bench("bernoulli_log_density").main(["--rows", "32", "--pixels", "784", "--repeats", "2", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert {"library_forward", "torch_bce_forward", "ais_gradient_library", "ais_gradient_torch_bce"} <= set(out["ms"])
+    assert out["ratios"]["torch_bce_to_library_forward"] == pytest.approx(
+        out["ms"]["torch_bce_forward"] / out["ms"]["library_forward"]
+    )

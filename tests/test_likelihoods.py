@@ -26,6 +26,7 @@ from pyro_vae.likelihoods import (
     ContinuousBernoulli,
     DiscretizedLogisticMixture,
     IndependentBernoulli,
+    bernoulli_log_density,
     build_likelihood,
     continuous_bernoulli_log_norm,
 )
@@ -311,21 +312,39 @@ def test_bad_specs_are_clear_errors(spec, message):
         build_likelihood(spec, x_dim=X_DIM)
 
 
-def test_independent_bernoulli_is_bernoulli_to_event_bit_for_bit():
-    """The Bernoulli likelihood's distribution only negates after summing: same values and
-    gradients as ``Bernoulli(logits).to_event(1)``, the same broadcasting, shapes and samples."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bernoulli_log_density_against_float64_log1p_at_extreme_logits(dtype):
+    """The CPU Bernoulli density (``likelihoods.bernoulli_log_density``) against x l - softplus(l) in
+    float64 with log1p, over logits from -100 to 100, where log(1 + e^-|l|) loses u entirely: each
+    pixel within an ulp of 1 plus the ulp of its value; the gradient passes gradcheck in float64."""
+    logits = torch.linspace(-100, 100, 4001, dtype=torch.float64).to(dtype).reshape(-1, 1)  # one pixel a row
+    x = (torch.arange(4001) % 2).to(dtype).reshape(-1, 1)
+    ld, xd = logits.double(), x.double()
+    exact = ((xd * ld - ld.clamp(min=0)) - torch.log1p(torch.exp(-ld.abs()))).squeeze(-1)  # no cancellation
+    error = (bernoulli_log_density(logits, x).double() - exact).abs()
+    assert (error <= torch.finfo(dtype).eps * (1 + exact.abs())).all(), error.max()
+    small = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+    data = torch.bernoulli(torch.full((3, 7), 0.5, dtype=torch.float64)).requires_grad_()
+    assert torch.autograd.gradcheck(bernoulli_log_density, (small, data))
+
+
+def test_independent_bernoulli_is_bernoulli_to_event():
+    """The Bernoulli likelihood's distribution: the values of ``Bernoulli(logits).to_event(1)`` to
+    float32 rounding (its CPU density takes log(1 + u) where torch takes log1p(u)), the same
+    gradients, broadcasting, shapes and samples."""
     g = torch.Generator().manual_seed(0)
     logits = (3 * torch.randn(4, 5, X_DIM, generator=g)).requires_grad_()
     x = torch.bernoulli(torch.full((5, X_DIM), 0.5), generator=g)  # broadcasts against the leading 4
     ours, torchs = IndependentBernoulli(logits), pyro.distributions.Bernoulli(logits=logits).to_event(1)
     assert (ours.batch_shape, ours.event_shape) == (torchs.batch_shape, torchs.event_shape) == ((4, 5), (X_DIM,))
     got, expected = ours.log_prob(x), torchs.log_prob(x)
-    assert got.shape == (4, 5) and torch.equal(got, expected)
+    assert got.shape == (4, 5)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-5)
     (g_ours,) = torch.autograd.grad(got.sum(), logits)
     (g_torch,) = torch.autograd.grad(expected.sum(), logits)
-    assert torch.equal(g_ours, g_torch)
+    torch.testing.assert_close(g_ours, g_torch, rtol=1e-6, atol=1e-7)
     wide = ours.expand((3, 4, 5))
-    assert type(wide) is IndependentBernoulli and torch.equal(wide.log_prob(x)[2], expected)
+    assert type(wide) is IndependentBernoulli and torch.equal(wide.log_prob(x)[2], got.detach())
     torch.testing.assert_close(ours.mean, torch.sigmoid(logits))
     assert ours.sample((2,)).shape == (2, 4, 5, X_DIM)
     with pytest.raises(ValueError):  # validated like torch's: a grey level is not a Bernoulli value
