@@ -3,10 +3,10 @@
     python -m benchmarks.bernoulli_log_density [--rows 1600] [--pixels 784] [--repeats 7] [--threads 1] [--json]
 
 Times sum_d x_d l_d - softplus(l_d) over ``--pixels`` for ``--rows`` rows (16 AIS chains x 100 images by
-default), forward alone and forward with the backward to the logits, three ways, rounds interleaved:
+default), forward alone and forward with the backward to the logits, rounds interleaved:
 ``library`` (``pyro_vae.likelihoods.bernoulli_log_density``: log(1 + e^-|l|), in place, exact backward),
-``torch_bce`` (``-binary_cross_entropy_with_logits(...).sum(-1)``, what it replaced) and the single
-elementwise ops it is made of (``log``, ``log1p``, ``exp``) for scale. Also times, on the IWAE
+``torch_bce`` (``-binary_cross_entropy_with_logits(...).sum(-1)``, what it replaced), and the single
+elementwise ops they are made of (``log``, ``log1p``, ``exp``) for scale. Also times, on the IWAE
 network (784-200-200-50 tanh, untrained) with each density: one AIS gradient evaluation
 (``pyro_vae.ais.AnnealingPath.gradient``, 16 chains x rows/16 images), where the density was 40% of the
 time, and the importance-sampled log p(x) (``pyro_vae.evaluate.log_likelihood``, 10 images, k = 500).
