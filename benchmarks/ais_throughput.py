@@ -1,6 +1,7 @@
 """Seconds for AIS log p(x) (``pyro_vae.ais_log_likelihood``) on MNIST-shaped data, measured small and extrapolated.
 
-    python -m benchmarks.ais_throughput [--device cpu|cuda] [--steps 10] [--subset 20] [--chains 16] [--json]
+    python -m benchmarks.ais_throughput [--device cpu|cuda] [--steps 10] [--subset 20] [--chains 16]
+        [--gradient-precision ieee,bf16] [--json]
 
 Times ``ais_log_likelihood(vae, x, steps=S, leapfrog=L, chains=C)`` on the first ``--subset`` N MNIST
 test images (dynamically binarized; random binary images of the same shape when MNIST is not found)
@@ -10,7 +11,8 @@ gradient evaluations of log p(x, z) per example and chain), so the time of S tem
 linearly to 1000; the time of N examples is extrapolated linearly to 1000 images too, which holds
 when the device is already saturated by N x C rows (a CPU) and overstates the time on a GPU, where a
 larger batch is nearly free until the device is full. Both the measured and the extrapolated
-numbers are printed.
+numbers are printed. ``--gradient-precision ieee,bf16`` times each precision of the leapfrog
+gradients in turn on the same model and images, and prints the speed-up over the first.
 """
 
 from __future__ import annotations
@@ -38,45 +40,53 @@ def run(args) -> dict:
     grey, data = mnist_images(device, args.data_dir, split="test", n=args.subset)
     x = torch.bernoulli(grey, generator=torch.Generator(device=device).manual_seed(0))
     settings = {"leapfrog": args.leapfrog, "chains": args.chains, "start": args.start}
-    ais_log_likelihood(vae, x[:2], steps=2, **settings)  # warm-up
-    times = []
-    for _ in range(args.repeats):
-        sync(device)
-        start = time.perf_counter()
-        result = ais_log_likelihood(vae, x, steps=args.steps, **settings, batch_size=args.batch_size)
-        sync(device)
-        times.append(time.perf_counter() - start)
-    seconds = min(times)
-    evaluations = (args.steps - 1) * (args.leapfrog + 1) + 1  # per batch: gradient evaluations (and one forward)
-    batches = -(-x.shape[0] // (args.batch_size or x.shape[0]))
-    scale_steps, scale_examples = TARGET_STEPS / args.steps, TARGET_EXAMPLES / x.shape[0]
+    precisions = args.gradient_precision.split(",")
+    measured = {
+        precision: measure(vae, x, args, {**settings, "gradient_precision": precision}) for precision in precisions
+    }
+    scale = (TARGET_STEPS / args.steps) * (TARGET_EXAMPLES / x.shape[0])
+    first = measured[precisions[0]]["seconds"]
     return {
         "benchmark": "ais_throughput",
         "data": data,
         "network": f"784-{'-'.join(map(str, args.hidden))}-{args.z_dim} {args.activation}, Bernoulli, untrained",
-        "measured": {
-            "steps": args.steps,
-            "examples": x.shape[0],
-            **settings,
-            "seconds": seconds,
-            "seconds_all": times,
-            "seconds_per_temperature": seconds / args.steps,
-            "ms_per_gradient_evaluation": 1000 * seconds / (evaluations * batches),
-            "rows_per_gradient_evaluation": args.chains * min(x.shape[0], args.batch_size or x.shape[0]),
-            "mean_log_px": float(result.log_px.mean()),
-            "acceptance_rate": result.acceptance_rate,
-        },
+        "measured": {"steps": args.steps, "examples": x.shape[0], **settings, "by_gradient_precision": measured},
+        "speedup_over_first": {precision: first / m["seconds"] for precision, m in measured.items()},
         "extrapolated": {
             "steps": TARGET_STEPS,
             "examples": TARGET_EXAMPLES,
             "chains": args.chains,
             "leapfrog": args.leapfrog,
-            "seconds": seconds * scale_steps * scale_examples,
-            "hours": seconds * scale_steps * scale_examples / 3600,
+            "seconds": {precision: m["seconds"] * scale for precision, m in measured.items()},
+            "minutes": {precision: m["seconds"] * scale / 60 for precision, m in measured.items()},
             "how": f"measured seconds x ({TARGET_STEPS} / {args.steps} steps) x ({TARGET_EXAMPLES} / {x.shape[0]} "
             "examples): linear in both",
         },
         "machine": machine_info(device),
+    }
+
+
+def measure(vae, x: torch.Tensor, args, settings: dict) -> dict:
+    """Best of ``args.repeats`` timed runs of one AIS setting (after a small warm-up run)."""
+    ais_log_likelihood(vae, x[:2], steps=2, **settings)
+    times = []
+    for _ in range(args.repeats):
+        sync(x.device)
+        start = time.perf_counter()
+        result = ais_log_likelihood(vae, x, steps=args.steps, **settings, batch_size=args.batch_size)
+        sync(x.device)
+        times.append(time.perf_counter() - start)
+    seconds = min(times)
+    evaluations = (args.steps - 1) * (args.leapfrog + 1) + 1  # per batch: gradient evaluations (and one forward)
+    batches = -(-x.shape[0] // (args.batch_size or x.shape[0]))
+    return {
+        "seconds": seconds,
+        "seconds_all": times,
+        "seconds_per_temperature": seconds / args.steps,
+        "ms_per_gradient_evaluation": 1000 * seconds / (evaluations * batches),
+        "rows_per_gradient_evaluation": args.chains * min(x.shape[0], args.batch_size or x.shape[0]),
+        "mean_log_px": float(result.log_px.mean()),
+        "acceptance_rate": result.acceptance_rate,
     }
 
 
@@ -91,17 +101,26 @@ def parse_args(argv=None):
     p.add_argument("--start", default="prior", choices=("prior", "guide"))
     p.add_argument("--batch-size", type=int, default=None, help="examples per batch (default: AIS's choice)")
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument(
+        "--gradient-precision",
+        default="ieee",
+        help="comma-separated AIS gradient precisions measured in turn, e.g. ieee,bf16 (ratios to the first)",
+    )
     return p.parse_args(argv)
 
 
 def summary(r: dict) -> str:
     m, e = r["measured"], r["extrapolated"]
-    return (
-        f"AIS {m['steps']} steps x {m['chains']} chains x {m['examples']} images (L={m['leapfrog']}): "
-        f"{m['seconds']:.2f} s measured ({m['ms_per_gradient_evaluation']:.1f} ms per gradient evaluation of "
-        f"{m['rows_per_gradient_evaluation']} rows); {e['steps']} steps x {e['chains']} chains x {e['examples']} "
-        f"images ~ {e['seconds']:.0f} s ({e['hours']:.1f} h), extrapolated linearly"
-    )
+    lines = []
+    for precision, one in m["by_gradient_precision"].items():
+        lines.append(
+            f"AIS {m['steps']} steps x {m['chains']} chains x {m['examples']} images (L={m['leapfrog']}, "
+            f"gradients {precision}): {one['seconds']:.2f} s measured ({one['ms_per_gradient_evaluation']:.1f} ms "
+            f"per gradient evaluation of {one['rows_per_gradient_evaluation']} rows, acceptance "
+            f"{one['acceptance_rate']:.3f}, x{r['speedup_over_first'][precision]:.2f}); {e['steps']} steps x "
+            f"{e['chains']} chains x {e['examples']} images ~ {e['minutes'][precision]:.1f} min, extrapolated linearly"
+        )
+    return "\n".join(lines)
 
 
 def main(argv=None) -> None:

@@ -41,6 +41,18 @@ multiplies eps by 1.02 when a > ``target_accept`` (0.65) and by 0.98 otherwise, 
 Strictly, a step size that depends on the chain's own past is outside the proof that E[w] = p(x);
 Wu et al. adapt the same way, and the tests check the estimates against exact log-likelihoods.
 
+**Faster gradients, exact energies** (``gradient_precision``). The leapfrog map with *any* force field
+that is a fixed function of z -- not only the exact gradient of log f_b -- is volume-preserving and, with
+the momentum flipped, its own inverse; Metropolis-Hastings on the exact energy H then leaves f_b invariant
+whatever the force (the surrogate-gradient HMC of Rasmussen 2003, "Gaussian processes to speed up hybrid
+Monte Carlo for expensive Bayesian integrals"). A less precise gradient costs only acceptance. With
+``gradient_precision="bf16"`` (CPU: oneDNN multiplies float32 matrices on bfloat16 inputs,
+``torch.backends.mkldnn.matmul.fp32_precision``) or ``"tf32"`` (CUDA, or CPUs that have it), the
+leapfrog gradients are taken with the faster matrix products; the energies of the accept step and every
+r(z) that enters the weight are evaluated again at ``"ieee"`` precision (one forward pass per
+transition), so log w is the same function of the chain as with ``"ieee"`` and E[w] = p(x) still holds.
+Float32 models only: the setting does not change float64 products.
+
 **Batching.** Examples x chains run at once, the chains on a particle plate at dim -2 (shape
 ``(chains, batch, D)``); the loop keeps everything in tensors (no ``.item()``, no Python branch on a
 tensor, no host sync), so it could be captured as a graph on a GPU. Cost: (T - 1)(L + 1) + 1
@@ -96,6 +108,9 @@ from pyro_vae.specs import integer_arg, number_arg
 from pyro_vae.traces import guide_particles, latent_values, replayed_log_density, sample_sites, trace_log_density
 
 SCHEDULES = ("sigmoid", "linear")
+# Matrix-product precisions of float32 gradients, in torch's words (``torch.backends.*.fp32_precision``),
+# per device type; "ieee" is full float32 and the default.
+GRADIENT_PRECISIONS = {"cpu": ("ieee", "bf16", "tf32"), "cuda": ("ieee", "tf32")}
 STARTS = ("prior", "guide")
 SIGMOID_RADIUS = 4.0  # d of the sigmoid schedule (Wu et al. 2017)
 # HMC step-size adaptation (Wu et al. 2017): growth and shrink factors, bounds, smoothing of the acceptance rate.
@@ -116,6 +131,9 @@ class AISSettings:
         schedule: ``"sigmoid"`` (Wu et al.) or ``"linear"`` temperatures.
         target_accept: the acceptance rate the step sizes are adapted towards.
         step_size: the initial HMC step size of every chain.
+        gradient_precision: the precision of the float32 matrix products in the leapfrog gradients,
+            ``"ieee"``, ``"bf16"`` (CPU) or ``"tf32"``; energies and weights stay at ``"ieee"``
+            (module docstring: faster gradients, exact energies).
     """
 
     steps: int = 1000
@@ -125,12 +143,14 @@ class AISSettings:
     schedule: str = "sigmoid"
     target_accept: float = 0.65
     step_size: float = 0.01
+    gradient_precision: str = "ieee"
 
     def __post_init__(self) -> None:
         self.steps = integer_arg("steps", self.steps)
         self.leapfrog = integer_arg("leapfrog", self.leapfrog)
         self.chains = integer_arg("chains", self.chains)
-        for name, valid in (("start", STARTS), ("schedule", SCHEDULES)):
+        precisions = tuple(dict.fromkeys(p for valid in GRADIENT_PRECISIONS.values() for p in valid))
+        for name, valid in (("start", STARTS), ("schedule", SCHEDULES), ("gradient_precision", precisions)):
             if getattr(self, name) not in valid:
                 raise ValueError(f"{name} must be one of {', '.join(map(repr, valid))}, got {getattr(self, name)!r}")
         self.target_accept = number_arg("target_accept", self.target_accept, 0, 1, open_low=True, open_high=True)
@@ -337,27 +357,64 @@ class ChainState:
 
 
 def hmc_transition(
-    path: AnnealingPath, state: ChainState, beta: torch.Tensor, step_size: torch.Tensor, leapfrog: int
+    path: AnnealingPath,
+    state: ChainState,
+    beta: torch.Tensor,
+    step_size: torch.Tensor,
+    leapfrog: int,
+    gradient_precision: str = "ieee",
 ) -> tuple[ChainState, torch.Tensor]:
     """One HMC step leaving f_beta invariant: ``(new state, acceptance probability (chains, batch))``.
 
     Leapfrog on H(z, m) = -log f_beta(z) + |m|^2 / 2 with per-chain step sizes ``step_size``
-    ``(chains, batch)``; a proposal whose energy is not finite is rejected (alpha = 0).
+    ``(chains, batch)``, its gradients at ``gradient_precision``; a proposal whose energy is not finite is
+    rejected (alpha = 0). Below ``"ieee"`` the proposal's energy is evaluated again at ``"ieee"``.
     """
     eps = step_size.unsqueeze(-1)
     momentum = torch.randn_like(state.z)
     h_start = -(state.log_p0 + beta * state.r) + 0.5 * momentum.square().sum(-1)
     z = state.z
-    _, _, grad = path.gradient(z, beta)
-    momentum = momentum + 0.5 * eps * grad
-    for step in range(leapfrog):
-        z = z + eps * momentum
-        log_p0, r, grad = path.gradient(z, beta)
-        momentum = momentum + (eps if step < leapfrog - 1 else 0.5 * eps) * grad
+    with matmul_precision(z.device, gradient_precision):
+        _, _, grad = path.gradient(z, beta)
+        momentum = momentum + 0.5 * eps * grad
+        for step in range(leapfrog):
+            z = z + eps * momentum
+            log_p0, r, grad = path.gradient(z, beta)
+            momentum = momentum + (eps if step < leapfrog - 1 else 0.5 * eps) * grad
+    if gradient_precision != "ieee":  # the accept step and the weights need the exact energy
+        log_p0, r = path.terms(z)
     h_end = -(log_p0 + beta * r) + 0.5 * momentum.square().sum(-1)
     alpha = (h_start - h_end).clamp(max=0).exp().nan_to_num(nan=0.0)
     accept = torch.rand_like(alpha) < alpha
     return state.select(accept, ChainState(z, log_p0, r)), alpha
+
+
+@contextlib.contextmanager
+def matmul_precision(device: torch.device, precision: str) -> Iterator[None]:
+    """float32 matrix products and convolutions on ``device`` at ``precision`` (``"ieee"``, ``"bf16"``,
+    ``"tf32"``: torch's ``fp32_precision`` of the device's backends) inside the block, put back after it;
+    a one-line ``ValueError`` for a precision the device's backends lack."""
+    valid = GRADIENT_PRECISIONS.get(device.type, ("ieee",))
+    if precision not in valid:
+        raise ValueError(
+            f"gradient_precision {precision!r} is not available on {device.type}; valid there: "
+            + ", ".join(map(repr, valid))
+        )
+    backends = _PRECISION_BACKENDS.get(device.type, ())
+    saved = [backend.fp32_precision for backend in backends]
+    try:
+        for backend in backends:
+            backend.fp32_precision = precision
+        yield
+    finally:
+        for backend, value in zip(backends, saved, strict=True):
+            backend.fp32_precision = value
+
+
+_PRECISION_BACKENDS = {
+    "cpu": (torch.backends.mkldnn.matmul, torch.backends.mkldnn.conv),
+    "cuda": (torch.backends.cuda.matmul, torch.backends.cudnn.conv),
+}
 
 
 def adapt_step_size(
@@ -376,7 +433,16 @@ def anneal(
     ``(log w (chains, batch), acceptance per transition (T - 1,), final step sizes (chains, batch))``.
 
     log w = sum_{t=1..T} (b_t - b_{t-1}) r(z_{t-1}), with z_t an HMC step at b_t from z_{t-1} for t < T.
+    Every r(z) and energy at ``"ieee"`` precision, whatever torch's global setting; only the leapfrog
+    gradients at ``settings.gradient_precision``.
     """
+    with matmul_precision(z.device, "ieee"):
+        return _anneal(path, z, betas, settings, bar)
+
+
+def _anneal(
+    path: AnnealingPath, z: torch.Tensor, betas: torch.Tensor, settings: AISSettings, bar
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     state = ChainState(z, *path.terms(z))
     deltas = betas.diff()
     log_w = deltas[0] * state.r
@@ -385,7 +451,7 @@ def anneal(
     acceptance = state.r.new_zeros(len(deltas) - 1)
     _advance(bar)
     for t in range(1, len(deltas)):
-        state, alpha = hmc_transition(path, state, betas[t], step_size, settings.leapfrog)
+        state, alpha = hmc_transition(path, state, betas[t], step_size, settings.leapfrog, settings.gradient_precision)
         step_size, rate = adapt_step_size(step_size, rate, alpha, settings.target_accept)
         acceptance[t - 1] = alpha.mean()
         log_w = log_w + deltas[t] * state.r
@@ -414,6 +480,7 @@ def ais_log_likelihood(
     schedule: str = DEFAULTS.schedule,
     target_accept: float = DEFAULTS.target_accept,
     step_size: float = DEFAULTS.step_size,
+    gradient_precision: str = DEFAULTS.gradient_precision,
     batch_size: int | None = None,
     progress: bool | None = False,
     **data,
@@ -428,7 +495,7 @@ def ais_log_likelihood(
     examples run at once (default: as many as keep ``(chains, batch, width)`` activations under
     ``MEMORY_BUDGET``); ``progress`` shows a bar over temperatures (``None``: only on a terminal).
     """
-    settings = AISSettings(steps, leapfrog, chains, start, schedule, target_accept, step_size)
+    settings = AISSettings(steps, leapfrog, chains, start, schedule, target_accept, step_size, gradient_precision)
     x, data = flat_on_device(vae, x), fields_on_device(vae, data)
     if x.shape[0] == 0:
         raise ValueError("AIS needs at least one example, got none")
@@ -560,6 +627,7 @@ def bdmc(
     schedule: str = DEFAULTS.schedule,
     target_accept: float = DEFAULTS.target_accept,
     step_size: float = DEFAULTS.step_size,
+    gradient_precision: str = DEFAULTS.gradient_precision,
     batch_size: int | None = None,
     progress: bool | None = False,
 ) -> BDMCResult:
@@ -574,7 +642,7 @@ def bdmc(
     forward AIS with these settings on data from the model (only there: on real data no exact
     posterior sample exists). Settings as :func:`ais_log_likelihood`.
     """
-    settings = AISSettings(steps, leapfrog, chains, start, schedule, target_accept, step_size)
+    settings = AISSettings(steps, leapfrog, chains, start, schedule, target_accept, step_size, gradient_precision)
     num = integer_arg("num", num)
     simulation = simulate(vae, num)
     batch = batch_size or default_batch_size(vae, chains, num)

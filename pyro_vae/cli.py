@@ -160,7 +160,8 @@ def _evaluate_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="SPEC",
         help="the NLL method: 'is(samples=K)' (importance sampling, the default with K=5000) or "
-        "'ais(steps=T, leapfrog=L, chains=C, start='prior'|'guide', schedule='sigmoid'|'linear')' "
+        "'ais(steps=T, leapfrog=L, chains=C, start='prior'|'guide', schedule='sigmoid'|'linear', "
+        "gradient_precision='ieee'|'bf16'|'tf32')' "
         "(annealed importance sampling, Wu et al. 2017)",
     )
     parser.add_argument(

@@ -21,6 +21,7 @@ from unittest import mock
 import pyro
 import pytest
 import torch
+from linear_gaussian import linear_gaussian
 from mc_stats import assert_within_se, mean_se, report
 from pyro import poutine
 from test_two_layer import TwoLayerLinearGaussian
@@ -129,6 +130,78 @@ def test_the_two_layer_model_reaches_log_px_from_the_prior_and_from_the_guide():
     one = ais_log_likelihood(vae, x, steps=1, chains=4, start="guide")
     pyro.set_rng_seed(5)
     torch.testing.assert_close(one.log_weights, log_weights(vae, x, 4), rtol=0, atol=1e-10)
+
+
+# -- faster gradients, exact energies --------------------------------------------------------------------------
+def _bf16_products() -> bool:
+    """Whether this CPU's oneDNN multiplies float32 matrices on bfloat16 inputs when asked."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+@pytest.fixture(scope="module")
+def wide():
+    """A float32 linear-Gaussian model wide enough (x_dim 32, z_dim 8) that oneDNN takes its products
+    (torch sends a float32 product to oneDNN above 16^3 multiply-adds), with 8 examples from it."""
+    model = linear_gaussian(x_dim=32, z_dim=8, s=0.5, seed=3)
+    return model, model.build_vae(exact_posterior=False).float(), model.sample(8, torch.Generator().manual_seed(2))
+
+
+def test_bf16_gradients_still_reach_log_px(wide):
+    """The surrogate-gradient argument: leapfrog with a less precise force is still volume-preserving and
+    reversible, and the accept step and the weights use float32 energies at full precision, so AIS stays
+    unbiased for p(x): the float32 linear-Gaussian model, bf16 gradients, within 4 SE of the exact value."""
+    model, vae, x = wide
+    pyro.set_rng_seed(0)
+    settings = {**CONVERGED, "steps": 1000, "chains": 32}  # 8 latent dimensions: more temperatures than 3 need
+    result = ais_log_likelihood(vae, x.float(), **settings, gradient_precision="bf16")
+    assert float(result.se.max()) < 0.3
+    exact, log_px, se = model.log_px(x), result.log_px.double(), result.se.double()
+    assert_within_se("AIS(steps=1000, bf16 gradients) log p(x), per example", log_px, exact, se, n_se=4)
+    mean_se = se.square().sum().sqrt() / len(se)
+    assert_within_se("AIS(steps=1000, bf16 gradients) log p(x), mean", log_px.mean(), exact.mean(), mean_se, n_se=4)
+    late = float(result.acceptance[len(result.acceptance) // 2 :].mean())
+    assert abs(late - 0.65) < 0.1
+
+
+@pytest.mark.skipif(not _bf16_products(), reason="this CPU's oneDNN has no bfloat16 products")
+def test_bf16_changes_the_gradients_and_not_the_energies(wide):
+    """The leapfrog gradients differ from float32's (the setting takes effect), the state a transition
+    returns carries log p0 and r evaluated at full precision, and the flags are put back afterwards."""
+    _, vae, x = wide
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    with ais._annealing(vae):
+        path = ais.AnnealingPath(vae, x.float(), 16, "prior", {})
+        z, beta = path.draw(), torch.tensor(0.5)
+        _, _, exact = path.gradient(z, beta)
+        with ais.matmul_precision(z.device, "bf16"):
+            _, _, fast = path.gradient(z, beta)
+        assert not torch.equal(fast, exact) and torch.allclose(fast, exact, rtol=0.05, atol=0.05)
+        state = ais.ChainState(z, *path.terms(z))
+        moved, _ = ais.hmc_transition(path, state, beta, torch.full_like(state.r, 0.05), 3, gradient_precision="bf16")
+        assert not torch.equal(moved.z, z), "some proposal was accepted"
+        log_p0, r = path.terms(moved.z)
+    assert torch.equal(moved.log_p0, log_p0) and torch.equal(moved.r, r)
+    assert torch.backends.mkldnn.matmul.fp32_precision == before
+
+
+def test_a_float64_model_is_untouched_by_the_gradient_precision(vae, x):
+    """bf16 applies to float32 products only: a float64 model's chains are the same draw for draw (the
+    extra full-precision energy evaluation draws no random numbers)."""
+    results = []
+    for precision in ("ieee", "bf16"):
+        pyro.set_rng_seed(7)
+        results.append(ais_log_likelihood(vae, x[:4], steps=5, leapfrog=3, chains=2, gradient_precision=precision))
+    torch.testing.assert_close(results[0].log_weights, results[1].log_weights, rtol=0, atol=0)
+
+
+def test_a_precision_the_device_lacks_is_one_line():
+    with pytest.raises(ValueError) as info, ais.matmul_precision(torch.device("cuda"), "bf16"):
+        pass
+    assert _one_line(info) == "gradient_precision 'bf16' is not available on cuda; valid there: 'ieee', 'tf32'"
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    with pytest.raises(RuntimeError, match="inside"), ais.matmul_precision(torch.device("cpu"), "bf16"):
+        raise RuntimeError("inside")
+    assert torch.backends.mkldnn.matmul.fp32_precision == before
 
 
 HOST_READS = ("__bool__", "__float__", "__int__", "item", "tolist", "numpy")
@@ -240,6 +313,7 @@ def test_m2_is_refused_in_one_line():
         ("ais(start='posterior')", "start must be one of 'prior', 'guide', got 'posterior'"),
         ("ais(schedule='cosine')", "schedule must be one of 'sigmoid', 'linear'"),
         ("ais(target_accept=1.5)", "target_accept must be a finite number in (0, 1)"),
+        ("ais(gradient_precision='fp16')", "gradient_precision must be one of 'ieee', 'bf16', 'tf32', got 'fp16'"),
         ("ais(stepz=3)", "NLL method 'ais' has no argument 'stepz' (did you mean \"steps\"?)"),
         ("is(samples=0)", "samples must be a positive integer, got 0"),
         ("ais(steps=", "cannot parse spec"),

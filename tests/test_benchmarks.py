@@ -122,12 +122,20 @@ def test_reliability_counts_the_in_process_cases(bench, tmp_path):
 
 
 def test_ais_throughput_reports_measured_and_extrapolated_seconds(bench, capsys):
-    bench("ais_throughput").main(["--steps", "3", "--subset", "2", "--chains", "2", "--leapfrog", "2", *TINY])
+    args = ["--steps", "3", "--subset", "2", "--chains", "2", "--leapfrog", "2", "--gradient-precision", "ieee,bf16"]
+    bench("ais_throughput").main([*args, *TINY])
     out = json.loads(capsys.readouterr().out)
     measured, extrapolated = out["measured"], out["extrapolated"]
-    assert (measured["steps"], measured["examples"], measured["rows_per_gradient_evaluation"]) == (3, 2, 4)
-    assert extrapolated["seconds"] == pytest.approx(measured["seconds"] * (1000 / 3) * (1000 / 2))
-    assert 0 <= measured["acceptance_rate"] <= 1 and "cpu" in out["machine"]
+    assert (measured["steps"], measured["examples"]) == (3, 2)
+    assert list(measured["by_gradient_precision"]) == ["ieee", "bf16"] and out["speedup_over_first"]["ieee"] == 1
+    for precision, one in measured["by_gradient_precision"].items():
+        assert one["rows_per_gradient_evaluation"] == 4 and 0 <= one["acceptance_rate"] <= 1
+        scaled = one["seconds"] * (1000 / 3) * (1000 / 2)
+        assert extrapolated["seconds"][precision] == pytest.approx(scaled)
+        assert out["speedup_over_first"][precision] == pytest.approx(
+            measured["by_gradient_precision"]["ieee"]["seconds"] / one["seconds"]
+        )
+    assert "cpu" in out["machine"]
 
 
 def test_snr_toy_shows_the_asymptotic_rates(bench, tmp_path, capsys):
