@@ -1,7 +1,7 @@
 """Seconds for AIS log p(x) (``pyro_vae.ais_log_likelihood``) on MNIST-shaped data, measured small and extrapolated.
 
     python -m benchmarks.ais_throughput [--device cpu|cuda] [--steps 10] [--subset 20] [--chains 16]
-        [--gradient-precision ieee,bf16] [--json]
+        [--variants "record=False; record=True; gradient_precision='bf16'"] [--json]
 
 Times ``ais_log_likelihood(vae, x, steps=S, leapfrog=L, chains=C)`` on the first ``--subset`` N MNIST
 test images (dynamically binarized; random binary images of the same shape when MNIST is not found)
@@ -11,14 +11,16 @@ gradient evaluations of log p(x, z) per example and chain), so the time of S tem
 linearly to 1000; the time of N examples is extrapolated linearly to 1000 images too, which holds
 when the device is already saturated by N x C rows (a CPU) and overstates the time on a GPU, where a
 larger batch is nearly free until the device is full. Both the measured and the extrapolated
-numbers are printed. ``--gradient-precision ieee,bf16`` times each precision of the leapfrog
-gradients in turn on the same model and images, and prints the speed-up over the first.
+numbers are printed. ``--variants`` times several AIS settings in turn on the same model and images
+(by default: the Pyro programs interpreted at every evaluation, ``record=False``; the recorded graphs,
+the default; and those with bfloat16 leapfrog gradients) and prints the speed-up over the first.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -28,6 +30,7 @@ if __package__ in (None, ""):  # run as ``python benchmarks/NAME.py``: make the 
 
 from benchmarks.common import machine_info, mnist_images, parser, report, setup, sync
 from pyro_vae.ais import ais_log_likelihood
+from pyro_vae.evaluate import nll_method
 from pyro_vae.model import VAE
 
 TARGET_STEPS, TARGET_EXAMPLES = 1000, 1000  # Wu et al. 2017's scale: 1000 temperatures (and more), 16 chains
@@ -39,26 +42,28 @@ def run(args) -> dict:
     vae = VAE(z_dim=args.z_dim, hidden_dims=tuple(args.hidden), activation=args.activation).to(device)
     grey, data = mnist_images(device, args.data_dir, split="test", n=args.subset)
     x = torch.bernoulli(grey, generator=torch.Generator(device=device).manual_seed(0))
-    settings = {"leapfrog": args.leapfrog, "chains": args.chains, "start": args.start}
-    precisions = args.gradient_precision.split(",")
-    measured = {
-        precision: measure(vae, x, args, {**settings, "gradient_precision": precision}) for precision in precisions
-    }
+    base = f"leapfrog={args.leapfrog}, chains={args.chains}, start={args.start!r}"
+    variants = [v.strip() for v in args.variants.split(";")]
+    measured = {}
+    for variant in variants:
+        settings = asdict(nll_method(f"ais({base}, {variant})" if variant else f"ais({base})"))
+        del settings["steps"]
+        measured[variant or "defaults"] = measure(vae, x, args, settings)
     scale = (TARGET_STEPS / args.steps) * (TARGET_EXAMPLES / x.shape[0])
-    first = measured[precisions[0]]["seconds"]
+    first = measured[next(iter(measured))]["seconds"]
     return {
         "benchmark": "ais_throughput",
         "data": data,
         "network": f"784-{'-'.join(map(str, args.hidden))}-{args.z_dim} {args.activation}, Bernoulli, untrained",
-        "measured": {"steps": args.steps, "examples": x.shape[0], **settings, "by_gradient_precision": measured},
-        "speedup_over_first": {precision: first / m["seconds"] for precision, m in measured.items()},
+        "measured": {"steps": args.steps, "examples": x.shape[0], "settings": base, "by_variant": measured},
+        "speedup_over_first": {variant: first / m["seconds"] for variant, m in measured.items()},
         "extrapolated": {
             "steps": TARGET_STEPS,
             "examples": TARGET_EXAMPLES,
             "chains": args.chains,
             "leapfrog": args.leapfrog,
-            "seconds": {precision: m["seconds"] * scale for precision, m in measured.items()},
-            "minutes": {precision: m["seconds"] * scale / 60 for precision, m in measured.items()},
+            "seconds": {variant: m["seconds"] * scale for variant, m in measured.items()},
+            "minutes": {variant: m["seconds"] * scale / 60 for variant, m in measured.items()},
             "how": f"measured seconds x ({TARGET_STEPS} / {args.steps} steps) x ({TARGET_EXAMPLES} / {x.shape[0]} "
             "examples): linear in both",
         },
@@ -102,9 +107,10 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=None, help="examples per batch (default: AIS's choice)")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument(
-        "--gradient-precision",
-        default="ieee",
-        help="comma-separated AIS gradient precisions measured in turn, e.g. ieee,bf16 (ratios to the first)",
+        "--variants",
+        default="record=False; record=True; gradient_precision='bf16'",
+        help="';'-separated AIS settings timed in turn on the same model and images (ratios to the first); "
+        "the default: the Pyro programs at every evaluation, recorded graphs, and recorded with bf16 gradients",
     )
     return p.parse_args(argv)
 
@@ -112,13 +118,13 @@ def parse_args(argv=None):
 def summary(r: dict) -> str:
     m, e = r["measured"], r["extrapolated"]
     lines = []
-    for precision, one in m["by_gradient_precision"].items():
+    for variant, one in m["by_variant"].items():
         lines.append(
-            f"AIS {m['steps']} steps x {m['chains']} chains x {m['examples']} images (L={m['leapfrog']}, "
-            f"gradients {precision}): {one['seconds']:.2f} s measured ({one['ms_per_gradient_evaluation']:.1f} ms "
+            f"AIS {m['steps']} steps x {m['examples']} images ({m['settings']}; "
+            f"{variant}): {one['seconds']:.2f} s measured ({one['ms_per_gradient_evaluation']:.1f} ms "
             f"per gradient evaluation of {one['rows_per_gradient_evaluation']} rows, acceptance "
-            f"{one['acceptance_rate']:.3f}, x{r['speedup_over_first'][precision]:.2f}); {e['steps']} steps x "
-            f"{e['chains']} chains x {e['examples']} images ~ {e['minutes'][precision]:.1f} min, extrapolated linearly"
+            f"{one['acceptance_rate']:.3f}, x{r['speedup_over_first'][variant]:.2f}); {e['steps']} steps x "
+            f"{e['chains']} chains x {e['examples']} images ~ {e['minutes'][variant]:.1f} min, extrapolated linearly"
         )
     return "\n".join(lines)
 

@@ -12,7 +12,7 @@ Variants, timed interleaved in one run (see benchmarks/README.md):
 - ``project``: ``pyro_vae.train.step.TrainStep`` with ``estimators.get("trace")`` and the loop's optimizer
   (``pyro_vae.optim.build_optimizer("adam")``), i.e. what ``pyro-vae train`` runs;
 - ``project_unrecorded``: ``project`` with ``record=False``: the lean loss runs the Pyro programs on
-  every step instead of replaying their recorded graph (``pyro_vae.train.recorded``);
+  every step instead of replaying their recorded graph (``pyro_vae.recorded``);
 - ``project_plain``: the same with ``fast=False`` (the estimator's loss as written, validation on);
 - ``project_foreach``: ``project`` with ``adam(fused=False)`` (compare with ``torch_foreach``);
 - ``est_<spec>`` and ``est_<spec>_unrecorded`` for every ``--estimators`` spec (e.g. ``iwae(k=5)``):

@@ -74,6 +74,8 @@ forward AIS with the same settings on simulated data (Grosse et al. 2015; Wu et 
 from __future__ import annotations
 
 import contextlib
+import copy
+import logging
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -103,9 +105,12 @@ from pyro_vae.evaluate import (
     widest_activation,
 )
 from pyro_vae.model import module_registration
+from pyro_vae.recorded import record_graph
 from pyro_vae.runs import load_run
 from pyro_vae.specs import integer_arg, number_arg
 from pyro_vae.traces import guide_particles, latent_values, replayed_log_density, sample_sites, trace_log_density
+
+log = logging.getLogger(__name__)
 
 SCHEDULES = ("sigmoid", "linear")
 # Matrix-product precisions of float32 gradients, in torch's words (``torch.backends.*.fp32_precision``),
@@ -134,6 +139,8 @@ class AISSettings:
         gradient_precision: the precision of the float32 matrix products in the leapfrog gradients,
             ``"ieee"``, ``"bf16"`` (CPU) or ``"tf32"``; energies and weights stay at ``"ieee"``
             (module docstring: faster gradients, exact energies).
+        record: record the gradient and the energies as ATen graphs once per batch and replay them
+            (:meth:`AnnealingPath.record`); ``False`` interprets the Pyro programs at every evaluation.
     """
 
     steps: int = 1000
@@ -144,6 +151,7 @@ class AISSettings:
     target_accept: float = 0.65
     step_size: float = 0.01
     gradient_precision: str = "ieee"
+    record: bool = True
 
     def __post_init__(self) -> None:
         self.steps = integer_arg("steps", self.steps)
@@ -155,6 +163,8 @@ class AISSettings:
                 raise ValueError(f"{name} must be one of {', '.join(map(repr, valid))}, got {getattr(self, name)!r}")
         self.target_accept = number_arg("target_accept", self.target_accept, 0, 1, open_low=True, open_high=True)
         self.step_size = number_arg("step_size", self.step_size, STEP_MIN, STEP_MAX)
+        if not isinstance(self.record, bool):
+            raise ValueError(f"record must be True or False, got {self.record!r}")
 
     def estimate(
         self, vae, x: torch.Tensor, batch_size: int | None = None, progress: bool | None = False, **data
@@ -274,6 +284,11 @@ class LatentLayout:
         }
 
 
+def _draws_random_numbers(node: torch.fx.Node) -> bool:
+    target = node.target
+    return isinstance(target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in target.tags
+
+
 class AnnealingPath:
     """f_b(z) = p0(z) exp(b r(z)) for one batch of examples and ``chains`` chains, z of shape ``(chains, batch, D)``.
 
@@ -296,6 +311,50 @@ class AnnealingPath:
         self.lead = (chains, x.shape[0])
         self.layout = layout
         self.structure = type(getattr(vae, "structure", vae)).__name__
+        self.replays: dict[str, Callable] = {}
+        self.fallback_reason = ""
+
+    def _fields(self) -> list[torch.Tensor]:
+        return [self.data[name] for name in sorted(self.data)]
+
+    def record(self, z: torch.Tensor, beta: torch.Tensor) -> bool:
+        """Record :meth:`gradient` and :meth:`terms` as graphs of ATen operations for this batch's shapes
+        (``pyro_vae.recorded.record_graph``: fake inputs, the model's parameters held as the very
+        tensors, the gradient's backward pass recorded as operations) and replay them from now on: the
+        Pyro programs are interpreted once instead of at every leapfrog step. Each graph is checked
+        against the eager evaluation at (``z``, ``beta``); a program that cannot be recorded (it reads a
+        tensor on the host, holds a tensor that is not a parameter, draws random numbers) or a replay that
+        differs keeps the eager path, with the reason in ``fallback_reason`` (logged). Whether it recorded.
+        """
+        names = sorted(self.data)
+        inputs = (z, beta, self.x, *self._fields())
+        eager = {"gradient": self._eager_gradient, "terms": lambda z, beta: self._eager_terms(z)}
+        replays = {}
+        try:
+            for name, method in eager.items():
+                graph, _ = record_graph(self._on_inputs(name, names), inputs, self.vae, pre_dispatch=False)
+                random = [n.target for n in graph.graph.nodes if _draws_random_numbers(n)]
+                if random:
+                    raise ValueError(f"the programs draw random numbers ({random[0]})")
+                torch.testing.assert_close(graph(*inputs), method(z, beta))
+                replays[name] = graph
+        except Exception as error:  # anything that stops a faithful replay: the eager path stays
+            first_line = next(iter(str(error).strip().splitlines()), "")
+            self.fallback_reason = f"{type(error).__name__}: {first_line}"
+            log.info("AIS: %s runs eagerly (recording refused: %s)", self.structure, self.fallback_reason)
+            return False
+        self.replays = replays
+        return True
+
+    def _on_inputs(self, name: str, names: list[str]) -> Callable:
+        """The eager ``name`` as a function of (z, beta, x, *fields), the batch's tensors as graph inputs."""
+
+        def evaluate(z, beta, x, *fields):
+            view = copy.copy(self)
+            view.x, view.data, view.replays = x, dict(zip(names, fields, strict=True)), {}
+            return view._eager_gradient(z, beta) if name == "gradient" else view._eager_terms(z)
+
+        return evaluate
 
     def _model_trace(self, values: dict[str, torch.Tensor]):
         with pyro.plate("particles", self.chains, dim=-2):
@@ -315,6 +374,11 @@ class AnnealingPath:
     def terms(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(log p0(z), r(z))``, each of shape ``(chains, batch)``: the model's trace conditioned on z
         (latent sites: log p(z); the others: log p(x|z)) and, from the guide, the guide replayed on z."""
+        if "terms" in self.replays:
+            return self.replays["terms"](z, z.new_zeros(()), self.x, *self._fields())
+        return self._eager_terms(z)
+
+    def _eager_terms(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         values = self.layout.unflatten(z)
         trace = self._model_trace(values)
         latent = set(values)
@@ -330,7 +394,13 @@ class AnnealingPath:
         return log_q, log_latent + log_observed - log_q
 
     def gradient(self, z: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(log p0(z), r(z), d log f_beta / dz)``, the gradient by ``torch.autograd.grad``."""
+        """``(log p0(z), r(z), d log f_beta / dz)``, the gradient by ``torch.autograd.grad`` (or its
+        recorded backward operations, :meth:`record`)."""
+        if "gradient" in self.replays:
+            return self.replays["gradient"](z, beta, self.x, *self._fields())
+        return self._eager_gradient(z, beta)
+
+    def _eager_gradient(self, z: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         with torch.enable_grad():
             z = z.detach().requires_grad_(True)
             log_p0, r = self.terms(z)
@@ -437,14 +507,16 @@ def anneal(
     gradients at ``settings.gradient_precision``.
     """
     with matmul_precision(z.device, "ieee"):
+        if settings.record and len(betas) > 2 and not path.replays and not path.fallback_reason:
+            path.record(z, betas[1])  # before the loop: its check reads values on the host, the loop does not
         return _anneal(path, z, betas, settings, bar)
 
 
 def _anneal(
     path: AnnealingPath, z: torch.Tensor, betas: torch.Tensor, settings: AISSettings, bar
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    state = ChainState(z, *path.terms(z))
     deltas = betas.diff()
+    state = ChainState(z, *path.terms(z))
     log_w = deltas[0] * state.r
     step_size = torch.full_like(state.r, settings.step_size)
     rate = torch.full_like(state.r, settings.target_accept)
@@ -481,6 +553,7 @@ def ais_log_likelihood(
     target_accept: float = DEFAULTS.target_accept,
     step_size: float = DEFAULTS.step_size,
     gradient_precision: str = DEFAULTS.gradient_precision,
+    record: bool = DEFAULTS.record,
     batch_size: int | None = None,
     progress: bool | None = False,
     **data,
@@ -495,7 +568,9 @@ def ais_log_likelihood(
     examples run at once (default: as many as keep ``(chains, batch, width)`` activations under
     ``MEMORY_BUDGET``); ``progress`` shows a bar over temperatures (``None``: only on a terminal).
     """
-    settings = AISSettings(steps, leapfrog, chains, start, schedule, target_accept, step_size, gradient_precision)
+    settings = AISSettings(
+        steps, leapfrog, chains, start, schedule, target_accept, step_size, gradient_precision, record
+    )
     x, data = flat_on_device(vae, x), fields_on_device(vae, data)
     if x.shape[0] == 0:
         raise ValueError("AIS needs at least one example, got none")
@@ -628,6 +703,7 @@ def bdmc(
     target_accept: float = DEFAULTS.target_accept,
     step_size: float = DEFAULTS.step_size,
     gradient_precision: str = DEFAULTS.gradient_precision,
+    record: bool = DEFAULTS.record,
     batch_size: int | None = None,
     progress: bool | None = False,
 ) -> BDMCResult:
@@ -642,7 +718,9 @@ def bdmc(
     forward AIS with these settings on data from the model (only there: on real data no exact
     posterior sample exists). Settings as :func:`ais_log_likelihood`.
     """
-    settings = AISSettings(steps, leapfrog, chains, start, schedule, target_accept, step_size, gradient_precision)
+    settings = AISSettings(
+        steps, leapfrog, chains, start, schedule, target_accept, step_size, gradient_precision, record
+    )
     num = integer_arg("num", num)
     simulation = simulate(vae, num)
     batch = batch_size or default_batch_size(vae, chains, num)

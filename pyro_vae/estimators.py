@@ -132,7 +132,7 @@ class Estimator:
       of ``loss`` and less overhead, used by the training step where ``traces.lean_loss_supported``
       says it applies to the model;
     - ``recordable``: whether the training step may record ``loss`` (or ``fast_loss``) as a graph
-      and replay it (``pyro_vae.train.recorded``).
+      and replay it (``pyro_vae.recorded``).
     """
 
     bound_name: str = "ELBO"

@@ -144,7 +144,7 @@ def _bernoulli_log_density_cpu(logits: torch.Tensor, value: torch.Tensor) -> tor
     half an ulp of 1 (6e-8) per pixel, below the rounding of the float32 sum over the pixels; x l -
     max(l, 0) is formed first, exactly 0 where x agrees with the sign of l, so that a large l cannot
     absorb the small log(1 + u). A registered operator (not an ``autograd.Function``) so that the
-    recorded loss (``pyro_vae.train.recorded``) keeps it as one node with its exact backward,
+    recorded loss (``pyro_vae.recorded``) keeps it as one node with its exact backward,
     (x - sigmoid(l)) for the logits and l for x, instead of differentiating the in-place arithmetic.
     """
     log_density = torch.addcmul(logits.clamp(min=0).neg_(), value, logits)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 from unittest import mock
 
@@ -132,6 +133,52 @@ def test_the_two_layer_model_reaches_log_px_from_the_prior_and_from_the_guide():
     torch.testing.assert_close(one.log_weights, log_weights(vae, x, 4), rtol=0, atol=1e-10)
 
 
+# -- recorded graphs -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("kwargs", "start"),
+    [
+        ({"prior": "vamp(components=3)"}, "prior"),
+        ({"structure": "two_layer(z2_dim=2, hidden=[3])"}, "guide"),
+        ({"likelihood": "categorical"}, "guide"),
+        ({"structure": "cvae", "x_shape": (1, 2, 3)}, "prior"),
+    ],
+)
+def test_the_recorded_graphs_replay_the_eager_evaluations(kwargs, start):
+    """Recorded at one (z, beta), replayed at another: z, beta, x and the data fields are graph inputs, the
+    parameters the very tensors; gradient and energies agree with the Pyro programs interpreted afresh."""
+    torch.manual_seed(0)
+    vae = VAE(x_dim=6, z_dim=2, hidden_dims=(5,), **kwargs)
+    x = (torch.rand(3, 6) < 0.5).float()
+    data = {"input_mask": torch.arange(6).expand(3, 6) < 3} if "x_shape" in kwargs else {}
+    with ais._annealing(vae):
+        path = ais.AnnealingPath(vae, x, 4, start, data)
+        z = path.draw()
+        assert path.record(z, torch.tensor(0.2)) and set(path.replays) == {"gradient", "terms"}, path.fallback_reason
+        z2, beta = z + 0.3 * torch.randn_like(z), torch.tensor(0.7)
+        torch.testing.assert_close(path.gradient(z2, beta), path._eager_gradient(z2, beta))
+        torch.testing.assert_close(path.terms(z2), path._eager_terms(z2))
+
+
+def test_recorded_and_interpreted_annealing_agree(vae, x):
+    """record=True (the default) and record=False: the same chains from the same seed, to float64 rounding."""
+    results = []
+    for record in (True, False):
+        pyro.set_rng_seed(8)
+        results.append(ais_log_likelihood(vae, x[:4], steps=6, leapfrog=3, chains=3, record=record))
+    torch.testing.assert_close(results[0].log_weights, results[1].log_weights, rtol=0, atol=1e-9)
+    torch.testing.assert_close(results[0].acceptance, results[1].acceptance, rtol=0, atol=1e-9)
+
+
+def test_a_program_that_cannot_be_recorded_runs_eagerly(caplog):
+    """BDMC's model holds the simulated observations (tensors that are not parameters): recording is refused
+    with the reason logged, and the sandwich is computed by the interpreted programs."""
+    vae = VAE(x_dim=6, z_dim=2, hidden_dims=(5,))
+    with caplog.at_level(logging.INFO, logger="pyro_vae.ais"):
+        result = bdmc(vae, num=3, steps=3, leapfrog=2, chains=2)
+    assert bool(torch.isfinite(result.gap).all())
+    assert "runs eagerly (recording refused: FrozenTensorError" in caplog.text
+
+
 # -- faster gradients, exact energies --------------------------------------------------------------------------
 def _bf16_products() -> bool:
     """Whether this CPU's oneDNN multiplies float32 matrices on bfloat16 inputs when asked."""
@@ -223,14 +270,16 @@ def no_host_reads():
 @pytest.mark.parametrize("structure", ["vae", "two_layer(z2_dim=2, hidden=[3])"])
 @pytest.mark.parametrize("start", ["prior", "guide"])
 def test_the_annealing_loop_never_reads_a_tensor_on_the_host(structure, start, monkeypatch):
-    """No .item(), no Python branch on a tensor inside the loop (what a GPU would sync on): a CPU stand-in."""
-    anneal = ais.anneal
+    """No .item(), no Python branch on a tensor inside the loop (what a GPU would sync on): a CPU stand-in.
+    The loop replays the recorded graphs (recorded, and checked on the host, once before it)."""
+    loop, recorded = ais._anneal, []
 
-    def guarded(*args, **kwargs):
+    def guarded(path, *args, **kwargs):
+        recorded.append(bool(path.replays))
         with no_host_reads():
-            return anneal(*args, **kwargs)
+            return loop(path, *args, **kwargs)
 
-    monkeypatch.setattr(ais, "anneal", guarded)
+    monkeypatch.setattr(ais, "_anneal", guarded)
     vae = VAE(
         x_dim=6,
         z_dim=2,
@@ -239,7 +288,7 @@ def test_the_annealing_loop_never_reads_a_tensor_on_the_host(structure, start, m
         structure=structure,
     )
     result = ais_log_likelihood(vae, (torch.rand(3, 6) < 0.5).float(), steps=3, leapfrog=2, chains=2, start=start)
-    assert bool(torch.isfinite(result.log_px).all())
+    assert bool(torch.isfinite(result.log_px).all()) and recorded == [True]
     with no_host_reads(), pytest.raises(AssertionError, match="read on the host"):
         bool(torch.ones(()))
 

@@ -122,20 +122,31 @@ def test_reliability_counts_the_in_process_cases(bench, tmp_path):
 
 
 def test_ais_throughput_reports_measured_and_extrapolated_seconds(bench, capsys):
-    args = ["--steps", "3", "--subset", "2", "--chains", "2", "--leapfrog", "2", "--gradient-precision", "ieee,bf16"]
+    variants = "record=False; gradient_precision='bf16'"
+    args = ["--steps", "3", "--subset", "2", "--chains", "2", "--leapfrog", "2", "--variants", variants]
     bench("ais_throughput").main([*args, *TINY])
     out = json.loads(capsys.readouterr().out)
     measured, extrapolated = out["measured"], out["extrapolated"]
     assert (measured["steps"], measured["examples"]) == (3, 2)
-    assert list(measured["by_gradient_precision"]) == ["ieee", "bf16"] and out["speedup_over_first"]["ieee"] == 1
-    for precision, one in measured["by_gradient_precision"].items():
+    by_variant = measured["by_variant"]
+    assert list(by_variant) == ["record=False", "gradient_precision='bf16'"]
+    for variant, one in by_variant.items():
         assert one["rows_per_gradient_evaluation"] == 4 and 0 <= one["acceptance_rate"] <= 1
-        scaled = one["seconds"] * (1000 / 3) * (1000 / 2)
-        assert extrapolated["seconds"][precision] == pytest.approx(scaled)
-        assert out["speedup_over_first"][precision] == pytest.approx(
-            measured["by_gradient_precision"]["ieee"]["seconds"] / one["seconds"]
-        )
+        assert extrapolated["seconds"][variant] == pytest.approx(one["seconds"] * (1000 / 3) * (1000 / 2))
+        ratio = by_variant["record=False"]["seconds"] / one["seconds"]
+        assert out["speedup_over_first"][variant] == pytest.approx(ratio)
     assert "cpu" in out["machine"]
+
+
+def test_ais_floor_times_every_way_at_both_precisions(bench, capsys):
+    bench("ais_floor").main(["--rows", "32", "--repeats", "2", *TINY])
+    out = json.loads(capsys.readouterr().out)
+    assert out["rows"] == 32 and set(out["ms_per_gradient_evaluation"]) == {"pyro_vae", "recorded", "eager", "products"}
+    for name, by in out["ms_per_gradient_evaluation"].items():
+        assert set(by) == {"ieee", "bf16"} and all(t > 0 for t in by.values())
+        minutes = out["protocol_minutes"][name]["ieee"]
+        assert minutes == pytest.approx(by["ieee"] / 32 * 1000 * 11 * 16 * 1000 / 60000)
+    assert out["speedup_over_pyro_vae_ieee"]["pyro_vae"]["ieee"] == 1
 
 
 def test_snr_toy_shows_the_asymptotic_rates(bench, tmp_path, capsys):

@@ -27,8 +27,8 @@ from pyro_vae.fields import attach_fields, check_provided
 from pyro_vae.likelihoods import observe_pixels
 from pyro_vae.masks import MASKS, draw_masks, split_seed
 from pyro_vae.model import VAE
+from pyro_vae.recorded import RecordedLoss
 from pyro_vae.traces import log_weights, reparameterized_elbo_loss
-from pyro_vae.train.recorded import RecordedLoss
 
 SHAPE = (1, 4, 4)
 D = 16

@@ -11,12 +11,11 @@ import torch
 from pyro import poutine
 from pyro.poutine import runtime
 
-from pyro_vae import estimators
+from pyro_vae import estimators, recorded
 from pyro_vae.model import VAE
 from pyro_vae.priors import Prior
+from pyro_vae.recorded import RecordedLoss
 from pyro_vae.traces import meanfield_elbo_loss, reparameterized_elbo_loss
-from pyro_vae.train import recorded
-from pyro_vae.train.recorded import RecordedLoss
 
 SMALL = dict(x_dim=12, z_dim=3, hidden_dims=(8,))
 
@@ -125,7 +124,7 @@ def test_too_many_batch_shapes_run_eagerly(monkeypatch, caplog):
     monkeypatch.setattr(recorded, "MAX_SIGNATURES", 2)
     vae = small_vae()
     rec = RecordedLoss(reparameterized_elbo_loss, vae)
-    with caplog.at_level(logging.WARNING, logger="pyro_vae.train.recorded"):
+    with caplog.at_level(logging.WARNING, logger="pyro_vae.recorded"):
         for n in (2, 3, 4, 5, 4):
             rec(vae, batch(n))
     assert len(rec.replays) == 2 and None not in rec.replays.values()  # nothing stored past the cap
@@ -183,7 +182,7 @@ def test_what_cannot_be_replayed_faithfully_runs_eagerly_with_a_reason(make, rea
     vae, loss_fn = make()
     rec = RecordedLoss(loss_fn, vae)
     x = batch()
-    with caplog.at_level(logging.INFO, logger="pyro_vae.train.recorded"):
+    with caplog.at_level(logging.INFO, logger="pyro_vae.recorded"):
         assert rec.record(x) is None
     assert reason in rec.fallback_reason and reason in caplog.text
     assert list(rec.replays.values()) == [None]

@@ -167,7 +167,7 @@ def test_fast_step_follows_plain_svi_step_for_step():
         assert loss.item() == pytest.approx(svi_losses[t], rel=1e-5)
         for p, q in zip(vae_fast.parameters(), svi_params[t], strict=True):
             torch.testing.assert_close(p.detach(), q, rtol=1e-5, atol=1e-6)
-    # The steps after the first replayed the recorded loss (pyro_vae.train.recorded), one graph for this batch.
+    # The steps after the first replayed the recorded loss (pyro_vae.recorded), one graph for this batch.
     assert step.path == "fast" and step.recorded.loss_fn is reparameterized_elbo_loss
     assert len(step.recorded.replays) == 1 and None not in step.recorded.replays.values()
     assert any(not torch.equal(p, q) for p, q in zip(svi_params[0], svi_params[-1], strict=True))  # it did train

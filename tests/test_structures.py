@@ -23,11 +23,11 @@ from torch import nn
 from pyro_vae import estimators
 from pyro_vae.evaluate import elbo_per_example, evaluate, log_likelihood
 from pyro_vae.model import VAE
+from pyro_vae.recorded import RecordedLoss
 from pyro_vae.specs import SpecError
 from pyro_vae.structures import STRUCTURES, PlainVAE, Structure
 from pyro_vae.structures.base import data_plate, kl_scale, register
 from pyro_vae.traces import log_weights, reparameterized_elbo_loss
-from pyro_vae.train.recorded import RecordedLoss
 from pyro_vae.train.step import TrainStep
 
 DTYPE = torch.float64

@@ -227,13 +227,13 @@ def require_family(structure: str, role: str, spec, name: str, why: str) -> None
 
 def is_unit_beta(beta: float | torch.Tensor) -> bool:
     """Whether ``beta`` is the number 1, for which the model has no scale at all (a tensor never is:
-    a recorded loss takes a tensor ``beta`` as an input, ``pyro_vae.train.recorded``)."""
+    a recorded loss takes a tensor ``beta`` as an input, ``pyro_vae.recorded``)."""
     return isinstance(beta, (int, float)) and beta == 1
 
 
 def beta_tensor(beta: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``beta`` as a 0-d tensor of ``like``'s dtype on its device, for programs traced with a tensor
-    ``beta`` (Pyro's JIT, ``pyro_vae.train.recorded``): a number is filled in on the device, so a
+    ``beta`` (Pyro's JIT, ``pyro_vae.recorded``): a number is filled in on the device, so a
     training step makes no host-to-device copy for it."""
     if torch.is_tensor(beta):
         return beta.to(dtype=like.dtype, device=like.device)

@@ -23,7 +23,7 @@ is the first after a resume or not.
     Value and gradient equal those of Pyro's ``Trace_ELBO`` (``TraceMeanField_ELBO``) ``differentiable_loss``.
     From the second call on, whatever loss the path runs (lean or the estimator's own) is recorded
     once per batch shape as a graph of ATen operations and replayed (``record=True``, the
-    default; :mod:`pyro_vae.train.recorded`): the Pyro programs are interpreted once, not every step.
+    default; :mod:`pyro_vae.recorded`): the Pyro programs are interpreted once, not every step.
 ``cuda_graph``
     On CUDA, the whole fast step (loss, backward, clipping, optimizer) captured once per batch
     shape as a CUDA graph and replayed (``torch.cuda.CUDAGraph``): one launch per step instead of
@@ -41,8 +41,8 @@ from dataclasses import dataclass
 import pyro
 import torch
 
+from pyro_vae.recorded import RecordedLoss
 from pyro_vae.traces import lean_loss_supported
-from pyro_vae.train.recorded import RecordedLoss
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ class TrainStep:
         cuda_graph: ``"auto"`` (capture on CUDA when possible), ``True`` (capture, and log why
             not when impossible), ``False``.
         record: on the fast path, record the loss once per batch shape and replay it
-            (``pyro_vae.train.recorded.RecordedLoss``, exposed as ``self.recorded``); ``False`` runs the
+            (``pyro_vae.recorded.RecordedLoss``, exposed as ``self.recorded``); ``False`` runs the
             programs on every step (for programs whose Python state changes between steps).
             Estimators with ``recordable = False``, or without the attribute, are never recorded.
 

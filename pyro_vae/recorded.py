@@ -202,10 +202,6 @@ class RecordedLoss:
         return None
 
     def _trace(self, x: torch.Tensor, beta, data: dict[str, torch.Tensor]) -> Replay:
-        # Imported here: torch.fx's tracer pulls in much of torch._subclasses, which a process that
-        # never records (evaluation, plotting) need not load.
-        from torch.fx.experimental.proxy_tensor import make_fx
-
         takes_beta = not is_unit_beta(beta)
         names = tuple(sorted(data))
         inputs = (x, beta_tensor(beta, x)) if takes_beta else (x,)
@@ -215,13 +211,9 @@ class RecordedLoss:
             fixed = 2 if takes_beta else 1
             return self.loss_fn(self.vae, *args[:fixed], **dict(zip(names, args[fixed:], strict=True)))
 
-        # Fake tensors for the inputs; the model's parameters and buffers stay real and become
-        # attributes of the graph (the very tensors, so a replay reads their current values and
-        # autograd reaches them). Pre-dispatch: ATen operations above autograd (``linear``, not its
-        # decomposition), which autograd differentiates at replay exactly as it does the eager calls.
-        graph_module = make_fx(loss, tracing_mode="fake", pre_dispatch=True, _allow_non_fake_inputs=True)(*inputs)
-        owners = _check_constants(graph_module, self.vae)
-        _simplify(graph_module)
+        # Pre-dispatch: ATen operations above autograd (``linear``, not its decomposition), which
+        # autograd differentiates at replay exactly as it does the eager calls.
+        graph_module, owners = record_graph(loss, inputs, self.vae, pre_dispatch=True)
         return Replay(graph_module, takes_beta, owners, names)
 
     def _mismatch(self, replay: Replay, x: torch.Tensor, beta, data: dict[str, torch.Tensor]) -> str:
@@ -247,6 +239,30 @@ class RecordedLoss:
         except AssertionError as error:
             return str(error).splitlines()[0]
         return ""
+
+
+def record_graph(
+    fn: Callable[..., object], inputs: tuple[torch.Tensor, ...], vae: nn.Module, pre_dispatch: bool
+) -> tuple[torch.fx.GraphModule, list[tuple[dict, str, torch.Tensor]]]:
+    """``fn(*inputs)`` recorded as a graph of ATen operations and simplified (:func:`_simplify`), with the
+    owners of the parameters and buffers it holds (:func:`_check_constants`, which raises
+    :class:`FrozenTensorError` for any other tensor the programs read).
+
+    The inputs are traced as fake tensors (shapes, no arithmetic); the model's parameters and buffers
+    stay real and become attributes of the graph, the very tensors, so a replay reads their current
+    values and autograd reaches them. ``pre_dispatch``: record above autograd (autograd differentiates
+    the replay); otherwise below it, where a ``torch.autograd.grad`` inside ``fn`` is recorded as its
+    backward operations (a replay then needs no autograd at all).
+    """
+    # Imported here: torch.fx's tracer pulls in much of torch._subclasses, which a process that never
+    # records (evaluation, plotting) need not load.
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    with _state_restored(vae, None):
+        graph_module = make_fx(fn, tracing_mode="fake", pre_dispatch=pre_dispatch, _allow_non_fake_inputs=True)(*inputs)
+    owners = _check_constants(graph_module, vae)
+    _simplify(graph_module)
+    return graph_module, owners
 
 
 class FrozenTensorError(ValueError):
