@@ -79,7 +79,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -151,7 +151,7 @@ class AISSettings:
     target_accept: float = 0.65
     step_size: float = 0.01
     gradient_precision: str = "ieee"
-    record: bool = True
+    record: bool = field(default=True, metadata={"protocol": False})  # how, not what: not in the protocol
 
     def __post_init__(self) -> None:
         self.steps = integer_arg("steps", self.steps)

@@ -27,7 +27,7 @@ import math
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -366,8 +366,10 @@ def nll_method(spec: Spec | object):
 
 
 def describe(method) -> tuple[str, dict[str, Any]]:
-    """``(full spec, settings)`` of an NLL method: every setting, defaults included, for the record."""
-    settings = asdict(method)
+    """``(full spec, settings)`` of an NLL method: every setting, defaults included, for the record, except
+    those that change how it is computed and not what (``field(metadata={"protocol": False})``: AIS's
+    ``record``), so that the protocol of two numbers does not differ by them (``pyro_vae.protocol``)."""
+    settings = {f.name: getattr(method, f.name) for f in fields(method) if f.metadata.get("protocol", True)}
     return format_spec(method.spec_name, settings), settings
 
 

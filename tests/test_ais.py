@@ -30,7 +30,7 @@ from test_two_layer import TwoLayerLinearGaussian
 from pyro_vae import ais, cli
 from pyro_vae.ais import AISSettings, ais_log_likelihood, bdmc, temperatures
 from pyro_vae.checks import load_config
-from pyro_vae.evaluate import NLL_METHODS, log_likelihood, nll_method
+from pyro_vae.evaluate import NLL_METHODS, describe, log_likelihood, nll_method
 from pyro_vae.model import VAE
 from pyro_vae.specs import SpecError
 from pyro_vae.traces import log_weights
@@ -380,6 +380,11 @@ def test_the_nll_methods_and_their_defaults():
     assert NLL_METHODS.names() == ["ais", "is"]
     assert nll_method("is").samples == 5000
     assert nll_method("ais(steps=20)") == AISSettings(steps=20, leapfrog=10, chains=16, start="prior")
+    # record changes how AIS computes, not what: it stays out of the protocol, so two runs compare
+    interpreted, recorded = (describe(nll_method(spec)) for spec in ("ais(record=False)", "ais"))
+    assert interpreted == recorded and "record" not in recorded[1] and recorded[1]["gradient_precision"] == "ieee"
+    with pytest.raises(SpecError, match="record must be True or False, got 'yes'"):
+        nll_method("ais(record='yes')")
 
 
 # -- the command line ------------------------------------------------------------------------------------------
