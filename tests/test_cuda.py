@@ -18,6 +18,7 @@ from pyro import poutine
 from pyro.infer import Trace_ELBO
 
 from pyro_vae import VAE, closed_form_elbo
+from pyro_vae.ais import ais_log_likelihood
 from pyro_vae.estimators import log_weights
 from pyro_vae.train import fit
 
@@ -101,3 +102,21 @@ def test_fit_on_the_device(vae, x):
     history = fit(vae, data, data[:64], epochs=2, batch_size=64, seed=0)
     assert len(history) == 2 and all(math.isfinite(r["test_elbo"]) for r in history)
     assert all(_same_device(p) for p in vae.parameters())
+
+
+def test_ais_on_the_device_reaches_log_px_with_its_fast_gradients():
+    """AIS on the device (recorded graphs; TF32 leapfrog gradients on CUDA, bf16 on a CPU) reaches the exact
+    log p(x) of a float32 linear-Gaussian model within 4 SE, and leaves torch's precision flags as they were."""
+    lg = linear_gaussian(x_dim=32, z_dim=8, s=0.5, seed=3).to(DEVICE)
+    vae = lg.build_vae(exact_posterior=False).float()
+    x = lg.sample(BATCH, torch.Generator().manual_seed(2))
+    precision = "tf32" if DEVICE.type == "cuda" else "bf16"
+    backend = torch.backends.cuda.matmul if DEVICE.type == "cuda" else torch.backends.mkldnn.matmul
+    before = backend.fp32_precision
+    pyro.set_rng_seed(0)
+    result = ais_log_likelihood(
+        vae, x.float(), steps=1000, leapfrog=5, chains=32, step_size=0.1, gradient_precision=precision
+    )
+    assert _same_device(result.log_px) and backend.fp32_precision == before
+    assert float(result.se.max()) < 0.3
+    assert_within_se(f"{DEVICE.type}: AIS, {precision} gradients", result.log_px.double(), lg.log_px(x), result.se, 4)
