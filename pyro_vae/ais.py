@@ -338,6 +338,8 @@ class AnnealingPath:
                     raise ValueError(f"the programs draw random numbers ({random[0]})")
                 torch.testing.assert_close(graph(*inputs), method(z, beta))
                 replays[name] = graph
+        except torch.cuda.OutOfMemoryError:
+            raise
         except Exception as error:  # anything that stops a faithful replay: the eager path stays
             first_line = next(iter(str(error).strip().splitlines()), "")
             self.fallback_reason = f"{type(error).__name__}: {first_line}"
@@ -403,7 +405,7 @@ class AnnealingPath:
     def _eager_gradient(self, z: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         with torch.enable_grad():
             z = z.detach().requires_grad_(True)
-            log_p0, r = self.terms(z)
+            log_p0, r = self._eager_terms(z)
             (grad,) = torch.autograd.grad((log_p0 + beta * r).sum(), z)
         return log_p0.detach(), r.detach(), grad
 
