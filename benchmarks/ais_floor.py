@@ -5,12 +5,15 @@
 One HMC leapfrog step of AIS (``pyro_vae.ais``) needs d/dz [log p(z) + b log p(x|z)] for every chain:
 the decoder forward, the Bernoulli log-density, and the backward pass to z (not to the weights). This
 times that one evaluation on ``--rows`` rows (examples x chains) of the IWAE paper's decoder
-(50-200-200-784 tanh, untrained: the cost does not depend on the weights) in five ways, each with
+(50-200-200-784 tanh, untrained: the cost does not depend on the weights) in six ways, each with
 float32 products at full precision (``ieee``) and on bfloat16 inputs (``bf16``, oneDNN:
 ``torch.backends.mkldnn.matmul.fp32_precision``; ``tf32`` on CUDA):
 
 - ``pyro_vae``: ``AnnealingPath.gradient`` with the Pyro programs interpreted on every call (``record=False``);
-- ``recorded``: the same recorded once as a graph of ATen operations and replayed (what AIS runs);
+- ``recorded``: the same recorded once as a graph of ATen operations and replayed (the last leapfrog
+  step of a transition at full precision, where the values are needed too);
+- ``force``: the recorded gradient alone, without the values log p(z) and log p(x|z) (every other
+  leapfrog step: the likelihood's density drops out of the graph, only its backward remains);
 - ``eager``: the same arithmetic written by hand in PyTorch, torch's ``binary_cross_entropy_with_logits``;
 - ``compiled`` (``--compile``): that function recorded with ``make_fx`` and compiled by ``torch.compile``
   (inductor fuses the elementwise work into a few C++ loops; needs a C++ compiler, about a minute);
@@ -119,6 +122,7 @@ def run(args) -> dict:
         ways = {
             "pyro_vae": path.gradient,
             "recorded": recorded.gradient,
+            "force": recorded.force,
             "eager": hand_written(vae, x),
             "products": products(vae, rows),
         }

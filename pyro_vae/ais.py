@@ -318,7 +318,7 @@ class AnnealingPath:
         return [self.data[name] for name in sorted(self.data)]
 
     def record(self, z: torch.Tensor, beta: torch.Tensor) -> bool:
-        """Record :meth:`gradient` and :meth:`terms` as graphs of ATen operations for this batch's shapes
+        """Record :meth:`gradient`, :meth:`force` and :meth:`terms` as graphs of ATen operations for this batch's shapes
         (``pyro_vae.recorded.record_graph``: fake inputs, the model's parameters held as the very
         tensors, the gradient's backward pass recorded as operations) and replay them from now on: the
         Pyro programs are interpreted once instead of at every leapfrog step. Each graph is checked
@@ -328,7 +328,11 @@ class AnnealingPath:
         """
         names = sorted(self.data)
         inputs = (z, beta, self.x, *self._fields())
-        eager = {"gradient": self._eager_gradient, "terms": lambda z, beta: self._eager_terms(z)}
+        eager = {
+            "gradient": self._eager_gradient,
+            "force": self.force,
+            "terms": lambda z, beta: self._eager_terms(z),
+        }
         replays = {}
         try:
             for name, method in eager.items():
@@ -354,7 +358,10 @@ class AnnealingPath:
         def evaluate(z, beta, x, *fields):
             view = copy.copy(self)
             view.x, view.data, view.replays = x, dict(zip(names, fields, strict=True)), {}
-            return view._eager_gradient(z, beta) if name == "gradient" else view._eager_terms(z)
+            if name == "terms":
+                return view._eager_terms(z)
+            log_p0, r, grad = view._eager_gradient(z, beta)
+            return (log_p0, r, grad) if name == "gradient" else grad  # "force": the graph drops the values
 
         return evaluate
 
@@ -402,6 +409,14 @@ class AnnealingPath:
             return self.replays["gradient"](z, beta, self.x, *self._fields())
         return self._eager_gradient(z, beta)
 
+    def force(self, z: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+        """d log f_beta / dz alone: what a leapfrog step between its ends needs. Recorded, its graph has
+        no operation that only the values log p0 and r need (the likelihood's density itself: its
+        backward reads the logits, not the density)."""
+        if "force" in self.replays:
+            return self.replays["force"](z, beta, self.x, *self._fields())
+        return self._eager_gradient(z, beta)[2]
+
     def _eager_gradient(self, z: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         with torch.enable_grad():
             z = z.detach().requires_grad_(True)
@@ -446,14 +461,19 @@ def hmc_transition(
     momentum = torch.randn_like(state.z)
     h_start = -(state.log_p0 + beta * state.r) + 0.5 * momentum.square().sum(-1)
     z = state.z
+    exact = gradient_precision == "ieee"
     with matmul_precision(z.device, gradient_precision):
-        _, _, grad = path.gradient(z, beta)
-        momentum = momentum + 0.5 * eps * grad
-        for step in range(leapfrog):
+        momentum = momentum + 0.5 * eps * path.force(z, beta)
+        for _ in range(leapfrog - 1):
             z = z + eps * momentum
+            momentum = momentum + eps * path.force(z, beta)
+        z = z + eps * momentum
+        if exact:  # the last gradient evaluation also gives the proposal's energy
             log_p0, r, grad = path.gradient(z, beta)
-            momentum = momentum + (eps if step < leapfrog - 1 else 0.5 * eps) * grad
-    if gradient_precision != "ieee":  # the accept step and the weights need the exact energy
+        else:
+            grad = path.force(z, beta)
+        momentum = momentum + 0.5 * eps * grad
+    if not exact:  # the accept step and the weights need the exact energy
         log_p0, r = path.terms(z)
     h_end = -(log_p0 + beta * r) + 0.5 * momentum.square().sum(-1)
     alpha = (h_start - h_end).clamp(max=0).exp().nan_to_num(nan=0.0)

@@ -328,12 +328,32 @@ def _check_constants(graph_module: torch.fx.GraphModule, vae: nn.Module) -> list
     return owners
 
 
+_FILLED_LIKE = {torch.ops.aten.ones_like.default: 1.0, torch.ops.aten.zeros_like.default: 0.0}
+
+
+def _fill_without_reading(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
+    """``ones_like(t)`` (or ``zeros_like``) as ``full(shape, 1)``: the same tensor without depending on t.
+    Autograd seeds a backward pass with ``ones_like`` of the output, which would otherwise keep every
+    operation of the forward value alive in a graph that returns only gradients."""
+    value = node.meta["val"]
+    with graph.inserting_before(node):
+        filled = graph.call_function(
+            torch.ops.aten.full.default,
+            (list(value.shape), _FILLED_LIKE[node.target]),
+            {"dtype": value.dtype, "device": value.device},
+        )
+    filled.meta["val"] = value
+    node.replace_all_uses_with(filled)
+    graph.erase_node(node)
+
+
 def _simplify(graph_module: torch.fx.GraphModule) -> None:
     """Drop what the replay does not need, keeping every operation that computes or draws.
 
     Views to the shape they already have (``expand``, ``reshape``, ``view``: distributions
     broadcast to the plate they already fill) and ``broadcast_tensors`` of same-shape tensors are
-    identities; dead pure nodes go (Pyro's unused subsample indices); random draws stay even when
+    identities; ``ones_like``/``zeros_like`` become ``full`` (:func:`_fill_without_reading`); dead pure
+    nodes go (Pyro's unused subsample indices, a forward value only a gradient's seed read); random draws stay even when
     unused, so the random stream matches the eager loss. The graph is then called with flat
     arguments (no pytree flattening per call).
     """
@@ -352,6 +372,8 @@ def _simplify(graph_module: torch.fx.GraphModule) -> None:
         if node.target in _VIEW_OPS and same(node, node.args[0]) and only_read(node):
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
+        elif node.target in _FILLED_LIKE and isinstance(node.meta.get("val"), torch.Tensor):
+            _fill_without_reading(graph, node)
         elif node.target is torch.ops.aten.broadcast_tensors.default:
             sources, users = node.args[0], list(node.users)
             if (

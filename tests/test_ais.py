@@ -153,10 +153,25 @@ def test_the_recorded_graphs_replay_the_eager_evaluations(kwargs, start):
     with ais._annealing(vae):
         path = ais.AnnealingPath(vae, x, 4, start, data)
         z = path.draw()
-        assert path.record(z, torch.tensor(0.2)) and set(path.replays) == {"gradient", "terms"}, path.fallback_reason
+        assert path.record(z, torch.tensor(0.2)), path.fallback_reason
+        assert set(path.replays) == {"gradient", "force", "terms"}
         z2, beta = z + 0.3 * torch.randn_like(z), torch.tensor(0.7)
         torch.testing.assert_close(path.gradient(z2, beta), path._eager_gradient(z2, beta))
+        torch.testing.assert_close(path.force(z2, beta), path._eager_gradient(z2, beta)[2])
         torch.testing.assert_close(path.terms(z2), path._eager_terms(z2))
+
+
+def test_the_leapfrog_force_graph_has_no_likelihood_density():
+    """Between a transition's ends only the gradient is needed: the recorded force has the Bernoulli
+    density's backward (sigmoid) but not the density, which the gradient graph keeps for the energy."""
+    vae = VAE(x_dim=6, z_dim=2, hidden_dims=(5,))
+    with ais._annealing(vae):
+        path = ais.AnnealingPath(vae, (torch.rand(3, 6) < 0.5).float(), 4, "prior", {})
+        assert path.record(path.draw(), torch.tensor(0.5)), path.fallback_reason
+    density = torch.ops.pyro_vae.bernoulli_log_density_cpu.default
+    targets = {name: [n.target for n in graph.graph.nodes] for name, graph in path.replays.items()}
+    assert density in targets["gradient"] and density in targets["terms"] and density not in targets["force"]
+    assert torch.ops.aten.sigmoid.default in targets["force"]
 
 
 def test_recorded_and_interpreted_annealing_agree(vae, x):

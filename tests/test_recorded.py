@@ -215,6 +215,30 @@ def test_simplify_drops_identity_views_and_keeps_every_draw():
     assert targets.count(aten.linear.default) == 4  # encoder and decoder, two layers each
 
 
+def test_a_graph_that_returns_a_gradient_alone_drops_the_forward_value():
+    """Autograd seeds the backward with ones_like(output): recorded as is, the seed would keep the whole
+    forward value alive. ``full`` in its place lets the value's own operations go (here the exp and the
+    sum feed only the value; the gradient of sum(exp(2 w)) is 2 exp(2 w), which keeps one exp)."""
+    w = torch.nn.Parameter(torch.randn(5))
+    module = torch.nn.Module()
+    module.w = w
+
+    def gradient_only(x):
+        with torch.enable_grad():
+            y = (x * module.w).requires_grad_(True)
+            value = torch.exp(2 * y).sum() + torch.log(x.abs() + 1).sum()
+            (grad,) = torch.autograd.grad(value, y)
+        return grad
+
+    x = torch.randn(5)
+    graph, _ = recorded.record_graph(gradient_only, (x,), module, pre_dispatch=False)
+    targets = [node.target for node in graph.graph.nodes if node.op == "call_function"]
+    aten = torch.ops.aten
+    assert aten.ones_like.default not in targets and aten.full.default in targets
+    assert aten.log.default not in targets and aten.sum.default not in targets, targets
+    torch.testing.assert_close(graph(x), 2 * torch.exp(2 * x * w).detach())
+
+
 class _BatchNormGuide(torch.nn.Module):
     """A diagonal-Normal guide whose encoder has a batch norm: buffers updated in place every call."""
 
