@@ -57,7 +57,9 @@ Float32 models only: the setting does not change float64 products.
 ``(chains, batch, D)``); the loop keeps everything in tensors (no ``.item()``, no Python branch on a
 tensor, no host sync), so it could be captured as a graph on a GPU. Cost: (T - 1)(L + 1) + 1
 evaluations of log p(x, z) and its gradient per example and chain: for T = 1000, L = 10 and 16
-chains, about 176 000 decoder passes forward and backward per example.
+chains, about 176 000 decoder passes forward and backward per example. The evaluations are recorded
+once per batch as graphs of ATen operations and replayed (:meth:`AnnealingPath.record`), and the
+leapfrog steps between a transition's ends replay a graph of the gradient alone (``force``).
 
 **Which models.** Every prior, likelihood and guide, and every structure, whose latent sites are
 real-valued (unconstrained) and one value per example: the plain VAE, the two-layer VAE, the CVAE.
