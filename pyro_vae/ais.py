@@ -47,7 +47,7 @@ the momentum flipped, its own inverse; Metropolis-Hastings on the exact energy H
 whatever the force (the surrogate-gradient HMC of Rasmussen 2003, "Gaussian processes to speed up hybrid
 Monte Carlo for expensive Bayesian integrals"). A less precise gradient costs only acceptance. With
 ``gradient_precision="bf16"`` (CPU: oneDNN multiplies float32 matrices on bfloat16 inputs,
-``torch.backends.mkldnn.matmul.fp32_precision``) or ``"tf32"`` (CUDA, or CPUs that have it), the
+``torch.backends.mkldnn.matmul.fp32_precision``) or ``"tf32"`` (CUDA; a CPU whose oneDNN has it), the
 leapfrog gradients are taken with the faster matrix products; the energies of the accept step and every
 r(z) that enters the weight are evaluated again at ``"ieee"`` precision (one forward pass per
 transition), so log w is the same function of the chain as with ``"ieee"`` and E[w] = p(x) still holds.
@@ -58,8 +58,10 @@ Float32 models only: the setting does not change float64 products.
 tensor, no host sync), so it could be captured as a graph on a GPU. Cost: (T - 1)(L + 1) + 1
 evaluations of log p(x, z) and its gradient per example and chain: for T = 1000, L = 10 and 16
 chains, about 176 000 decoder passes forward and backward per example. The evaluations are recorded
-once per batch as graphs of ATen operations and replayed (:meth:`AnnealingPath.record`), and the
-leapfrog steps between a transition's ends replay a graph of the gradient alone (``force``).
+once per batch as graphs of ATen operations and replayed (:meth:`AnnealingPath.record`), and every
+leapfrog kick of a transition but the last (all of them below ``"ieee"``) replays a graph of the
+gradient alone (``force``): L evaluations without the values and one with them at ``"ieee"``; L + 1
+without and one forward pass for the energy otherwise.
 
 **Which models.** Every prior, likelihood and guide, and every structure, whose latent sites are
 real-valued (unconstrained) and one value per example: the plain VAE, the two-layer VAE, the CVAE.
@@ -80,6 +82,7 @@ import copy
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -118,6 +121,7 @@ SCHEDULES = ("sigmoid", "linear")
 # Matrix-product precisions of float32 gradients, in torch's words (``torch.backends.*.fp32_precision``),
 # per device type; "ieee" is full float32 and the default.
 GRADIENT_PRECISIONS = {"cpu": ("ieee", "bf16", "tf32"), "cuda": ("ieee", "tf32")}
+_ANY_PRECISION = tuple(dict.fromkeys(p for valid in GRADIENT_PRECISIONS.values() for p in valid))
 STARTS = ("prior", "guide")
 SIGMOID_RADIUS = 4.0  # d of the sigmoid schedule (Wu et al. 2017)
 # HMC step-size adaptation (Wu et al. 2017): growth and shrink factors, bounds, smoothing of the acceptance rate.
@@ -159,8 +163,7 @@ class AISSettings:
         self.steps = integer_arg("steps", self.steps)
         self.leapfrog = integer_arg("leapfrog", self.leapfrog)
         self.chains = integer_arg("chains", self.chains)
-        precisions = tuple(dict.fromkeys(p for valid in GRADIENT_PRECISIONS.values() for p in valid))
-        for name, valid in (("start", STARTS), ("schedule", SCHEDULES), ("gradient_precision", precisions)):
+        for name, valid in (("start", STARTS), ("schedule", SCHEDULES), ("gradient_precision", _ANY_PRECISION)):
             if getattr(self, name) not in valid:
                 raise ValueError(f"{name} must be one of {', '.join(map(repr, valid))}, got {getattr(self, name)!r}")
         self.target_accept = number_arg("target_accept", self.target_accept, 0, 1, open_low=True, open_high=True)
@@ -332,7 +335,7 @@ class AnnealingPath:
         inputs = (z, beta, self.x, *self._fields())
         eager = {
             "gradient": self._eager_gradient,
-            "force": self.force,
+            "force": lambda z, beta: self._eager_gradient(z, beta)[2],
             "terms": lambda z, beta: self._eager_terms(z),
         }
         replays = {}
@@ -385,8 +388,8 @@ class AnnealingPath:
     def terms(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(log p0(z), r(z))``, each of shape ``(chains, batch)``: the model's trace conditioned on z
         (latent sites: log p(z); the others: log p(x|z)) and, from the guide, the guide replayed on z."""
-        if "terms" in self.replays:
-            return self.replays["terms"](z, z.new_zeros(()), self.x, *self._fields())
+        if "terms" in self.replays:  # contiguous: the graph views z as it was laid out when recorded
+            return self.replays["terms"](z.contiguous(), z.new_zeros(()), self.x, *self._fields())
         return self._eager_terms(z)
 
     def _eager_terms(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -408,15 +411,15 @@ class AnnealingPath:
         """``(log p0(z), r(z), d log f_beta / dz)``, the gradient by ``torch.autograd.grad`` (or its
         recorded backward operations, :meth:`record`)."""
         if "gradient" in self.replays:
-            return self.replays["gradient"](z, beta, self.x, *self._fields())
+            return self.replays["gradient"](z.contiguous(), beta, self.x, *self._fields())
         return self._eager_gradient(z, beta)
 
     def force(self, z: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-        """d log f_beta / dz alone: what a leapfrog step between its ends needs. Recorded, its graph has
-        no operation that only the values log p0 and r need (the likelihood's density itself: its
-        backward reads the logits, not the density)."""
+        """d log f_beta / dz alone: what a leapfrog kick needs when the energy there is not wanted (every
+        kick but a transition's last at ``"ieee"``). Recorded, its graph has no operation that only the
+        values log p0 and r need (the likelihood's density itself: its backward reads the logits)."""
         if "force" in self.replays:
-            return self.replays["force"](z, beta, self.x, *self._fields())
+            return self.replays["force"](z.contiguous(), beta, self.x, *self._fields())
         return self._eager_gradient(z, beta)[2]
 
     def _eager_gradient(self, z: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -476,7 +479,8 @@ def hmc_transition(
             grad = path.force(z, beta)
         momentum = momentum + 0.5 * eps * grad
     if not exact:  # the accept step and the weights need the exact energy
-        log_p0, r = path.terms(z)
+        with matmul_precision(z.device, "ieee"):
+            log_p0, r = path.terms(z)
     h_end = -(log_p0 + beta * r) + 0.5 * momentum.square().sum(-1)
     alpha = (h_start - h_end).clamp(max=0).exp().nan_to_num(nan=0.0)
     accept = torch.rand_like(alpha) < alpha
@@ -488,12 +492,7 @@ def matmul_precision(device: torch.device, precision: str) -> Iterator[None]:
     """float32 matrix products and convolutions on ``device`` at ``precision`` (``"ieee"``, ``"bf16"``,
     ``"tf32"``: torch's ``fp32_precision`` of the device's backends) inside the block, put back after it;
     a one-line ``ValueError`` for a precision the device's backends lack."""
-    valid = GRADIENT_PRECISIONS.get(device.type, ("ieee",))
-    if precision not in valid:
-        raise ValueError(
-            f"gradient_precision {precision!r} is not available on {device.type}; valid there: "
-            + ", ".join(map(repr, valid))
-        )
+    check_precision(device, precision)
     backends = _PRECISION_BACKENDS.get(device.type, ())
     saved = [backend.fp32_precision for backend in backends]
     try:
@@ -503,6 +502,24 @@ def matmul_precision(device: torch.device, precision: str) -> Iterator[None]:
     finally:
         for backend, value in zip(backends, saved, strict=True):
             backend.fp32_precision = value
+
+
+def check_precision(device: torch.device, precision: str) -> None:
+    """A one-line ``ValueError`` for a precision ``device``'s backends lack; a warning where oneDNN would
+    ignore ``"bf16"`` (a CPU without bfloat16 support: the products stay float32 and the extra full-precision
+    energy evaluation makes AIS slower, not faster)."""
+    valid = GRADIENT_PRECISIONS.get(device.type, ("ieee",))
+    if precision not in valid:
+        raise ValueError(
+            f"gradient_precision {precision!r} is not available on {device.type}; valid there: "
+            + ", ".join(map(repr, valid))
+        )
+    if precision == "bf16" and not (torch.backends.mkldnn.is_available() and _bf16_supported()):
+        warnings.warn("gradient_precision 'bf16': this CPU has no bfloat16 products; AIS runs in float32", stacklevel=3)
+
+
+def _bf16_supported() -> bool:
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 _PRECISION_BACKENDS = {
@@ -593,9 +610,18 @@ def ais_log_likelihood(
     ``MEMORY_BUDGET``); ``progress`` shows a bar over temperatures (``None``: only on a terminal).
     """
     settings = AISSettings(
-        steps, leapfrog, chains, start, schedule, target_accept, step_size, gradient_precision, record
+        steps=steps,
+        leapfrog=leapfrog,
+        chains=chains,
+        start=start,
+        schedule=schedule,
+        target_accept=target_accept,
+        step_size=step_size,
+        gradient_precision=gradient_precision,
+        record=record,
     )
     x, data = flat_on_device(vae, x), fields_on_device(vae, data)
+    check_precision(x.device, gradient_precision)
     if x.shape[0] == 0:
         raise ValueError("AIS needs at least one example, got none")
     batch = batch_size or default_batch_size(vae, chains, x.shape[0])
@@ -743,9 +769,18 @@ def bdmc(
     posterior sample exists). Settings as :func:`ais_log_likelihood`.
     """
     settings = AISSettings(
-        steps, leapfrog, chains, start, schedule, target_accept, step_size, gradient_precision, record
+        steps=steps,
+        leapfrog=leapfrog,
+        chains=chains,
+        start=start,
+        schedule=schedule,
+        target_accept=target_accept,
+        step_size=step_size,
+        gradient_precision=gradient_precision,
+        record=record,
     )
     num = integer_arg("num", num)
+    check_precision(model_device(vae), gradient_precision)
     simulation = simulate(vae, num)
     batch = batch_size or default_batch_size(vae, chains, num)
     betas = temperatures(steps, schedule, simulation.x.dtype, simulation.x.device)

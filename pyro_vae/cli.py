@@ -161,7 +161,7 @@ def _evaluate_args(parser: argparse.ArgumentParser) -> None:
         metavar="SPEC",
         help="the NLL method: 'is(samples=K)' (importance sampling, the default with K=5000) or "
         "'ais(steps=T, leapfrog=L, chains=C, start='prior'|'guide', schedule='sigmoid'|'linear', "
-        "gradient_precision='ieee'|'bf16'|'tf32')' "
+        "gradient_precision='ieee'|'bf16'|'tf32', record=True|False)' "
         "(annealed importance sampling, Wu et al. 2017)",
     )
     parser.add_argument(

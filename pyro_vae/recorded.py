@@ -331,6 +331,13 @@ def _check_constants(graph_module: torch.fx.GraphModule, vae: nn.Module) -> list
 _FILLED_LIKE = {torch.ops.aten.ones_like.default: 1.0, torch.ops.aten.zeros_like.default: 0.0}
 
 
+def _contiguous_value(node: torch.fx.Node) -> bool:
+    """Whether the node's recorded value is a contiguous tensor: ``full`` makes one, so only then may it stand in
+    for ``ones_like`` (whose ``memory_format`` may keep its input's strides)."""
+    value = node.meta.get("val")
+    return isinstance(value, torch.Tensor) and value.is_contiguous()
+
+
 def _fill_without_reading(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
     """``ones_like(t)`` (or ``zeros_like``) as ``full(shape, 1)``: the same tensor without depending on t.
     Autograd seeds a backward pass with ``ones_like`` of the output, which would otherwise keep every
@@ -372,7 +379,7 @@ def _simplify(graph_module: torch.fx.GraphModule) -> None:
         if node.target in _VIEW_OPS and same(node, node.args[0]) and only_read(node):
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
-        elif node.target in _FILLED_LIKE and isinstance(node.meta.get("val"), torch.Tensor):
+        elif node.target in _FILLED_LIKE and _contiguous_value(node):
             _fill_without_reading(graph, node)
         elif node.target is torch.ops.aten.broadcast_tensors.default:
             sources, users = node.args[0], list(node.users)

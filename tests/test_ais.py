@@ -14,6 +14,7 @@ Statistical checks use fixed seeds and SEs computed from the draws (``pytest -s`
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import math
@@ -158,6 +159,9 @@ def test_the_recorded_graphs_replay_the_eager_evaluations(kwargs, start):
         z2, beta = z + 0.3 * torch.randn_like(z), torch.tensor(0.7)
         torch.testing.assert_close(path.gradient(z2, beta), path._eager_gradient(z2, beta))
         torch.testing.assert_close(path.force(z2, beta), path._eager_gradient(z2, beta)[2])
+        spread = z2[:1].expand_as(z2)  # one chain's z for all: BDMC's reverse start, a stride-0 view
+        torch.testing.assert_close(path.gradient(spread, beta), path._eager_gradient(spread, beta))
+        torch.testing.assert_close(path.terms(spread), path._eager_terms(spread))
         torch.testing.assert_close(path.terms(z2), path._eager_terms(z2))
 
 
@@ -208,6 +212,7 @@ def wide():
     return model, model.build_vae(exact_posterior=False).float(), model.sample(8, torch.Generator().manual_seed(2))
 
 
+@pytest.mark.skipif(not _bf16_products(), reason="this CPU's oneDNN has no bfloat16 products")
 def test_bf16_gradients_still_reach_log_px(wide):
     """The surrogate-gradient argument: leapfrog with a less precise force is still volume-preserving and
     reversible, and the accept step and the weights use float32 energies at full precision, so AIS stays
@@ -239,21 +244,43 @@ def test_bf16_changes_the_gradients_and_not_the_energies(wide):
             _, _, fast = path.gradient(z, beta)
         assert not torch.equal(fast, exact) and torch.allclose(fast, exact, rtol=0.05, atol=0.05)
         state = ais.ChainState(z, *path.terms(z))
-        moved, _ = ais.hmc_transition(path, state, beta, torch.full_like(state.r, 0.05), 3, gradient_precision="bf16")
+        step_size = torch.full_like(state.r, 0.05)
+        with ais.matmul_precision(z.device, "bf16"):  # as a global setting: the energies must not follow it
+            moved, _ = ais.hmc_transition(path, state, beta, step_size, 3, gradient_precision="bf16")
         assert not torch.equal(moved.z, z), "some proposal was accepted"
         log_p0, r = path.terms(moved.z)
     assert torch.equal(moved.log_p0, log_p0) and torch.equal(moved.r, r)
     assert torch.backends.mkldnn.matmul.fp32_precision == before
 
 
-def test_a_float64_model_is_untouched_by_the_gradient_precision(vae, x):
-    """bf16 applies to float32 products only: a float64 model's chains are the same draw for draw (the
-    extra full-precision energy evaluation draws no random numbers)."""
-    results = []
+@pytest.mark.skipif(not _bf16_products(), reason="this CPU's oneDNN has no bfloat16 products")
+def test_a_float64_model_is_untouched_by_the_gradient_precision(wide):
+    """bf16 applies to float32 products only: the wide model in float64 (products oneDNN would take in
+    float32) gives the same chains draw for draw (the extra full-precision energy draws no random numbers)."""
+    _, vae, x = wide
+    vae64, results = copy.deepcopy(vae).double(), []
     for precision in ("ieee", "bf16"):
         pyro.set_rng_seed(7)
-        results.append(ais_log_likelihood(vae, x[:4], steps=5, leapfrog=3, chains=2, gradient_precision=precision))
+        results.append(ais_log_likelihood(vae64, x[:4], steps=5, leapfrog=3, chains=8, gradient_precision=precision))
     torch.testing.assert_close(results[0].log_weights, results[1].log_weights, rtol=0, atol=0)
+
+
+def test_bf16_on_a_cpu_without_it_says_so(monkeypatch):
+    monkeypatch.setattr(ais, "_bf16_supported", lambda: False)
+    with pytest.warns(UserWarning, match="this CPU has no bfloat16 products; AIS runs in float32"):
+        ais.check_precision(torch.device("cpu"), "bf16")
+
+
+def test_a_precision_the_device_lacks_is_refused_before_anything_runs(monkeypatch, vae, x):
+    """Checked against the device up front: even steps = 1 (no transition, no gradient) refuses it."""
+    monkeypatch.setitem(ais.GRADIENT_PRECISIONS, "cpu", ("ieee",))
+    for run in (
+        lambda: ais_log_likelihood(vae, x[:2], steps=1, gradient_precision="bf16"),
+        lambda: bdmc(vae, num=2, steps=1, gradient_precision="bf16"),
+    ):
+        with pytest.raises(ValueError) as info:
+            run()
+        assert _one_line(info) == "gradient_precision 'bf16' is not available on cpu; valid there: 'ieee'"
 
 
 def test_a_precision_the_device_lacks_is_one_line():

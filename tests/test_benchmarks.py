@@ -132,8 +132,11 @@ def test_ais_throughput_reports_measured_and_extrapolated_seconds(bench, capsys)
     assert list(by_variant) == ["record=False", "gradient_precision='bf16'"]
     for variant, one in by_variant.items():
         assert one["rows_per_gradient_evaluation"] == 4 and 0 <= one["acceptance_rate"] <= 1
-        assert extrapolated["seconds"][variant] == pytest.approx(one["seconds"] * (1000 / 3) * (1000 / 2))
-        ratio = by_variant["record=False"]["seconds"] / one["seconds"]
+        per_temperature = max(one["seconds"] - one["seconds_short"], 0) / (3 - 2)
+        assert one["seconds_per_temperature"] == pytest.approx(per_temperature)
+        expected = (one["fixed_seconds"] + per_temperature * 1000) * (1000 / 2)
+        assert extrapolated["seconds"][variant] == pytest.approx(expected)
+        ratio = extrapolated["seconds"]["record=False"] / extrapolated["seconds"][variant]
         assert out["speedup_over_first"][variant] == pytest.approx(ratio)
     assert "cpu" in out["machine"]
 
