@@ -84,7 +84,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -181,6 +181,11 @@ class AISSettings:
 
 
 DEFAULTS = AISSettings()
+
+
+def _settings_of(arguments: dict[str, Any]) -> AISSettings:
+    """The :class:`AISSettings` among a function's arguments (``ais_log_likelihood``, ``bdmc``)."""
+    return AISSettings(**{f.name: arguments[f.name] for f in fields(AISSettings)})
 
 
 @dataclass
@@ -609,17 +614,7 @@ def ais_log_likelihood(
     examples run at once (default: as many as keep ``(chains, batch, width)`` activations under
     ``MEMORY_BUDGET``); ``progress`` shows a bar over temperatures (``None``: only on a terminal).
     """
-    settings = AISSettings(
-        steps=steps,
-        leapfrog=leapfrog,
-        chains=chains,
-        start=start,
-        schedule=schedule,
-        target_accept=target_accept,
-        step_size=step_size,
-        gradient_precision=gradient_precision,
-        record=record,
-    )
+    settings = _settings_of(locals())  # first statement: locals() holds the arguments alone
     x, data = flat_on_device(vae, x), fields_on_device(vae, data)
     check_precision(x.device, gradient_precision)
     if x.shape[0] == 0:
@@ -768,17 +763,7 @@ def bdmc(
     forward AIS with these settings on data from the model (only there: on real data no exact
     posterior sample exists). Settings as :func:`ais_log_likelihood`.
     """
-    settings = AISSettings(
-        steps=steps,
-        leapfrog=leapfrog,
-        chains=chains,
-        start=start,
-        schedule=schedule,
-        target_accept=target_accept,
-        step_size=step_size,
-        gradient_precision=gradient_precision,
-        record=record,
-    )
+    settings = _settings_of(locals())  # first statement: locals() holds the arguments alone
     num = integer_arg("num", num)
     check_precision(model_device(vae), gradient_precision)
     simulation = simulate(vae, num)
